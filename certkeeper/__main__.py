@@ -1,0 +1,5 @@
+import sys
+
+from certkeeper.cli import main
+
+sys.exit(main())

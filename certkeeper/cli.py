@@ -1,0 +1,134 @@
+"""Command line: argv → subcommand → exit code. Nothing else lives here.
+
+Each subcommand is a function ``(config, args, out) -> int`` in the module that
+owns that work, imported only when that subcommand runs so that start-up stays
+fast. Exit codes follow acme-client(1) where they overlap:
+
+    0  something changed (or, for check/status/verify, all is well)
+    1  an error
+    2  nothing was due (renew) / nothing to do
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from certkeeper import __version__
+from certkeeper.config import DEFAULT_PATH, Config, load
+from certkeeper.errors import CertkeeperError, ConfigError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_UNCHANGED = 2
+
+# subcommand → "module:function"; the function takes (config, args, out) -> int.
+COMMANDS: dict[str, str] = {
+    "check": "certkeeper.cli:command_check",
+    "renew": "certkeeper.runner:command_renew",
+    "status": "certkeeper.status:command_status",
+    "run": "certkeeper.daemon:command_run",
+    "verify": "certkeeper.verification:command_verify",
+    "dns": "certkeeper.records:command_dns",
+    "mta-sts": "certkeeper.mtasts_publish:command_mta_sts",
+    "rotate-dkim": "certkeeper.rotation:command_rotate_dkim",
+    "import-acme-client": "certkeeper.acmeclient:command_import",
+}
+# Subcommands that do not read certkeeper.toml.
+NO_CONFIG = {"import-acme-client"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --config is accepted before and after the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="PATH",
+                        help=f"configuration file (default {DEFAULT_PATH}, or $CERTKEEPER_CONFIG)")
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more log output (repeat for debug)")
+
+    parser = argparse.ArgumentParser(prog="certkeeper", parents=[common],
+                                     description="Keeps TLS certificates, DKIM keys and MTA-STS alive.")
+    parser.add_argument("--version", action="version", version=f"certkeeper {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("check", parents=[common], help="validate the configuration and exit 0 or 1")
+
+    p = sub.add_parser("renew", parents=[common], help="renew certificates that are due (exit 0 renewed, 2 none due)")
+    p.add_argument("--force", action="store_true", help="renew the named (or all) certificates even if not due")
+    p.add_argument("names", nargs="*", metavar="NAME", help="certificate names (default: all)")
+
+    p = sub.add_parser("status", parents=[common], help="show certificates, DKIM selectors and MTA-STS state")
+    p.add_argument("--json", action="store_true", help="machine-readable output with stable keys")
+    p.add_argument("names", nargs="*", metavar="NAME", help="certificate names (default: all)")
+
+    p = sub.add_parser("run", parents=[common], help="run the daemon (HTTP-01, mta-sts.txt, scheduler)")
+    p.add_argument("-d", dest="foreground", action="store_true",
+                   help="stay in the foreground and log to stderr")
+
+    p = sub.add_parser("verify", parents=[common], help="check that each service serves the certificate on disk")
+    p.add_argument("names", nargs="*", metavar="NAME", help="certificate names (default: all)")
+
+    p = sub.add_parser("dns", parents=[common], help="print (or --check) the DNS records a mail domain needs")
+    p.add_argument("domain", nargs="?", help="mail domain (default: every configured one)")
+    p.add_argument("--check", action="store_true", help="look each record up and report ok/missing/wrong")
+
+    p = sub.add_parser("mta-sts", parents=[common], help="MTA-STS policy and _mta-sts record")
+    mta = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = mta.add_parser("publish", parents=[common], help="serve the policy, then publish its id in DNS")
+    q.add_argument("domain", nargs="?", help="mail domain (default: every [[mta_sts]] domain)")
+
+    p = sub.add_parser("rotate-dkim", parents=[common], help="start a DKIM key rotation now")
+    p.add_argument("domain", nargs="?", help="mail domain (default: every [[dkim]] domain)")
+    p.add_argument("--now", action="store_true",
+                   help="emergency rotation: skip publish_ahead (still waits for DNS)")
+
+    p = sub.add_parser("import-acme-client", parents=[common],
+                       help="print a certkeeper.toml equivalent to an acme-client.conf")
+    p.add_argument("file", nargs="?", default="/etc/acme-client.conf", help="default /etc/acme-client.conf")
+    return parser
+
+
+def config_path(args: argparse.Namespace) -> str:
+    return getattr(args, "config", None) or os.environ.get("CERTKEEPER_CONFIG") or str(DEFAULT_PATH)
+
+
+def command_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    print(f"{config.path}: configuration OK", file=out)
+    return EXIT_OK
+
+
+def _resolve(command: str) -> object:
+    module_name, _, func = COMMANDS[command].partition(":")
+    return getattr(importlib.import_module(module_name), func)
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    from certkeeper import logs
+
+    logs.setup_cli(getattr(args, "verbose", 0) or 0)
+    try:
+        config: Config | None = None
+        if args.command not in NO_CONFIG:
+            config = load(config_path(args))
+        handler = _resolve(args.command)
+        return int(handler(config, args, out))  # type: ignore[operator]
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(f"certkeeper: {line}", file=sys.stderr)
+        return EXIT_ERROR
+    except CertkeeperError as exc:
+        print(f"certkeeper: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("certkeeper: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The only module that writes certificate and key files.
+
+A certificate's four files (key, cert, chain, fullchain) are one *set*: they
+are installed together or not at all, and the set they replace is kept beside
+them (``FILE.prev``) so that a later step (a failed reload) can roll back.
+
+How a set is installed, crash-safe at every step:
+
+1. each new file is written to ``.FILE.certkeeper-new`` in the same directory:
+   created with its final owner and mode before any data goes in, fsynced;
+2. the current files are hard-linked to ``FILE.prev`` (the previous set);
+3. a journal naming the four files is written to ``STATE/journal/NAME.json``
+   and fsynced: from here on the install counts as done;
+4. each temp file is renamed over its final name, the directories fsynced;
+5. the journal is removed.
+
+``recover()`` runs before any other store work: with a journal, it finishes
+step 4 (every temp file is complete, so rolling forward is always possible);
+without one, leftover temp files are removed and the current set is untouched.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import logging
+import os
+import pwd
+from dataclasses import dataclass
+from pathlib import Path
+
+from certkeeper import certs
+from certkeeper.config import CertificateConfig
+from certkeeper.errors import LocalError
+
+log = logging.getLogger(__name__)
+
+NEW_SUFFIX = ".certkeeper-new"
+PREV_SUFFIX = ".prev"
+ROLES = ("key", "cert", "chain", "fullchain")
+
+
+@dataclass(frozen=True)
+class CertificateSet:
+    """PEM bytes of one certificate's files."""
+
+    key: bytes
+    cert: bytes  # the leaf only
+    chain: bytes  # intermediates, leaf excluded
+
+    @property
+    def fullchain(self) -> bytes:
+        return self.cert + self.chain
+
+    def content(self, role: str) -> bytes:
+        return self.fullchain if role == "fullchain" else getattr(self, role)
+
+    @classmethod
+    def from_fullchain(cls, key: bytes, fullchain: bytes) -> CertificateSet:
+        leaf, chain = certs.split_pem_chain(fullchain)
+        return cls(key=key, cert=leaf, chain=chain)
+
+
+class CertificateStore:
+    """Reads and atomically replaces certificate sets; see the module comment."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.journal_dir = state_dir / "journal"
+
+    # -- reading ---------------------------------------------------------------
+
+    def read(self, cert: CertificateConfig) -> CertificateSet | None:
+        """The installed set, or None when a file is missing or unreadable."""
+        return _read_set(cert, suffix="")
+
+    def read_previous(self, cert: CertificateConfig) -> CertificateSet | None:
+        return _read_set(cert, suffix=PREV_SUFFIX)
+
+    # -- writing ---------------------------------------------------------------
+
+    def install(self, cert: CertificateConfig, new: CertificateSet, keep_previous: bool = True) -> None:
+        """Replace the set on disk with ``new``; the old one becomes ``.prev``."""
+        self.recover(cert)
+        paths = _paths(cert)
+        temps: dict[str, Path] = {}
+        try:
+            for role in ROLES:
+                owner, group, mode = _ownership(cert, role)
+                temps[role] = _write_temp(paths[role], new.content(role), owner, group, mode)
+        except BaseException:
+            for temp in temps.values():
+                temp.unlink(missing_ok=True)
+            raise
+        if keep_previous:
+            for role in ROLES:
+                _link_previous(paths[role])
+        journal = self._journal(cert)
+        _write_journal(journal, {role: [str(temps[role]), str(paths[role])] for role in ROLES})
+        self._finish(journal)
+
+    def restore_previous(self, cert: CertificateConfig) -> CertificateSet:
+        """Put the ``.prev`` set back in place (after a failed reload)."""
+        previous = self.read_previous(cert)
+        if previous is None:
+            raise LocalError(f"{cert.name}: no previous certificate set to restore")
+        self.install(cert, previous, keep_previous=False)
+        return previous
+
+    def recover(self, cert: CertificateConfig) -> None:
+        """Finish an install interrupted after its journal was written, or clean up."""
+        journal = self._journal(cert)
+        if journal.exists():
+            log.warning("%s: finishing an interrupted certificate install", cert.name)
+            self._finish(journal)
+            return
+        for path in _paths(cert).values():
+            _temp_path(path).unlink(missing_ok=True)
+            _temp_path(Path(f"{path}{PREV_SUFFIX}")).unlink(missing_ok=True)
+
+    def recover_all(self, certificates: tuple[CertificateConfig, ...]) -> None:
+        for cert in certificates:
+            self.recover(cert)
+
+    # -- internals -------------------------------------------------------------
+
+    def _journal(self, cert: CertificateConfig) -> Path:
+        return self.journal_dir / f"{cert.name}.json"
+
+    def _finish(self, journal: Path) -> None:
+        try:
+            entries: dict[str, list[str]] = json.loads(journal.read_text())
+        except (OSError, ValueError) as exc:
+            raise LocalError(f"{journal}: unreadable install journal ({exc}); remove it after checking the files") \
+                from None
+        dirs = set()
+        for temp, final in entries.values():
+            if os.path.exists(temp):
+                os.replace(temp, final)
+            dirs.add(os.path.dirname(final))
+        for directory in dirs:
+            _fsync_dir(Path(directory))
+        journal.unlink()
+        _fsync_dir(journal.parent)
+
+
+def _paths(cert: CertificateConfig) -> dict[str, Path]:
+    return {role: getattr(cert, role) for role in ROLES}
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{NEW_SUFFIX}")
+
+
+def _read_set(cert: CertificateConfig, suffix: str) -> CertificateSet | None:
+    paths = {role: Path(f"{p}{suffix}") for role, p in _paths(cert).items()}
+    try:
+        key = paths["key"].read_bytes()
+        leaf_file = paths["cert"].read_bytes()
+        chain = paths["chain"].read_bytes() if paths["chain"].exists() else b""
+    except OSError:
+        return None
+    try:
+        leaf, rest = certs.split_pem_chain(leaf_file)
+    except ValueError:
+        return None
+    return CertificateSet(key=key, cert=leaf, chain=chain or rest)
+
+
+def _ownership(cert: CertificateConfig, role: str) -> tuple[int, int, int]:
+    if role == "key":
+        names = (cert.key_owner, cert.key_group, cert.key_mode)
+    else:
+        names = (cert.cert_owner, cert.cert_group, cert.cert_mode)
+    owner, group, mode = names
+    uid = _uid(owner, cert.name) if owner else -1
+    gid = _gid(group, cert.name) if group else -1
+    return uid, gid, mode
+
+
+def _uid(name: str, where: str) -> int:
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise LocalError(f"{where}: no such user {name!r}") from None
+
+
+def _gid(name: str, where: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise LocalError(f"{where}: no such group {name!r}") from None
+
+
+def _write_temp(final: Path, data: bytes, uid: int, gid: int, mode: int) -> Path:
+    """Write ``data`` to the temp name beside ``final``; owner and mode set before the data."""
+    temp = _temp_path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temp.unlink(missing_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        raise LocalError(f"{final}: cannot write: {exc.strerror}") from None
+    try:
+        if uid != -1 or gid != -1:
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise LocalError(f"{final}: cannot write: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return temp
+
+
+def _link_previous(path: Path) -> None:
+    """Hard-link the current file to FILE.prev (atomically replacing an older .prev)."""
+    if not path.exists():
+        return
+    prev = Path(f"{path}{PREV_SUFFIX}")
+    staging = _temp_path(prev)
+    staging.unlink(missing_ok=True)
+    try:
+        os.link(path, staging)
+    except OSError:  # a file system without hard links: copy, same owner and mode
+        st = path.stat()
+        staging = _write_temp(prev, path.read_bytes(), st.st_uid, st.st_gid, st.st_mode & 0o7777)
+    os.replace(staging, prev)
+
+
+def _write_journal(journal: Path, entries: dict[str, list[str]]) -> None:
+    journal.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temp = journal.with_name(journal.name + ".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(entries).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, journal)
+    _fsync_dir(journal.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
