@@ -32,6 +32,7 @@ from pathlib import Path
 from certkeeper import certs
 from certkeeper.config import CertificateConfig
 from certkeeper.errors import LocalError
+from certkeeper.state import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -232,16 +233,7 @@ def _link_previous(path: Path) -> None:
 
 
 def _write_journal(journal: Path, entries: dict[str, list[str]]) -> None:
-    journal.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temp = journal.with_name(journal.name + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(entries).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, journal)
-    _fsync_dir(journal.parent)
+    write_json_atomic(journal, entries)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,0 +1,38 @@
+"""Pending HTTP-01 challenges: token → key authorization, shared by the issuer
+(which adds and removes entries) and the web listener (which only reads).
+
+No I/O here. The table is safe to use from the issuer's worker threads and the
+event loop at once. RFC 8555 8.3: the token is base64url; anything else is
+never stored, so a request path can never select something that is not a token.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")  # RFC 8555 8.3: base64url, no padding
+
+
+class ChallengeTable:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._answers: dict[str, str] = {}
+
+    def add(self, token: str, key_authorization: str) -> None:
+        if not _TOKEN.match(token):
+            raise ValueError(f"not an ACME token: {token[:40]!r}")
+        with self._lock:
+            self._answers[token] = key_authorization
+
+    def remove(self, token: str) -> None:
+        with self._lock:
+            self._answers.pop(token, None)
+
+    def get(self, token: str) -> str | None:
+        with self._lock:
+            return self._answers.get(token)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._answers)

@@ -1,0 +1,184 @@
+"""End to end against a real ACME server (Pebble): `certkeeper renew` obtains, skips, forces, fails safely."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.verification import PolicyBuilder, Store
+
+from certkeeper import certs, config
+from certkeeper.state import load_cert_state
+from certkeeper.store import CertificateStore
+from tests.fixtures.pebble import Pebble, start_pebble
+from tests.fixtures.peers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ["mail.example.com", "mta-sts.example.com"]
+
+
+def certkeeper(conf: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "certkeeper", "--config", str(conf), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def verify_chain(pebble: Pebble, fullchain: bytes, name: str) -> x509.Certificate:
+    """The served chain must verify to Pebble's current root for ``name`` (a real path validation)."""
+    blocks = x509.load_pem_x509_certificates(fullchain)
+    roots = [x509.load_pem_x509_certificate(pem) for pem in pebble.issuer_roots()]
+    verifier = PolicyBuilder().store(Store(roots)).build_server_verifier(x509.DNSName(name))
+    verifier.verify(blocks[0], blocks[1:])
+    return blocks[0]
+
+
+def write_config(pebble: Pebble, tmp_path: Path, names: list[str] = NAMES, **overrides: object) -> Path:
+    conf = tmp_path / "certkeeper.toml"
+    conf.write_text(pebble.config_text(tmp_path, names, **overrides))
+    return conf
+
+
+def test_renew_obtains_skips_and_forces(pebble: Pebble, tmp_path: Path) -> None:
+    conf = write_config(pebble, tmp_path)
+    first = certkeeper(conf, "renew")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert [line.split(":")[0] for line in first.stdout.splitlines()] == NAMES
+    assert all(": renewed, valid until " in line for line in first.stdout.splitlines())
+    cfg = config.load(conf)
+    serials = {}
+    for cert_cfg in cfg.certificates:
+        key, leaf = cert_cfg.key.read_bytes(), cert_cfg.cert.read_bytes()
+        assert certs.key_matches_cert(key, leaf)
+        assert cert_cfg.fullchain.read_bytes() == leaf + cert_cfg.chain.read_bytes()
+        assert stat.S_IMODE(cert_cfg.key.stat().st_mode) == 0o600
+        assert certs.key_type_of(key) == "ecdsa-p256"
+        served = verify_chain(pebble, cert_cfg.fullchain.read_bytes(), cert_cfg.name)
+        assert served.serial_number == certs.parse_cert(leaf).serial
+        serials[cert_cfg.name] = served.serial_number
+    assert stat.S_IMODE(cfg.acme.account_key.stat().st_mode) == 0o600
+
+    again = certkeeper(conf, "renew")
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert all(": not due until " in line for line in again.stdout.splitlines())
+    assert len(again.stdout.splitlines()) == 2
+
+    forced = certkeeper(conf, "renew", "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    store = CertificateStore(cfg.state_dir)
+    for cert_cfg in cfg.certificates:
+        now_serial = certs.parse_cert(cert_cfg.cert.read_bytes()).serial
+        assert now_serial != serials[cert_cfg.name]
+        previous = store.read_previous(cert_cfg)
+        assert previous is not None and certs.parse_cert(previous.cert).serial == serials[cert_cfg.name]
+
+    one = certkeeper(conf, "renew", "--force", "mail.example.com")
+    assert one.returncode == 0 and one.stdout.startswith("mail.example.com: renewed")
+    assert len(one.stdout.splitlines()) == 1
+
+
+def test_unknown_name_is_an_error(pebble: Pebble, tmp_path: Path) -> None:
+    conf = write_config(pebble, tmp_path)
+    result = certkeeper(conf, "renew", "--force", "nosuch.example.com")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"certkeeper: no [[certificate]] named 'nosuch.example.com' in {conf}"
+
+
+def test_failed_order_keeps_the_working_set_and_backs_off(pebble: Pebble, tmp_path: Path) -> None:
+    conf = write_config(pebble, tmp_path, names=["mail.example.com"])
+    assert certkeeper(conf, "renew").returncode == 0
+    cfg = config.load(conf)
+    cert_cfg = cfg.certificates[0]
+    before = {role: getattr(cert_cfg, role).read_bytes() for role in ("key", "cert", "chain", "fullchain")}
+    # The challenge listener moves to a port Pebble's validator does not dial: the order fails half way.
+    broken = write_config(pebble, tmp_path, names=["mail.example.com"], http_listen=[f"127.0.0.1:{free_port()}"])
+    failed = certkeeper(broken, "renew", "--force")
+    assert failed.returncode == 1
+    assert failed.stdout.startswith("mail.example.com: failed: ")
+    assert "urn:ietf:params:acme:error:" in failed.stdout and "Traceback" not in failed.stderr + failed.stdout
+    after = {role: getattr(cert_cfg, role).read_bytes() for role in ("key", "cert", "chain", "fullchain")}
+    assert after == before
+    verify_chain(pebble, after["fullchain"], "mail.example.com")
+    state = load_cert_state(cfg.state_dir, "mail.example.com")
+    assert state.consecutive_failures == 1 and "urn:ietf:params:acme:error:" in state.last_error
+    assert state.retry_not_before is not None
+    assert dt.timedelta(seconds=50) < state.retry_not_before - dt.datetime.now(dt.UTC) <= dt.timedelta(minutes=1)
+    # The next (fixed) run succeeds and clears the backoff.
+    fixed = certkeeper(write_config(pebble, tmp_path, names=["mail.example.com"]), "renew", "--force")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert load_cert_state(cfg.state_dir, "mail.example.com").consecutive_failures == 0
+
+
+def test_unreachable_acme_server_is_one_line(pebble: Pebble, tmp_path: Path) -> None:
+    conf = write_config(pebble, tmp_path, names=["mail.example.com"],
+                        directory=f"https://127.0.0.1:{free_port()}/dir")
+    result = certkeeper(conf, "renew")
+    assert result.returncode == 1
+    assert "cannot reach the ACME server" in result.stdout
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "ssl").exists() or not list((tmp_path / "ssl").rglob("*.key"))
+
+
+def test_existing_acme_client_rsa_account_key_is_reused(pebble: Pebble, tmp_path: Path) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    account = tmp_path / "acme" / "account.pem"
+    account.parent.mkdir()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())  # "BEGIN RSA PRIVATE KEY", as acme-client writes
+    account.write_bytes(pem)
+    account.chmod(0o600)
+    conf = write_config(pebble, tmp_path, names=["mail.example.com"])
+    assert certkeeper(conf, "renew").returncode == 0
+    assert account.read_bytes() == pem  # used as is, never rewritten
+    cache = json.loads((tmp_path / "state" / "account.json").read_text())
+    url = cache[pebble.directory]["url"]
+    # Without the cached URL the same key finds the same account (RFC 8555 7.3.1).
+    (tmp_path / "state" / "account.json").unlink()
+    assert certkeeper(conf, "renew", "--force").returncode == 0
+    assert json.loads((tmp_path / "state" / "account.json").read_text())[pebble.directory]["url"] == url
+
+
+def test_rsa_key_type_and_several_names(pebble: Pebble, tmp_path: Path) -> None:
+    conf = tmp_path / "certkeeper.toml"
+    text = pebble.config_text(tmp_path, ["mail.example.com"], key_type="rsa2048")
+    conf.write_text(text.replace('domains = ["mail.example.com"]',
+                                 'domains = ["mail.example.com", "smtp.example.com", "imap.example.com"]'))
+    assert certkeeper(conf, "renew").returncode == 0
+    cert_cfg = config.load(conf).certificates[0]
+    info = certs.parse_cert(cert_cfg.cert.read_bytes())
+    assert set(info.domains) == {"mail.example.com", "smtp.example.com", "imap.example.com"}
+    assert certs.key_type_of(cert_cfg.key.read_bytes()) == "rsa2048"
+    verify_chain(pebble, cert_cfg.fullchain.read_bytes(), "imap.example.com")
+
+
+def test_many_certificates_concurrently_with_heavy_bad_nonce(tmp_path: Path) -> None:
+    """Half of all nonces rejected: every order still succeeds (badNonce is retried)."""
+    with start_pebble(tmp_path / "pebble", env={"PEBBLE_WFE_NONCEREJECT": "50"}) as noisy:
+        names = [f"mx{i}.example.com" for i in range(6)]
+        conf = tmp_path / "certkeeper.toml"
+        conf.write_text(noisy.config_text(tmp_path, names, extra="") .replace("[http]", "concurrency = 3\n[http]"))
+        result = certkeeper(conf, "renew", timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert sorted(line.split(":")[0] for line in result.stdout.splitlines()) == sorted(names)
+        for cert_cfg in config.load(conf).certificates:
+            verify_chain(noisy, cert_cfg.fullchain.read_bytes(), cert_cfg.name)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_reuse_key_option(pebble: Pebble, tmp_path: Path, reuse: bool) -> None:
+    conf = tmp_path / "certkeeper.toml"
+    conf.write_text(pebble.config_text(tmp_path, ["mail.example.com"]).replace(
+        'key_type = "ecdsa-p256"', f'key_type = "ecdsa-p256"\nreuse_key = {str(reuse).lower()}'))
+    assert certkeeper(conf, "renew").returncode == 0
+    key_path = config.load(conf).certificates[0].key
+    first_key = key_path.read_bytes()
+    assert certkeeper(conf, "renew", "--force").returncode == 0
+    assert (key_path.read_bytes() == first_key) is reuse

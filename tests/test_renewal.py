@@ -1,0 +1,116 @@
+"""The pure renewal planner: every rule with `now` passed in, no clock, no network."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from certkeeper import certs, renewal
+from certkeeper.config import CertificateConfig
+from certkeeper.state import CertState
+from certkeeper.store import CertificateSet
+from tests.certfactory import make_set
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def cfg(domains: tuple[str, ...] = ("mail.example.com",), key_type: str = "ecdsa-p256") -> CertificateConfig:
+    return CertificateConfig(name=domains[0], domains=domains, key_type=key_type, key=Path("/k"), cert=Path("/c"),
+                             chain=Path("/ch"), fullchain=Path("/f"))
+
+
+def state() -> CertState:
+    return CertState(name="mail.example.com")
+
+
+def test_missing_files_are_due() -> None:
+    decision = renewal.plan(cfg(), None, state(), T0)
+    assert decision.due and decision.reason == "no certificate on disk"
+
+
+def test_a_third_of_the_lifetime_rule_for_90_day_certificates() -> None:
+    on_disk = make_set(not_before=T0, days=90)
+    renew_at = T0 + dt.timedelta(days=60)
+    before = renewal.plan(cfg(), on_disk, state(), renew_at - dt.timedelta(seconds=1))
+    assert not before.due and before.when == renew_at
+    assert renewal.plan(cfg(), on_disk, state(), renew_at).due
+
+
+def test_half_of_the_lifetime_for_short_lived_certificates() -> None:
+    on_disk = make_set(not_before=T0, days=6)
+    decision = renewal.plan(cfg(), on_disk, state(), T0)
+    assert not decision.due and decision.when == T0 + dt.timedelta(days=3)
+    assert "half" in decision.reason
+
+
+def test_force_renews_a_fresh_certificate() -> None:
+    decision = renewal.plan(cfg(), make_set(not_before=T0), state(), T0, force=True)
+    assert decision.due and decision.reason == "forced"
+
+
+def test_key_that_does_not_match_is_due() -> None:
+    good = make_set(not_before=T0)
+    mismatched = CertificateSet(key=certs.generate_key("ecdsa-p256"), cert=good.cert, chain=good.chain)
+    decision = renewal.plan(cfg(), mismatched, state(), T0)
+    assert decision.due and "does not match" in decision.reason
+
+
+def test_domains_no_longer_covered_are_due() -> None:
+    on_disk = make_set(("mail.example.com",), not_before=T0)
+    decision = renewal.plan(cfg(("mail.example.com", "smtp.example.com")), on_disk, state(), T0)
+    assert decision.due and "not mail.example.com, smtp.example.com" in decision.reason
+
+
+def test_changed_key_type_is_due() -> None:
+    decision = renewal.plan(cfg(key_type="rsa2048"), make_set(not_before=T0), state(), T0)
+    assert decision.due and "ecdsa-p256" in decision.reason
+
+
+def test_unparsable_certificate_is_due() -> None:
+    good = make_set(not_before=T0)
+    broken = CertificateSet(key=good.key, cert=b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                            chain=b"")
+    assert renewal.plan(cfg(), broken, state(), T0).due
+
+
+def test_expired_is_due_even_during_backoff() -> None:
+    on_disk = make_set(not_before=T0, days=1)
+    st = state()
+    st.retry_not_before = T0 + dt.timedelta(days=5)
+    decision = renewal.plan(cfg(), on_disk, st, T0 + dt.timedelta(days=2))
+    assert decision.due and decision.reason.startswith("expired")
+
+
+def test_backoff_postpones_a_due_renewal() -> None:
+    on_disk = make_set(not_before=T0, days=90)
+    st = state()
+    st.consecutive_failures, st.last_error = 2, "boom"
+    st.retry_not_before = T0 + dt.timedelta(days=61)
+    decision = renewal.plan(cfg(), on_disk, st, T0 + dt.timedelta(days=60, hours=1))
+    assert not decision.due and decision.when == st.retry_not_before and "boom" in decision.reason
+
+
+def test_backoff_schedule_is_1m_10m_100m_then_daily_and_respects_retry_after() -> None:
+    delays = [renewal.backoff(n, None, T0) - T0 for n in (1, 2, 3, 4, 9)]
+    assert delays == [dt.timedelta(minutes=1), dt.timedelta(minutes=10), dt.timedelta(minutes=100),
+                      dt.timedelta(days=1), dt.timedelta(days=1)]
+    assert renewal.backoff(1, T0 + dt.timedelta(hours=3), T0) == T0 + dt.timedelta(hours=3)
+
+
+def test_ari_window_overrides_the_lifetime_rule_for_the_same_certificate() -> None:
+    on_disk = make_set(not_before=T0, days=90)
+    info = certs.parse_cert(on_disk.cert)
+    st = state()
+    st.ari_cert = info.fingerprint
+    st.ari_renewal_time = T0 + dt.timedelta(days=10)  # e.g. the CA announced a revocation
+    assert renewal.plan(cfg(), on_disk, st, T0 + dt.timedelta(days=10)).due
+    assert not renewal.plan(cfg(), on_disk, st, T0 + dt.timedelta(days=9)).due
+    st.ari_cert = "another certificate"
+    assert renewal.plan(cfg(), on_disk, st, T0 + dt.timedelta(days=10)).when == T0 + dt.timedelta(days=60)
+
+
+def test_point_in_window_is_inside_and_stable() -> None:
+    start, end = T0, T0 + dt.timedelta(days=2)
+    points = {renewal.point_in_window(start, end, serial) for serial in range(50)}
+    assert all(start <= p <= end for p in points) and len(points) > 40
+    assert renewal.point_in_window(start, end, 7) == renewal.point_in_window(start, end, 7)
