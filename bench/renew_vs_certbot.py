@@ -1,0 +1,78 @@
+"""Wall time of `certkeeper renew --force` for one certificate beside certbot's
+`certonly --standalone`, both against the same local Pebble. Prints figures; asserts nothing.
+
+    python3 bench/renew_vs_certbot.py [--runs 5]
+
+certbot comes from PyPI into its own venv under /tmp (created on first use).
+Target (issue 2): certkeeper <= 0.3 x certbot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.fixtures.pebble import start_pebble  # noqa: E402
+
+CERTBOT_VENV = Path("/tmp/certkeeper-bench-certbot")
+
+
+def certbot() -> Path:
+    exe = CERTBOT_VENV / "bin" / "certbot"
+    if not exe.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(CERTBOT_VENV)], check=True)
+        subprocess.run([str(CERTBOT_VENV / "bin" / "pip"), "install", "-q", "certbot"], check=True)
+    return exe
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed ({result.returncode}): {result.stdout[-500:]} {result.stderr[-1500:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    certbot_exe = certbot()
+    with tempfile.TemporaryDirectory() as tmp, start_pebble(Path(tmp) / "pebble") as pebble:
+        work = Path(tmp)
+        conf = work / "certkeeper.toml"
+        conf.write_text(pebble.config_text(work, ["mail.example.com"]))
+        ck = [sys.executable, "-m", "certkeeper", "--config", str(conf), "renew", "--force", "mail.example.com"]
+        timed(ck)  # account registration happens once, as in real life
+        ours = [timed(ck) for _ in range(args.runs)]
+
+        cb_dir = work / "certbot"
+        cb = [str(certbot_exe), "certonly", "--standalone", "--non-interactive", "--agree-tos",
+              "-m", "postmaster@example.com", "--server", pebble.directory,
+              "--http-01-port", str(pebble.http01_port), "--http-01-address", "127.0.0.1",
+              "--config-dir", str(cb_dir / "etc"), "--work-dir", str(cb_dir / "work"),
+              "--logs-dir", str(cb_dir / "logs"), "--force-renewal", "-d", "mail.example.com"]
+        env = {"REQUESTS_CA_BUNDLE": str(pebble.ca_file)}
+        timed(cb, env)  # account registration, as above
+        theirs = [timed(cb, env) for _ in range(args.runs)]
+
+    ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
+    print(f"certkeeper renew --force, 1 certificate: median {ours_median:.3f} s over {args.runs} runs "
+          f"(min {min(ours):.3f}, max {max(ours):.3f})")
+    print(f"certbot certonly --standalone:          median {theirs_median:.3f} s over {args.runs} runs "
+          f"(min {min(theirs):.3f}, max {max(theirs):.3f})")
+    print(f"ratio certkeeper / certbot: {ours_median / theirs_median:.2f} (target <= 0.30)")
+
+
+if __name__ == "__main__":
+    main()
