@@ -1,0 +1,208 @@
+"""The control socket: how ``certkeeper renew`` and ``status`` reach a running daemon.
+
+This module owns both ends of one small protocol over a unix stream socket
+(``control_socket``, mode 0600, so only root talks to the daemon):
+
+- the client sends one line, a JSON object ``{"command": "renew", "payload": {...}}``;
+- the daemon answers with JSON lines: ``{"line": "..."}`` for each progress or
+  output line, then exactly one ``{"exit": N}`` (the command's exit code) and
+  closes the connection.
+
+``forward`` is the client side: it returns None when no daemon listens (no
+socket file, or a stale one nobody accepts on): the CLI then does the work
+itself. ``ControlServer`` is the daemon side; the daemon gives it one async
+function per command. A client that goes away does not stop the work it asked
+for (a renewal runs to its end); its lines are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from certkeeper.config import Config
+from certkeeper.errors import CertkeeperError, LocalError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024  # bytes of the one request line
+REQUEST_TIMEOUT = 10.0  # seconds a client has to send its request
+CONNECT_TIMEOUT = 5.0
+
+Emit = Callable[[str], None]
+Command = Callable[[dict[str, Any], Emit], Awaitable[int]]
+
+
+# ---------------------------------------------------------------------------
+# The wire format: render + parse side by side.
+
+
+def render_request(command: str, payload: dict[str, Any]) -> bytes:
+    return json.dumps({"command": command, "payload": payload}).encode() + b"\n"
+
+
+def parse_request(raw: bytes) -> tuple[str, dict[str, Any]]:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise ValueError("the request is not JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("command"), str) \
+            or not isinstance(data.get("payload", {}), dict):
+        raise ValueError('the request is not {"command": STRING, "payload": OBJECT}')
+    return data["command"], data.get("payload", {})
+
+
+def render_line(text: str) -> bytes:
+    return json.dumps({"line": text}).encode() + b"\n"
+
+
+def render_exit(code: int) -> bytes:
+    return json.dumps({"exit": code}).encode() + b"\n"
+
+
+def parse_answer(raw: bytes) -> tuple[str | None, int | None]:
+    """(line, None) for an output line, (None, code) for the end."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise LocalError(f"the daemon sent a malformed answer: {raw[:80]!r}") from None
+    if isinstance(data, dict) and isinstance(data.get("line"), str):
+        return data["line"], None
+    if isinstance(data, dict) and isinstance(data.get("exit"), int) and not isinstance(data["exit"], bool):
+        return None, data["exit"]
+    raise LocalError(f"the daemon sent a malformed answer: {raw[:80]!r}")
+
+
+# ---------------------------------------------------------------------------
+# Client side.
+
+
+def forward(config: Config, command: str, payload: dict[str, Any], out: TextIO) -> int | None:
+    """Have the daemon run ``command``; stream its lines to ``out``; its exit code, or None without a daemon."""
+    sock = _connect(config.control_socket)
+    if sock is None:
+        return None
+    with sock:
+        sock.settimeout(None)  # a renewal may take minutes; the daemon bounds each order
+        sock.sendall(render_request(command, payload))
+        with sock.makefile("rb") as answers:
+            for raw in answers:
+                line, code = parse_answer(raw)
+                if code is not None:
+                    return code
+                print(line, file=out, flush=True)
+    raise LocalError(f"{config.control_socket}: the daemon closed the connection before finishing {command!r}")
+
+
+def _connect(path: Path) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(CONNECT_TIMEOUT)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None  # no daemon (or a stale socket file): the CLI does the work itself
+    except OSError as exc:
+        sock.close()
+        raise LocalError(f"{path}: cannot talk to the daemon: {exc.strerror or exc}") from None
+    return sock
+
+
+def daemon_listening(path: Path) -> bool:
+    sock = _connect(path)
+    if sock is None:
+        return False
+    sock.close()
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Daemon side.
+
+
+def bind_socket(path: Path) -> socket.socket:
+    """A listening unix socket at ``path`` with mode 0600 from the start.
+
+    It is bound under a temporary name, chmod-ed, then renamed into place, so
+    it is never reachable with a wider mode. A live daemon already there is an
+    error; a stale socket file is replaced.
+    """
+    if daemon_listening(path):
+        raise LocalError(f"{path}: another certkeeper daemon is running")
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    temp.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(temp))
+        os.chmod(temp, 0o600)
+        os.replace(temp, path)
+        sock.listen(16)
+    except OSError as exc:
+        sock.close()
+        temp.unlink(missing_ok=True)
+        raise LocalError(f"{path}: cannot create the control socket: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class ControlServer:
+    """Serves ``commands`` on an already bound socket (``bind_socket``)."""
+
+    def __init__(self, sock: socket.socket, path: Path, commands: dict[str, Command]) -> None:
+        self.sock = sock
+        self.path = path
+        self.commands = commands
+        self._server: asyncio.Server | None = None
+        self._inode = os.stat(path).st_ino
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, sock=self.sock, limit=MAX_REQUEST)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with contextlib.suppress(OSError):
+            # Remove the socket only if it is still ours (a new daemon may have replaced it).
+            if os.stat(self.path).st_ino == self._inode:
+                self.path.unlink()
+        self.sock.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            raw = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
+            code = await self._run(raw, writer)
+            writer.write(render_exit(code))
+            await writer.drain()
+        except (TimeoutError, ValueError, ConnectionError) as exc:
+            log.info("control socket: dropped a client: %s", exc or type(exc).__name__)
+        finally:
+            writer.close()
+
+    async def _run(self, raw: bytes, writer: asyncio.StreamWriter) -> int:
+        def emit(text: str) -> None:
+            if not writer.is_closing():
+                writer.write(render_line(text))
+
+        try:
+            command, payload = parse_request(raw)
+        except ValueError as exc:
+            emit(f"certkeeper: {exc}")
+            return 1
+        handler = self.commands.get(command)
+        if handler is None:
+            emit(f"certkeeper: the daemon does not run {command!r} (it runs {', '.join(sorted(self.commands))})")
+            return 1
+        log.info("control socket: %s %s", command, json.dumps(payload, sort_keys=True))
+        try:
+            return await handler(payload, emit)
+        except CertkeeperError as exc:
+            emit(f"certkeeper: {exc}")
+            return 1

@@ -1,0 +1,304 @@
+"""``certkeeper status [--json] [NAME...]``: what is served, what happens next, and why.
+
+This module owns the status *document* (``collect``: a plain dict with stable
+keys, the ``--json`` output, documented in certkeeper(8)) and its rendering for
+a terminal (``render_text``: one table per kind, each with a NEXT ACTION
+column, never wider than 80 columns). It reads only: the files on disk, the
+per-certificate state, the last verify results, and the DKIM and MTA-STS
+modules' ``status_rows``. When a daemon listens on the control socket the
+request goes to it instead (``certkeeper.control.forward``), so both show the
+same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import textwrap
+from datetime import UTC, datetime
+from types import ModuleType
+from typing import Any, TextIO
+
+from certkeeper import certs, state
+from certkeeper.config import CertificateConfig, Config
+from certkeeper.errors import CertkeeperError, ConfigError
+from certkeeper.store import CertificateSet, CertificateStore
+
+SCHEMA_VERSION = 1
+WIDTH = 80
+# Keys of one certificate in the --json document; the order is the documented order.
+CERTIFICATE_KEYS = (
+    "name", "domains", "status", "serial", "not_before", "not_after", "days_left", "next_renewal",
+    "next_renewal_reason", "next_action", "last_attempt", "last_success", "consecutive_failures", "last_error",
+    "endpoints",
+)
+DKIM_COLUMNS = (("DOMAIN", "domain"), ("SELECTOR", "selector"), ("ALGORITHM", "algorithm"), ("STATE", "state"))
+MTA_STS_COLUMNS = (("DOMAIN", "domain"), ("MODE", "mode"), ("POLICY ID", "policy_id"), ("STATUS", "status"))
+
+
+def _optional(module: str) -> ModuleType | None:
+    """A sibling module that may not exist in this build (written by others)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return None
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z") if when else None
+
+
+def _short(when: datetime | None) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if when else "-"
+
+
+# ---------------------------------------------------------------------------
+# The document.
+
+
+def collect(config: Config, names: list[str] | None = None, now: datetime | None = None) -> dict[str, Any]:
+    """The status document (``--json``); ``names`` limits the certificates listed."""
+    now = now or datetime.now(UTC)
+    store = CertificateStore(config.state_dir)
+    return {
+        "version": SCHEMA_VERSION,
+        "generated_at": _iso(now),
+        "config": str(config.path),
+        "certificates": [certificate_status(config, store, cert, now) for cert in select(config, names)],
+        "dkim": dkim_rows(config),
+        "mta_sts": mta_sts_rows(config),
+    }
+
+
+def select(config: Config, names: list[str] | None) -> list[CertificateConfig]:
+    if not names:
+        return list(config.certificates)
+    unknown = [n for n in names if n not in config.certificate_names()]
+    if unknown:
+        raise ConfigError([f"{config.path}: no [[certificate]] named {n!r}" for n in unknown])
+    return [config.certificate(n) for n in names]
+
+
+def certificate_status(config: Config, store: CertificateStore, cert: CertificateConfig,
+                       now: datetime) -> dict[str, Any]:
+    on_disk = store.read(cert)
+    info = _info(on_disk)
+    st = state.load_cert_state(config.state_dir, cert.name)
+    due, when, why = _plan(cert, on_disk, st, now)
+    status = _status(on_disk, info, st, due, now)
+    row: dict[str, Any] = {
+        "name": cert.name,
+        "domains": list(cert.domains),
+        "status": status,
+        "serial": f"{info.serial:X}" if info else None,
+        "not_before": _iso(info.not_before) if info else None,
+        "not_after": _iso(info.not_after) if info else None,
+        "days_left": round((info.not_after - now).total_seconds() / 86400, 2) if info else None,
+        "next_renewal": _iso(when),
+        "next_renewal_reason": why,
+        "next_action": _next_action(status, due, when, st),
+        "last_attempt": _iso(st.last_attempt),
+        "last_success": _iso(st.last_success),
+        "consecutive_failures": st.consecutive_failures,
+        "last_error": st.last_error or None,
+        "endpoints": _endpoints(config, cert.name),
+    }
+    return {key: row[key] for key in CERTIFICATE_KEYS}
+
+
+def _info(on_disk: CertificateSet | None) -> certs.CertInfo | None:
+    if on_disk is None:
+        return None
+    try:
+        return certs.parse_cert(on_disk.cert)
+    except ValueError:
+        return None
+
+
+def _plan(cert: CertificateConfig, on_disk: CertificateSet | None, st: state.CertState,
+          now: datetime) -> tuple[bool, datetime | None, str]:
+    """(due now, next renewal time, why) from the planner, or derived when it is absent."""
+    renewal = _optional("certkeeper.renewal")
+    if renewal is not None:
+        decision = renewal.plan(cert, on_disk, st, now)
+        return decision.due, decision.when, decision.reason
+    info = _info(on_disk)
+    if info is None:
+        return True, now, "no certificate on disk"
+    lifetime = info.not_after - info.not_before
+    fraction = 2 if lifetime.total_seconds() < 10 * 86400 else 3  # half for short-lived certificates
+    when = info.not_after - lifetime / fraction
+    return when <= now, max(when, now), f"{'half' if fraction == 2 else 'a third'} of its lifetime left then"
+
+
+def _status(on_disk: CertificateSet | None, info: certs.CertInfo | None, st: state.CertState, due: bool,
+            now: datetime) -> str:
+    """missing | expired | failing | due | ok."""
+    if on_disk is None or info is None:
+        return "missing"
+    if info.not_after <= now:
+        return "expired"
+    if st.consecutive_failures:
+        return "failing"
+    return "due" if due else "ok"
+
+
+def _next_action(status: str, due: bool, when: datetime | None, st: state.CertState) -> str:
+    if status == "missing":
+        return "obtain now"
+    if st.consecutive_failures and st.retry_not_before and not due:
+        return f"retry {_short(st.retry_not_before)}"
+    if due:
+        return "renew now"
+    return f"renew {_short(when)}"
+
+
+def _endpoints(config: Config, name: str) -> list[dict[str, Any]]:
+    verification = _optional("certkeeper.verification")
+    if verification is None or not hasattr(verification, "last_results"):
+        return []
+    return list(verification.last_results(config, name))
+
+
+def _rows(config: Config, module_name: str) -> list[dict[str, Any]]:
+    module = _optional(module_name)
+    if module is None or not hasattr(module, "status_rows"):
+        return []
+    try:
+        return [dict(row) for row in module.status_rows(config)]
+    except CertkeeperError as exc:
+        return [{"error": str(exc), "next_action": "see the error"}]
+
+
+def dkim_rows(config: Config) -> list[dict[str, Any]]:
+    """``rotation.status_rows`` plus ``next_action`` and ``next_action_at`` from the [[dkim]] timings."""
+    rows = _rows(config, "certkeeper.rotation")
+    timing = {item.domain: item for item in config.dkim}
+    for row in rows:
+        if "next_action" in row or row.get("domain") not in timing:
+            continue
+        item = timing[row["domain"]]
+        steps = {  # state → (what happens next, the time it is counted from, the delay)
+            "pending": ("activate", "created", item.publish_ahead),  # once DNS answers, publish_ahead later
+            "active": ("rotate", "activated", item.rotate_every),
+            "retiring": ("revoke", "retired", item.retire_after),
+            "revoked": ("remove record", "revoked", item.remove_after),
+        }
+        action, since, delay = steps.get(row.get("state", ""), ("create key", "", None))
+        start = _parse_time(row.get(since)) if since else None
+        row["next_action"] = action
+        row["next_action_at"] = _iso(start + delay) if start and delay is not None else None
+    return rows
+
+
+def mta_sts_rows(config: Config) -> list[dict[str, Any]]:
+    """``mtasts_publish.status_rows`` plus ``next_action`` and ``next_action_at``."""
+    rows = _rows(config, "certkeeper.mtasts_publish")
+    for row in rows:
+        if "next_action" in row:
+            continue
+        status = row.get("status")
+        row["next_action"] = {"pending": "publish id", "draining": "remove record"}.get(str(status), "none")
+        row["next_action_at"] = row.get("drain_until") if status == "draining" else None
+    return rows
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+# ---------------------------------------------------------------------------
+# Human output: one table per kind, at most 80 columns.
+
+
+def _cell(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "~"
+
+
+def table(title: str, headers: list[str], rows: list[list[str]], details: list[list[str]] | None = None,
+          cap: int = 24) -> list[str]:
+    """Columns sized to their content (at most ``cap``); the last (NEXT ACTION) takes what is left of 80,
+    and a next action longer than that is repeated in full on a line of its own."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers[:-1])]
+    widths = [min(w, cap) for w in widths]
+    used = sum(widths) + 2 * len(widths)
+    last = max(WIDTH - used, 12)
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(headers[:-1], widths, strict=True)) + "  " + headers[-1]]
+    for i, row in enumerate(rows):
+        cells = [_cell(c, w).ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        lines.append(("  ".join(cells) + "  " + _cell(row[-1], last)).rstrip()[:WIDTH])
+        overflow = [f"next action: {row[-1]}"] if len(row[-1]) > last else []
+        for detail in overflow + (details[i] if details else []):
+            lines += textwrap.wrap(detail, WIDTH, initial_indent="  ", subsequent_indent="      ",
+                                   break_on_hyphens=False)
+    return lines
+
+
+def _certificate_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["Certificates", "  none configured"]
+    cells, details = [], []
+    for row in rows:
+        days = f"{row['days_left']:.1f}" if row["days_left"] is not None else "-"
+        not_after = row["not_after"][:10] if row["not_after"] else "-"
+        cells.append([row["name"], row["status"], not_after, days, row["next_action"]])
+        extra = [f"domains: {', '.join(row['domains'])}", f"why: {row['next_renewal_reason']}"]
+        if row["last_error"] and row["last_error"] not in row["next_renewal_reason"]:
+            extra.append(f"last error ({row['consecutive_failures']} failures): {row['last_error']}")
+        for ep in row["endpoints"]:
+            seen = f"serial {ep.get('serial')}" if ep.get("serial") else "nothing"
+            verdict = "ok" if ep.get("ok") else f"MISMATCH ({ep.get('error') or 'differs from disk'})"
+            extra.append(f"{ep.get('hook', '')} {ep.get('endpoint', '')}: served {seen}, {verdict}, "
+                         f"checked {str(ep.get('checked_at') or '-')[:16].replace('T', ' ')}")
+        details.append(extra)
+    return table("Certificates", ["NAME", "STATUS", "NOT AFTER", "DAYS", "NEXT ACTION (UTC)"], cells, details)
+
+
+def _generic_lines(title: str, columns: tuple[tuple[str, str], ...], rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return [title, "  none configured"]
+    cells, details = [], []
+    for row in rows:
+        cells.append([str(row.get(key) if row.get(key) is not None else "-") for _, key in columns]
+                     + [_describe_next(row)])
+        details.append([f"error: {row['error']}"] if row.get("error") else [])
+    return table(title, [h for h, _ in columns] + ["NEXT ACTION"], cells, details, cap=16)
+
+
+def _describe_next(row: dict[str, Any]) -> str:
+    action = str(row.get("next_action") or "-")
+    at = row.get("next_action_at")
+    return f"{action} {str(at)[:10]}" if at else action
+
+
+def render_text(doc: dict[str, Any]) -> str:
+    lines = _certificate_lines(doc["certificates"])
+    lines += [""] + _generic_lines("DKIM selectors", DKIM_COLUMNS, doc["dkim"])
+    lines += [""] + _generic_lines("MTA-STS domains", MTA_STS_COLUMNS, doc["mta_sts"])
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# The command.
+
+
+def command_status(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    names = list(getattr(args, "names", None) or [])
+    as_json = bool(getattr(args, "json", False))
+    control = _optional("certkeeper.control")
+    if control is not None and hasattr(control, "forward"):
+        code = control.forward(config, "status", {"names": names, "json": as_json}, out)
+        if isinstance(code, int):
+            return code
+    doc = collect(config, names)
+    out.write(json.dumps(doc, indent=2) + "\n" if as_json else render_text(doc))
+    return 0

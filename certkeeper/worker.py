@@ -1,0 +1,219 @@
+"""The daemon's worker process: one job with the heavy libraries, then exit.
+
+The daemon itself holds only the listeners, the scheduler and the control
+socket. Every job that needs ACME, cryptography, DNS or mail (renewals, status,
+MTA-STS publishing, DKIM rotation, alerts) runs here, in a child process
+(``python -m certkeeper.worker``), so the long-running process stays small and
+a job that crashes or leaks cannot take the listeners with it.
+
+The protocol, JSON lines (render + parse side by side below):
+
+- daemon → worker, stdin: first ``{"config_path", "config_text", "job",
+  "args", "foreground", "verbosity"}`` (the configuration the daemon runs
+  with, so a broken file on disk after a refused SIGHUP does not matter); then
+  one ``ok`` line for each ``challenge`` message.
+- worker → daemon, stdout: ``{"challenge": [TOKEN, KEY_AUTHORIZATION]}`` (the
+  worker waits for the daemon's ``ok`` before the ACME server is told to
+  validate), ``{"unchallenge": TOKEN}``, ``{"installed": NAME}`` (the daemon
+  swaps its TLS context), ``{"line": TEXT}`` (progress and output), and last
+  ``{"exit": CODE, "next": ISO-TIME | null}`` (the soonest time an outcome
+  names: planned renewal, ARI window or end of backoff).
+
+Logs go to syslog or stderr exactly as the daemon's do. This is also the one
+place where the optional parts (``mtasts_publish``, ``rotation``, ``alerts``)
+are composed, each only when its module exists.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import ModuleType
+from typing import IO, Any
+
+from certkeeper import logs
+from certkeeper.challenges import ChallengeTable
+from certkeeper.config import Config, parse
+from certkeeper.errors import CertkeeperError, ConfigError
+
+log = logging.getLogger(__name__)
+
+JOBS = ("renew", "status", "publish", "hourly")
+
+
+# ---------------------------------------------------------------------------
+# Messages.
+
+
+def render(**message: Any) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+def parse_message(raw: bytes) -> dict[str, Any]:
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError(f"not a worker message: {raw[:80]!r}")
+    return data
+
+
+class Channel:
+    """The worker's end of the pipes; safe to use from the Renewer's order threads."""
+
+    def __init__(self, out: IO[bytes], acks: IO[bytes]) -> None:
+        self._out = out
+        self._acks = acks
+        self._lock = threading.Lock()
+
+    def send(self, **message: Any) -> None:
+        with self._lock:
+            self._out.write(render(**message))
+            self._out.flush()
+
+    def ask(self, **message: Any) -> None:
+        """Send and wait for the daemon's ``ok``."""
+        with self._lock:
+            self._out.write(render(**message))
+            self._out.flush()
+            if self._acks.readline().strip() != b"ok":
+                raise CertkeeperError("the daemon did not acknowledge a challenge")
+
+    def line(self, text: str) -> None:
+        self.send(line=text)
+
+
+class RelayedChallenges(ChallengeTable):
+    """A ChallengeTable whose entries are also put in the daemon's table (it holds port 80)."""
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__()
+        self._channel = channel
+
+    def add(self, token: str, key_authorization: str) -> None:
+        super().add(token, key_authorization)  # validates the token
+        self._channel.ask(challenge=[token, key_authorization])
+
+    def remove(self, token: str) -> None:
+        super().remove(token)
+        self._channel.send(unchallenge=token)
+
+
+def _optional(name: str) -> ModuleType | None:
+    if importlib.util.find_spec(name) is None:
+        return None
+    return importlib.import_module(name)
+
+
+def _guard(what: str, work: Callable[[], object]) -> None:
+    """Run one optional part; a failure is logged as one line and never stops the job."""
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - one optional part must never stop another
+        log.error("%s failed: %s", what, " ".join(str(exc).split()) or type(exc).__name__)
+
+
+# ---------------------------------------------------------------------------
+# Jobs. Each returns (exit code, soonest next time or None).
+
+
+def job_renew(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
+    from certkeeper.runner import Renewer, format_outcome
+
+    renewer = Renewer(config, RelayedChallenges(channel),
+                      on_installed=lambda cert: channel.send(installed=cert.name))
+    report = renewer.renew(args.get("names") or None, force=bool(args.get("force")), progress=channel.line)
+    for outcome in report.outcomes:
+        channel.line(format_outcome(outcome))
+    _alert(config, report)
+    times = [o.next_renewal for o in report.outcomes if o.next_renewal is not None]
+    return report.exit_code, min(times) if times else None
+
+
+def _alert(config: Config, report: Any) -> None:
+    alerts = _optional("certkeeper.alerts")
+    if alerts is None or not hasattr(alerts, "Alerter"):
+        return
+    alerter = alerts.Alerter(config)
+    for outcome in report.outcomes:
+        if outcome.status == "failed":
+            _guard("alert", lambda o=outcome: alerter.renewal_failed(o.name, o.detail, _serving_until(config, o.name)))
+        else:
+            _guard("alert", lambda o=outcome: alerter.renewal_succeeded(o.name, o.not_after))
+
+
+def _serving_until(config: Config, name: str) -> datetime | None:
+    from certkeeper import certs
+    from certkeeper.store import CertificateStore
+
+    try:
+        on_disk = CertificateStore(config.state_dir).read(config.certificate(name))
+        return certs.parse_cert(on_disk.cert).not_after if on_disk else None
+    except (KeyError, ValueError):
+        return None
+
+
+def job_status(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
+    status = _optional("certkeeper.status")
+    if status is None:
+        return 0, None
+    doc = status.collect(config, args.get("names") or None)
+    if args.get("json"):
+        doc["daemon"] = args.get("daemon", {})
+        text = json.dumps(doc, indent=2)
+    else:
+        text = status.render_text(doc)
+    for line in text.splitlines():
+        channel.line(line)
+    return 0, None
+
+
+def job_publish(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
+    """Start-up and SIGHUP: publish each MTA-STS policy's id (the daemon serves the policy by then)."""
+    module = _optional("certkeeper.mtasts_publish")
+    if module is not None and config.mta_sts:
+        _guard("MTA-STS publishing", lambda: module.publish_all(config, channel.line))
+    return 0, None
+
+
+def job_hourly(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
+    """DKIM rotation steps that are due, and expiry warnings."""
+    rotation = _optional("certkeeper.rotation")
+    if rotation is not None and config.dkim:
+        _guard("DKIM rotation", lambda: rotation.run_due(config, datetime.now(UTC), channel.line))
+    alerts = _optional("certkeeper.alerts")
+    if alerts is not None and hasattr(alerts, "Alerter"):
+        _guard("expiry check", lambda: alerts.Alerter(config).check_expiry())
+    return 0, None
+
+
+# ---------------------------------------------------------------------------
+# Entry point.
+
+
+def main(stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None) -> int:
+    stdin = stdin or sys.stdin.buffer
+    stdout = stdout or sys.stdout.buffer
+    channel = Channel(stdout, stdin)
+    request = json.loads(stdin.readline())
+    logs.setup_daemon(bool(request.get("foreground")), int(request.get("verbosity", 1)))
+    job = {"renew": job_renew, "status": job_status, "publish": job_publish, "hourly": job_hourly}[request["job"]]
+    try:
+        config = parse(request["config_text"], request["config_path"])
+        code, soonest = job(config, request.get("args") or {}, channel)
+    except ConfigError as exc:
+        channel.line(f"certkeeper: {'; '.join(exc.lines)}")
+        code, soonest = 1, None
+    except CertkeeperError as exc:
+        channel.line(f"certkeeper: {exc}")
+        code, soonest = 1, None
+    channel.send(exit=code, next=soonest.isoformat() if soonest else None)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

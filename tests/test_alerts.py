@@ -1,0 +1,168 @@
+"""Alerts delivered to a real local SMTP receiver (aiosmtpd on 127.0.0.1:free port)."""
+
+from __future__ import annotations
+
+import email
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from certkeeper import config, state
+from certkeeper.alerts import Alert, Alerter
+from certkeeper.store import CertificateStore
+from tests.fixtures.peers import free_port
+from tests.fixtures.throwaway_ca import ThrowawayCA
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+class Inbox:
+    """aiosmtpd handler that keeps every message it accepts."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], email.message.Message]] = []
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
+        msg = email.message_from_bytes(envelope.content)
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), msg))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp():
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield inbox, port
+    finally:
+        controller.stop()
+
+
+def make_config(tmp_path: Path, alerts: str) -> config.Config:
+    text = f"""
+state_dir = "{tmp_path}/state"
+[[certificate]]
+name = "mail.example.com"
+key = "{tmp_path}/ssl/mail.key"
+cert = "{tmp_path}/ssl/mail.crt"
+chain = "{tmp_path}/ssl/mail.chain.pem"
+fullchain = "{tmp_path}/ssl/mail.fullchain.pem"
+[alerts]
+{alerts}
+"""
+    return config.parse(text, tmp_path / "certkeeper.toml")
+
+
+def test_three_failed_retries_send_one_mail_and_recovery_one_more(tmp_path, smtp):
+    inbox, port = smtp
+    cfg = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nmail_from = "ck@example.com"\n'
+                                f'smtp = "127.0.0.1:{port}"')
+    serving = NOW + timedelta(days=12)
+    alerter = Alerter(cfg)
+    sent = [alerter.renewal_failed("mail.example.com", f"urn:ietf:params:acme:error:connection: try {i}", serving,
+                                   now=NOW + timedelta(hours=i)) for i in range(3)]
+    assert sent == [True, False, False]
+    assert len(inbox.messages) == 1
+    mail_from, rcpts, msg = inbox.messages[0]
+    assert mail_from == "ck@example.com" and rcpts == ["postmaster@example.com"]
+    assert "renewal of certificate mail.example.com" in msg["Subject"] and "failed" in msg["Subject"]
+    assert msg["Auto-Submitted"] == "auto-generated"
+    body = msg.get_payload()
+    assert "urn:ietf:params:acme:error:connection: try 0" in body  # the error
+    assert "valid until 2026-12-07 12:00 UTC" in body  # what is still served, until when
+
+    # a restart (a new Alerter reading STATE/alerts.json) does not re-send
+    assert Alerter(cfg).renewal_failed("mail.example.com", "again", serving, now=NOW + timedelta(hours=5)) is False
+    assert len(inbox.messages) == 1
+
+    # "not due" during the backoff wait (the runner still counts failures) is no recovery
+    state.save_cert_state(cfg.state_dir, state.CertState(name="mail.example.com", consecutive_failures=4))
+    assert Alerter(cfg).renewal_succeeded("mail.example.com", now=NOW + timedelta(hours=5)) is False
+    assert len(inbox.messages) == 1
+    state.save_cert_state(cfg.state_dir, state.CertState(name="mail.example.com", consecutive_failures=0))
+    assert Alerter(cfg).renewal_succeeded("mail.example.com", now=NOW + timedelta(hours=6)) is True
+    assert len(inbox.messages) == 2
+    recovery = inbox.messages[1][2]
+    assert "recovered" in recovery["Subject"]
+    assert "Attempts:      4 failed" in recovery.get_payload()
+    # a later success without a failure sends nothing; a new failure starts a new episode
+    assert alerter.renewal_succeeded("mail.example.com", now=NOW + timedelta(hours=7)) is False
+    assert alerter.renewal_failed("mail.example.com", "new", None, now=NOW + timedelta(days=1)) is True
+    assert "Still serving: nothing" in inbox.messages[2][2].get_payload()
+    assert len(inbox.messages) == 3
+
+
+def test_undelivered_alert_is_retried_at_the_next_failure(tmp_path, smtp):
+    inbox, port = smtp
+    dead = free_port()  # nothing listens here
+    cfg = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{dead}"')
+    assert Alerter(cfg).renewal_failed("mail.example.com", "e1", None, now=NOW) is False
+    cfg = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{port}"')
+    assert Alerter(cfg).renewal_failed("mail.example.com", "e2", None, now=NOW) is True
+    assert len(inbox.messages) == 1 and "e2" in inbox.messages[0][2].get_payload()
+
+
+def test_expiry_warning_once_per_certificate(tmp_path, smtp):
+    inbox, port = smtp
+    cfg = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{port}"\n'
+                                'expiry_warning_days = 7')
+    store = CertificateStore(cfg.state_dir)
+    ca = ThrowawayCA()
+    cert = cfg.certificate("mail.example.com")
+    store.install(cert, ca.issue(["mail.example.com"], NOW - timedelta(days=80), NOW + timedelta(days=10)))
+    alerter = Alerter(cfg)
+    assert alerter.check_expiry(NOW) == []  # 10 days left: fine
+    assert alerter.check_expiry(NOW + timedelta(days=4)) == ["mail.example.com"]  # 6 days left
+    assert alerter.check_expiry(NOW + timedelta(days=5)) == []  # same certificate: already warned
+    assert len(inbox.messages) == 1
+    msg = inbox.messages[0][2]
+    assert "mail.example.com expires in 6.0 days" in msg["Subject"]
+    assert "mail.example.com" in msg.get_payload()
+    # a renewed certificate that again nears its end is warned about again
+    store.install(cert, ca.issue(["mail.example.com"], NOW, NOW + timedelta(days=8)))
+    assert alerter.check_expiry(NOW + timedelta(days=2)) == ["mail.example.com"]
+    assert "expires in 6.0 days" in inbox.messages[1][2]["Subject"]
+    state = json.loads((cfg.state_dir / "alerts.json").read_text())
+    assert list(state["expiry"]) == ["mail.example.com"]
+
+
+def test_command_gets_the_same_text_on_stdin(tmp_path):
+    out = tmp_path / "alert.txt"
+    cfg = make_config(tmp_path, f'command = ["/bin/sh", "-c", "cat > {out}"]')
+    alerter = Alerter(cfg)
+    assert alerter.renewal_failed("mail.example.com", "urn:ietf:params:acme:error:dns: NXDOMAIN", None, now=NOW)
+    text = out.read_text()
+    subject, _, body = text.partition("\n\n")
+    assert subject.startswith("certkeeper: renewal of certificate mail.example.com (mail.example.com) failed")
+    assert "urn:ietf:params:acme:error:dns: NXDOMAIN" in body
+    out.unlink()
+    assert alerter.renewal_failed("mail.example.com", "again", None, now=NOW) is False
+    assert not out.exists()
+
+
+def test_sendmail_gets_a_whole_message(tmp_path):
+    out = tmp_path / "sendmail.txt"
+    script = tmp_path / "sendmail"
+    script.write_text(f'#!/bin/sh\necho "$@" > {out}.args\ncat > {out}\n')
+    script.chmod(0o755)
+    cfg = make_config(tmp_path, f'mail_to = ["a@example.com", "b@example.com"]\nsendmail = ["{script}", "-t"]')
+    assert Alerter(cfg).failed("dkim:example.com", "DKIM rotation for example.com", "TSIG refused", now=NOW)
+    assert Path(f"{out}.args").read_text().strip() == "-t"
+    msg = email.message_from_bytes(out.read_bytes())
+    assert msg["To"] == "a@example.com, b@example.com"
+    assert "TSIG refused" in msg.get_payload()
+
+
+def test_failing_command_and_disabled_alerts(tmp_path):
+    cfg = make_config(tmp_path, 'command = ["/bin/false"]')
+    assert Alerter(cfg).renewal_failed("mail.example.com", "x", None, now=NOW) is False
+    seen: list[Alert] = []
+    cfg = make_config(tmp_path / "b", "")
+    alerter = Alerter(cfg, send=lambda a: seen.append(a) or True)
+    assert alerter.enabled is False
+    assert alerter.renewal_failed("mail.example.com", "x", None, now=NOW) is False and seen == []

@@ -1,0 +1,375 @@
+"""Hooks, reload and rollback: units with plain-data fakes, then real OpenSMTPD 7.4 and Dovecot.
+
+The real-service tests check what is served with their OWN TLS clients (smtplib,
+imaplib, ssl), not only through certkeeper's probes.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import smtplib
+import socket
+import ssl
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from certkeeper import certs, reload, verification
+from certkeeper.config import HOOK_DEFAULT_COMMANDS, CertificateConfig, Config, HookConfig, parse
+from certkeeper.hooks import KINDS, hook_for, one_line, run_command
+from certkeeper.store import CertificateSet, CertificateStore
+from certkeeper.verification import Observation, format_serial
+from tests.certfactory import make_set
+from tests.fixtures.mailservices import MailServices
+
+NAME = "mail.example.test"
+
+
+# ---------------------------------------------------------------------------
+# The hook contract and the one subprocess helper.
+
+
+def test_every_known_kind_has_its_openbsd_default_and_command_has_none():
+    assert {k: v.default_command for k, v in KINDS.items() if k != "command"} == HOOK_DEFAULT_COMMANDS
+    assert KINDS["smtpd"].default_command == ("rcctl", "restart", "smtpd")  # smtpd has no reload
+    assert KINDS["dovecot"].default_command == ("doveadm", "reload")
+    assert KINDS["command"].default_command == ()
+
+
+def test_hook_for_uses_the_table_or_the_default_of_the_kind():
+    config = parse("""
+[[certificate]]
+name = "mail.example.com"
+hooks = ["smtpd", "dovecot", "postfix"]
+[hooks.dovecot]
+command = ["/usr/local/bin/doveadm", "reload"]
+verify = ["imaps://127.0.0.1:993"]
+timeout = 5
+[hooks.postfix]
+command = ["postfix", "reload"]
+""", "t.toml")
+    smtpd = hook_for(config, "smtpd")
+    assert (smtpd.kind.name, smtpd.command, smtpd.verify) == ("smtpd", ("rcctl", "restart", "smtpd"), ())
+    dovecot = hook_for(config, "dovecot")
+    assert (dovecot.command, dovecot.verify, dovecot.timeout) == (
+        ("/usr/local/bin/doveadm", "reload"), ("imaps://127.0.0.1:993",), 5.0)
+    assert hook_for(config, "postfix").kind.name == "command"
+
+
+def test_run_command_reports_exit_status_and_output_as_one_line():
+    result = run_command(["sh", "-c", "echo first line; echo 'second  line' >&2; exit 3"], timeout=10)
+    assert (result.ok, result.returncode, result.output) == (False, 3, "first line second line")
+    assert result.describe().endswith("exit 3: first line second line")
+    assert "\n" not in result.describe()
+
+
+def test_run_command_passes_argv_without_a_shell(tmp_path):
+    target = tmp_path / "x; touch pwned"
+    result = run_command(["touch", str(target)], timeout=10)
+    assert result.ok and target.exists() and not (tmp_path / "pwned").exists()
+
+
+def test_run_command_names_the_hook_and_certificates_in_the_environment():
+    config = Config(path=Path("t.toml"), hooks={"echo": HookConfig("echo", ("sh", "-c", "echo $CERTKEEPER_HOOK:"
+                                                                                      "$CERTKEEPER_CERTIFICATES"))})
+    assert hook_for(config, "echo").reload(["a.example", "b.example"]).output == "echo:a.example b.example"
+
+
+def test_run_command_kills_a_command_that_outlives_its_timeout():
+    result = run_command(["sh", "-c", "echo started; sleep 30"], timeout=0.3)
+    assert result.returncode is None and not result.ok
+    assert result.output.startswith("killed after 0.3s timeout") and "started" in result.output
+
+
+def test_run_command_does_not_wait_for_a_daemon_that_keeps_its_output_open():
+    result = run_command(["sh", "-c", "sleep 30 & echo forked"], timeout=10)
+    assert result.ok and result.output == "forked" and result.seconds < 10
+
+
+def test_run_command_reports_a_missing_program():
+    result = run_command(["/nonexistent/rcctl", "restart", "smtpd"], timeout=5)
+    assert result.returncode is None and "No such file" in result.output
+
+
+def test_one_line_keeps_the_tail_of_long_output():
+    text = one_line("noise " * 200 + "\nsmtpd: load_pki_keys: failed", limit=60)
+    assert len(text) == 60 and text.endswith("load_pki_keys: failed") and text.startswith("...")
+
+
+# ---------------------------------------------------------------------------
+# reload_and_verify with a plain-data fake of the services (no processes but `true`/`false`).
+
+
+@dataclass
+class FakeServices:
+    """What each URL serves: 'disk' (always the file on disk), a fixed leaf, or None (down)."""
+
+    store: CertificateStore
+    certificate: CertificateConfig
+    serving: dict[str, object] = field(default_factory=dict)
+    probes: list[str] = field(default_factory=list)
+
+    def probe(self, url: str, server_name: str, timeout: float) -> Observation:
+        self.probes.append(url)
+        what = self.serving.get(url)
+        now = datetime.now(UTC)
+        if what is None:
+            return Observation(url, None, "connection refused", now)
+        if what == "disk":
+            what = certs.parse_cert(self.store.read(self.certificate).cert)  # type: ignore[union-attr]
+        return Observation(url, what, "", now)  # type: ignore[arg-type]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def _unit_setup(tmp_path, hooks: dict[str, HookConfig], cert_hooks: tuple[str, ...]):
+    cert = CertificateConfig(name=NAME, domains=(NAME,), key_type="ecdsa-p256", key=tmp_path / "k.pem",
+                             cert=tmp_path / "c.pem", chain=tmp_path / "ch.pem", fullchain=tmp_path / "f.pem",
+                             hooks=cert_hooks)
+    store = CertificateStore(tmp_path / "state")
+    old, new = make_set((NAME,)), make_set((NAME,))
+    store.install(cert, old)
+    store.install(cert, new)
+    config = Config(path=tmp_path / "t.toml", state_dir=tmp_path / "state", certificates=(cert,), hooks=hooks)
+    return config, store, cert, certs.parse_cert(old.cert), certs.parse_cert(new.cert)
+
+
+def test_plan_runs_a_shared_hook_once_for_all_its_certificates(tmp_path):
+    a = CertificateConfig("a", ("a.example",), "ecdsa-p256", tmp_path / "a", tmp_path / "b", tmp_path / "c",
+                          tmp_path / "d", hooks=("smtpd", "dovecot"))
+    b = CertificateConfig("b", ("b.example",), "ecdsa-p256", tmp_path / "e", tmp_path / "f", tmp_path / "g",
+                          tmp_path / "h", hooks=("dovecot", "httpd"))
+    steps = reload.plan(Config(path=tmp_path / "t.toml", certificates=(a, b)), [a, b])
+    assert [(s.hook.name, s.names()) for s in steps] == [
+        ("smtpd", ["a"]), ("dovecot", ["a", "b"]), ("httpd", ["b"])]
+
+
+def test_stale_service_is_rolled_back_and_reported_with_the_serial_it_served(tmp_path):
+    url = "imaps://127.0.0.1:993"
+    config, store, cert, old, new = _unit_setup(
+        tmp_path, {"dovecot": HookConfig("dovecot", ("true",), (url,), 10, 2.0)}, ("dovecot",))
+    fake, clock = FakeServices(store, cert, {url: old}), FakeClock()
+    result = reload.reload_and_verify(config, store, [cert], lambda line: None, prober=fake.probe,
+                                      sleep=clock.sleep, clock=lambda: clock.now)
+    assert not result.ok and len(result.failures) == 1
+    line = result.failures[0]
+    assert line.startswith("dovecot: ") and url in line
+    assert f"served serial {format_serial(old.serial)} (the previous certificate) for {NAME}" in line
+    assert f"rolled back {NAME} to serial {format_serial(old.serial)}" in line
+    assert certs.parse_cert(store.read(cert).cert).fingerprint == old.fingerprint  # type: ignore[union-attr]
+    assert sum(clock.slept) <= 2.0 and len(clock.slept) > 1  # retried with backoff, within verify_timeout
+    saved = verification.last_results(config, NAME)
+    assert [(r["endpoint"], r["ok"], r["serial"]) for r in saved] == [(url, True, format_serial(old.serial))]
+
+
+def test_a_service_down_before_the_run_is_reported_not_rolled_back(tmp_path):
+    url = "smtps://127.0.0.1:465"
+    config, store, cert, old, new = _unit_setup(
+        tmp_path, {"smtpd": HookConfig("smtpd", ("false",), (url,), 10, 1.0)}, ("smtpd",))
+    fake, clock = FakeServices(store, cert, {}), FakeClock()
+    result = reload.reload_and_verify(config, store, [cert], lambda line: None, prober=fake.probe,
+                                      sleep=clock.sleep, clock=lambda: clock.now)
+    assert not result.ok
+    assert "was already down before the reload" in result.failures[0] and "nothing rolled back" in result.failures[0]
+    assert certs.parse_cert(store.read(cert).cert).fingerprint == new.fingerprint  # type: ignore[union-attr]
+
+
+def test_a_hook_without_endpoints_is_judged_by_its_exit_status(tmp_path):
+    config, store, cert, old, new = _unit_setup(
+        tmp_path, {"rspamd": HookConfig("rspamd", ("true",)), "other": HookConfig("other", ("false",))},
+        ("rspamd", "other"))
+    result = reload.reload_and_verify(config, store, [cert], lambda line: None, prober=FakeServices(store, cert).probe)
+    assert [line.split(":")[0] for line in result.failures] == ["other"]
+    assert "reload failed (false: exit 1)" in result.failures[0]
+    assert certs.parse_cert(store.read(cert).cert).fingerprint == old.fingerprint  # type: ignore[union-attr]
+
+
+def test_a_first_certificate_has_nothing_to_roll_back_to(tmp_path):
+    config, store, cert, old, new = _unit_setup(tmp_path, {"other": HookConfig("other", ("false",))}, ("other",))
+    for prev in tmp_path.glob("*.prev"):
+        prev.unlink()  # as after the very first issuance
+    result = reload.reload_and_verify(config, store, [cert], lambda line: None)
+    assert result.failures == ["other: reload failed (false: exit 1)",
+                               f"cannot roll back: {NAME}: no previous certificate set to restore"]
+    assert certs.parse_cert(store.read(cert).cert).fingerprint == new.fingerprint  # type: ignore[union-attr]
+
+
+def test_nothing_to_do_without_hooks(tmp_path):
+    config, store, cert, old, new = _unit_setup(tmp_path, {}, ())
+    assert reload.reload_and_verify(config, store, [cert], lambda line: None) == reload.ReloadResult(ok=True)
+
+
+# ---------------------------------------------------------------------------
+# Real OpenSMTPD and Dovecot.
+
+
+def _insecure() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _serial(der: bytes | None) -> int:
+    assert der, "no certificate served"
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def smtp_serial(port: int, starttls: bool) -> int:
+    if starttls:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="test.invalid", timeout=10) as smtp:
+            smtp.starttls(context=_insecure())
+            return _serial(smtp.sock.getpeercert(binary_form=True))
+    with smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="test.invalid", context=_insecure(), timeout=10) as smtp:
+        return _serial(smtp.sock.getpeercert(binary_form=True))
+
+
+def imap_serial(port: int, starttls: bool) -> int:
+    if starttls:
+        imap = imaplib.IMAP4("127.0.0.1", port, timeout=10)
+        imap.starttls(_insecure())
+    else:
+        imap = imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=_insecure(), timeout=10)
+    try:
+        return _serial(imap.sock.getpeercert(binary_form=True))
+    finally:
+        imap.shutdown()
+
+
+def sni_serial(port: int, server_name: str) -> int:
+    """A bare TLS client with SNI, for the implicit-TLS ports."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, \
+            _insecure().wrap_socket(sock, server_hostname=server_name) as tls:
+        return _serial(tls.getpeercert(binary_form=True))
+
+
+def served_serials(ms: MailServices) -> dict[str, int]:
+    return {
+        "smtp+starttls": smtp_serial(ms.smtp_port, starttls=True), "smtps": smtp_serial(ms.smtps_port, starttls=False),
+        "imap+starttls": imap_serial(ms.imap_port, starttls=True), "imaps": imap_serial(ms.imaps_port, starttls=False),
+    }
+
+
+def serial_of(cs: CertificateSet) -> int:
+    return certs.parse_cert(cs.cert).serial
+
+
+def _config(ms: MailServices, tmp_path: Path, certificates: tuple[CertificateConfig, ...],
+            smtpd: tuple[str, ...] | None = None, dovecot: tuple[str, ...] | None = None,
+            verify_timeout: float = 15.0) -> Config:
+    return Config(path=tmp_path / "certkeeper.toml", state_dir=tmp_path / "state", certificates=certificates, hooks={
+        "smtpd": HookConfig("smtpd", smtpd or ms.smtpd_restart(), ms.smtpd_urls, 30.0, verify_timeout),
+        "dovecot": HookConfig("dovecot", dovecot or ms.dovecot_reload(), ms.dovecot_urls, 30.0, verify_timeout),
+    })
+
+
+@pytest.fixture
+def running(mail_services, tmp_path):
+    """smtpd + dovecot serving OLD for mail.example.test; NEW is installed but not yet loaded."""
+    cert = mail_services.certificate_config(NAME)
+    store = CertificateStore(tmp_path / "state")
+    old, new = make_set((NAME,)), make_set((NAME,))
+    store.install(cert, old)
+    mail_services.start()
+    assert set(served_serials(mail_services).values()) == {serial_of(old)}
+    store.install(cert, new)
+    return mail_services, store, cert, old, new
+
+
+def test_renewal_makes_smtpd_and_dovecot_serve_the_new_certificate(running, tmp_path):
+    ms, store, cert, old, new = running
+    config = _config(ms, tmp_path, (cert,))
+    lines: list[str] = []
+    result = reload.reload_and_verify(config, store, [cert], lines.append)
+    assert result == reload.ReloadResult(ok=True)
+    assert served_serials(ms) == dict.fromkeys(("smtp+starttls", "smtps", "imap+starttls", "imaps"), serial_of(new))
+    assert (ms.run_count("smtpd restart"), ms.run_count("dovecot reload")) == (1, 1)
+    saved = verification.last_results(config, NAME)
+    assert sorted(r["endpoint"] for r in saved) == sorted(ms.smtpd_urls + ms.dovecot_urls)
+    assert all(r["ok"] and r["serial"] == format_serial(serial_of(new)) for r in saved)
+    assert any("ok, served serial" in line for line in lines)
+
+
+def test_a_hook_that_exits_non_zero_rolls_back_and_the_old_certificate_is_served(running, tmp_path):
+    ms, store, cert, old, new = running
+    marker = tmp_path / "fail-once"
+    marker.touch()
+    config = _config(ms, tmp_path, (cert,), smtpd=ms.smtpd_restart(fail_once=marker))
+    result = reload.reload_and_verify(config, store, [cert], lambda line: None)
+    assert not result.ok and len(result.failures) == 1
+    line = result.failures[0]
+    assert line.startswith("smtpd: reload failed (") and "exit 1: simulated hook failure" in line
+    assert f"rolled back {NAME} to serial {format_serial(serial_of(old))}" in line
+    assert set(served_serials(ms).values()) == {serial_of(old)}  # dovecot was reloaded back too
+    assert store.read(cert) == old
+    assert (ms.run_count("smtpd restart"), ms.run_count("dovecot reload")) == (2, 2)
+
+
+def test_smtpd_refusing_the_new_key_rolls_back_and_serves_the_old_certificate(running, tmp_path):
+    ms, store, cert, old, new = running
+    cert.key.chmod(0o644)  # smtpd: "insecure permissions: must be at most rwxr-----"
+    config = _config(ms, tmp_path, (cert,))
+    result = reload.reload_and_verify(config, store, [cert], lambda line: None)
+    assert not result.ok and len(result.failures) == 1
+    line = result.failures[0]
+    assert line.startswith("smtpd: reload failed") and "smtpd(failed)" in line
+    assert f"{ms.smtpd_urls[1]} served no certificate (connection refused) for {NAME}" in line
+    assert f"rolled back {NAME} to serial {format_serial(serial_of(old))}; served again on 2 endpoint(s)" in line
+    assert set(served_serials(ms).values()) == {serial_of(old)}
+    assert cert.key.stat().st_mode & 0o777 == 0o600 and store.read(cert) == old
+
+
+def test_a_service_that_keeps_the_old_certificate_is_caught_and_rolled_back(running, tmp_path):
+    ms, store, cert, old, new = running
+    config = _config(ms, tmp_path, (cert,), dovecot=("true",), verify_timeout=1.0)  # a reload that does nothing
+    result = reload.reload_and_verify(config, store, [cert], lambda line: None)
+    assert not result.ok and len(result.failures) == 1
+    line = result.failures[0]
+    old_hex = format_serial(serial_of(old))
+    assert line.startswith("dovecot: ") and f"{ms.dovecot_urls[1]} served serial {old_hex} (the previous " \
+                                                 f"certificate) for {NAME}" in line
+    assert set(served_serials(ms).values()) == {serial_of(old)}  # smtpd restarted again with the old files
+    assert store.read(cert) == old
+
+
+def test_a_service_down_before_the_run_is_reported_not_blamed(running, tmp_path):
+    ms, store, cert, old, new = running
+    ms.stop_dovecot()
+    config = _config(ms, tmp_path, (cert,))
+    result = reload.reload_and_verify(config, store, [cert], lambda line: None)
+    assert not result.ok and len(result.failures) == 1
+    assert result.failures[0].startswith("dovecot: was already down before the reload (")
+    assert "connection refused" in result.failures[0] and "nothing rolled back" in result.failures[0]
+    assert store.read(cert) == new
+    assert smtp_serial(ms.smtp_port, True) == smtp_serial(ms.smtps_port, False) == serial_of(new)
+
+
+def test_two_certificates_sharing_hooks_reload_each_service_once(mail_services_factory, tmp_path):
+    names = ("mail.example.test", "mx2.example.test")
+    ms = mail_services_factory(names)
+    store = CertificateStore(tmp_path / "state")
+    configs = tuple(ms.certificate_config(name) for name in names)
+    for cert in configs:
+        store.install(cert, make_set((cert.name,)))
+    ms.start()
+    new = {cert.name: make_set((cert.name,)) for cert in configs}
+    for cert in configs:
+        store.install(cert, new[cert.name])
+    config = _config(ms, tmp_path, configs)
+    result = reload.reload_and_verify(config, store, list(configs), lambda line: None)
+    assert result.ok, result.failures
+    assert (ms.run_count("smtpd restart"), ms.run_count("dovecot reload")) == (1, 1)
+    for name in names:  # each name's own certificate, chosen by SNI
+        assert sni_serial(ms.smtps_port, name) == sni_serial(ms.imaps_port, name) == serial_of(new[name])
+        assert {r["serial"] for r in verification.last_results(config, name)} == {format_serial(serial_of(new[name]))}
