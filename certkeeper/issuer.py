@@ -40,12 +40,12 @@ from certkeeper import __version__, certs
 from certkeeper.challenges import ChallengeTable
 from certkeeper.config import AcmeConfig
 from certkeeper.errors import AcmeError, LocalError
-from certkeeper.state import write_json_atomic
+from certkeeper.files import write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-BAD_NONCE_RETRIES = 8
+BAD_NONCE_RETRIES = 10
 _FIRST_POLL = 0.02  # seconds; Pebble validates in a few milliseconds
 _MAX_POLL = 2.0
 
@@ -148,10 +148,7 @@ class Issuer:
             raise LocalError(f"{path}: cannot read the ACME account key: {exc.strerror}") from None
         pem = certs.generate_key(self.config.account_key_type)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        from certkeeper.store import _write_temp  # the one place that writes key files
-
-        temp = _write_temp(path, pem, -1, -1, 0o600)
-        temp.replace(path)
+        write_atomic(path, pem, 0o600)
         log.info("created ACME account key %s (%s)", path, self.config.account_key_type)
         return pem
 
@@ -172,9 +169,7 @@ class Issuer:
         bundle = self.state_dir / "ca-bundle.pem"
         bundle.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not bundle.exists() or bundle.read_bytes() != system + b"\n" + extra:
-            tmp = bundle.with_name(".ca-bundle.pem.tmp")
-            tmp.write_bytes(system + b"\n" + extra)
-            tmp.replace(bundle)
+            write_atomic(bundle, system + b"\n" + extra, 0o644)
         return str(bundle)
 
     def _eab(self, key: jose.JWK, directory: messages.Directory) -> messages.ExternalAccountBinding | None:

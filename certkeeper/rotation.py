@@ -45,7 +45,7 @@ from certkeeper.config import Config, DkimConfig
 from certkeeper.dns import Backend, RecordSet, backend_for
 from certkeeper.dns.propagation import wait_until_visible
 from certkeeper.errors import CertkeeperError, ConfigError, LocalError
-from certkeeper.store import _fsync_dir
+from certkeeper.files import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def load_state(config: Config, domain: str) -> DomainState:
 def save_state(config: Config, state: DomainState) -> None:
     path = state_path(config, state.domain)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    signers.write_atomic(path, (json.dumps(state.to_json(), indent=1) + "\n").encode(), 0o600)
+    write_atomic(path, (json.dumps(state.to_json(), indent=1) + "\n").encode(), 0o600)
 
 
 # ---------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def _generate(run: _Run, state: DomainState, action: Action) -> DomainState:
         private = dkim.generate_private_key(key.algorithm)
         uid, gid = _owner(run.item)
         data = dkim.private_key_file(private, raw_ed25519=signers.raw_ed25519(run.item.signer))
-        signers.write_atomic(path, data, run.item.key_mode, uid, gid)
+        write_atomic(path, data, run.item.key_mode, uid, gid)
         run.say(f"wrote {path} (mode {run.item.key_mode:04o})")
     else:
         run.say(f"reusing {path}, written before an interruption")
@@ -393,11 +393,11 @@ def _dispose_private_key(run: _Run, key: KeyState) -> None:
         if private is not None:
             target = run.item.key_dir / REVEAL_DIR / dkim.reveal_name(dkim.parse_key_record(key.record))
             target.parent.mkdir(parents=True, exist_ok=True)
-            signers.write_atomic(target, dkim.private_key_file(private), 0o644)
+            write_atomic(target, dkim.private_key_file(private), 0o644)
             run.say(f"revealed the retired private key as {target}")
     if path.exists():
         path.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         run.say(f"deleted {path}")
 
 

@@ -16,7 +16,6 @@ handed the keys that sign now (``SigningKey``) and renders them.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 from certkeeper import dkim, hooks
 from certkeeper.config import HOOK_DEFAULT_COMMANDS, Config, DkimConfig
 from certkeeper.errors import LocalError, ServiceError
-from certkeeper.store import _fsync_dir, _write_temp
+from certkeeper.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -162,17 +161,6 @@ def _read(path: Path) -> str | None:
         return None
     except OSError as exc:
         raise LocalError(f"{path}: cannot read: {exc.strerror}") from None
-
-
-def write_atomic(path: Path, data: bytes, mode: int, uid: int = -1, gid: int = -1) -> None:
-    """Temp file beside ``path`` (owner and mode set before the data), fsync, rename, fsync the directory."""
-    temp = _write_temp(path, data, uid, gid, mode)
-    try:
-        os.replace(temp, path)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise LocalError(f"{path}: cannot write: {exc.strerror}") from None
-    _fsync_dir(path.parent)
 
 
 def run_hook(config: Config, name: str, progress: Callable[[str], None]) -> None:

@@ -8,11 +8,12 @@ Times are aware UTC datetimes. Writes are atomic (temp file, fsync, rename).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from certkeeper.files import write_json_atomic
 
 
 @dataclass
@@ -56,21 +57,3 @@ def save_cert_state(state_dir: Path, st: CertState) -> None:
     for key in _TIME_FIELDS:
         data[key] = data[key].isoformat() if data[key] else None
     write_json_atomic(_path(state_dir, st.name), data)
-
-
-def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
-    """Write JSON to ``path`` atomically: temp file, fsync, rename, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, json.dumps(data, indent=1, sort_keys=True).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -32,11 +32,10 @@ from pathlib import Path
 from certkeeper import certs
 from certkeeper.config import CertificateConfig
 from certkeeper.errors import LocalError
-from certkeeper.state import write_json_atomic
+from certkeeper.files import fsync_dir, temp_path, write_json_atomic, write_temp
 
 log = logging.getLogger(__name__)
 
-NEW_SUFFIX = ".certkeeper-new"
 PREV_SUFFIX = ".prev"
 ROLES = ("key", "cert", "chain", "fullchain")
 
@@ -87,7 +86,7 @@ class CertificateStore:
         try:
             for role in ROLES:
                 owner, group, mode = _ownership(cert, role)
-                temps[role] = _write_temp(paths[role], new.content(role), owner, group, mode)
+                temps[role] = write_temp(paths[role], new.content(role), owner, group, mode)
         except BaseException:
             for temp in temps.values():
                 temp.unlink(missing_ok=True)
@@ -96,7 +95,7 @@ class CertificateStore:
             for role in ROLES:
                 _link_previous(paths[role])
         journal = self._journal(cert)
-        _write_journal(journal, {role: [str(temps[role]), str(paths[role])] for role in ROLES})
+        write_json_atomic(journal, {role: [str(temps[role]), str(paths[role])] for role in ROLES})
         self._finish(journal)
 
     def restore_previous(self, cert: CertificateConfig) -> CertificateSet:
@@ -115,8 +114,8 @@ class CertificateStore:
             self._finish(journal)
             return
         for path in _paths(cert).values():
-            _temp_path(path).unlink(missing_ok=True)
-            _temp_path(Path(f"{path}{PREV_SUFFIX}")).unlink(missing_ok=True)
+            temp_path(path).unlink(missing_ok=True)
+            temp_path(Path(f"{path}{PREV_SUFFIX}")).unlink(missing_ok=True)
 
     def recover_all(self, certificates: tuple[CertificateConfig, ...]) -> None:
         for cert in certificates:
@@ -139,17 +138,13 @@ class CertificateStore:
                 os.replace(temp, final)
             dirs.add(os.path.dirname(final))
         for directory in dirs:
-            _fsync_dir(Path(directory))
+            fsync_dir(Path(directory))
         journal.unlink()
-        _fsync_dir(journal.parent)
+        fsync_dir(journal.parent)
 
 
 def _paths(cert: CertificateConfig) -> dict[str, Path]:
     return {role: getattr(cert, role) for role in ROLES}
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{NEW_SUFFIX}")
 
 
 def _read_set(cert: CertificateConfig, suffix: str) -> CertificateSet | None:
@@ -192,53 +187,16 @@ def _gid(name: str, where: str) -> int:
         raise LocalError(f"{where}: no such group {name!r}") from None
 
 
-def _write_temp(final: Path, data: bytes, uid: int, gid: int, mode: int) -> Path:
-    """Write ``data`` to the temp name beside ``final``; owner and mode set before the data."""
-    temp = _temp_path(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        temp.unlink(missing_ok=True)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    except OSError as exc:
-        raise LocalError(f"{final}: cannot write: {exc.strerror}") from None
-    try:
-        if uid != -1 or gid != -1:
-            os.fchown(fd, uid, gid)
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise LocalError(f"{final}: cannot write: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    return temp
-
-
 def _link_previous(path: Path) -> None:
     """Hard-link the current file to FILE.prev (atomically replacing an older .prev)."""
     if not path.exists():
         return
     prev = Path(f"{path}{PREV_SUFFIX}")
-    staging = _temp_path(prev)
+    staging = temp_path(prev)
     staging.unlink(missing_ok=True)
     try:
         os.link(path, staging)
     except OSError:  # a file system without hard links: copy, same owner and mode
         st = path.stat()
-        staging = _write_temp(prev, path.read_bytes(), st.st_uid, st.st_gid, st.st_mode & 0o7777)
+        staging = write_temp(prev, path.read_bytes(), st.st_uid, st.st_gid, st.st_mode & 0o7777)
     os.replace(staging, prev)
-
-
-def _write_journal(journal: Path, entries: dict[str, list[str]]) -> None:
-    write_json_atomic(journal, entries)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import socket
 import ssl
 import time
@@ -30,7 +29,8 @@ from certkeeper import certs
 from certkeeper.certs import CertInfo
 from certkeeper.config import CertificateConfig, Config, hook_config
 from certkeeper.errors import ConfigError
-from certkeeper.store import CertificateStore, _fsync_dir, _write_temp
+from certkeeper.files import write_atomic
+from certkeeper.store import CertificateStore
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +321,7 @@ def save_results(config: Config, name: str, checks: list[Check]) -> None:
     path = results_path(config.state_dir, name)
     data = json.dumps({"certificate": name, "results": [c.to_dict() for c in checks]}, indent=1).encode()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.replace(_write_temp(path, data, -1, -1, 0o644), path)
-    _fsync_dir(path.parent)
+    write_atomic(path, data, 0o644)
 
 
 def last_results(config: Config, name: str) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ import dns.zone
 from certkeeper.config import DnsConfig
 from certkeeper.dns import Backend, RecordSet, check_in_zone, file_lock, record_set_from_rrset, sorted_sets
 from certkeeper.errors import DNSError, LocalError
+from certkeeper.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -116,23 +117,5 @@ def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
             mode = os.stat(path).st_mode & 0o7777
         except FileNotFoundError:
             mode = 0o644
-    temp = path.with_name(f".{path.name}.certkeeper-new")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, mode)
-            os.write(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise LocalError(f"{path}: cannot write: {exc.strerror}") from None
+    write_atomic(path, text.encode(), mode)
 
