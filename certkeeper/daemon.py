@@ -1,37 +1,51 @@
 """``certkeeper run [-d]``: the long-running service (rc.d ``certkeeper``).
 
 This module is composition only: it binds the listeners (``web``) and the
-control socket (``control``), detaches, and drives the same ``Renewer`` the CLI
-uses from an APScheduler ``AsyncIOScheduler``. It owns the process behaviour:
+control socket (``control``), detaches, schedules, and hands every piece of
+heavy work (ACME, crypto, DNS, mail) to a short-lived worker process
+(``certkeeper.worker``, which runs the same ``Renewer`` the CLI uses). The
+long-running process thus never loads acme, josepy, requests or dnspython,
+stays small, and a job that crashes cannot take the listeners with it. It owns
+the process behaviour:
 
 - **Start**: sockets are bound before detaching, so "address in use" or a
   daemon already running reaches the terminal (exit 1). Without ``-d`` the
   process detaches (double fork, setsid, stdio to /dev/null) and logs to syslog
   (facility daemon); with ``-d`` it stays in the foreground and logs to stderr.
   The pid file is written once the final pid is known and removed at exit.
-- **Schedule**: a renewal check at start-up (missing or due certificates are
-  obtained at once), then twice a day at a random second, plus one extra check
-  at the soonest time an outcome names (an ARI window, a planned renewal, or
-  the end of a failure backoff: 1 min, 10 min, 100 min, then daily, never
-  before Retry-After; the runner keeps that state on disk, so it survives a
-  restart). Checks never overlap; ACME and crypto work runs in threads, so the
-  listeners never stall. Certificates due together are ordered concurrently,
-  at most ``[acme] concurrency`` at a time (the Renewer bounds it).
+- **Schedule** (APScheduler ``AsyncIOScheduler``): a renewal check at start-up
+  (missing or due certificates are obtained at once), then twice a day at a
+  random second, plus one extra check at the soonest time an outcome names (a
+  planned renewal, an ARI window, or the end of a failure backoff: 1 min,
+  10 min, 100 min, then daily, never before Retry-After; the runner keeps that
+  state on disk, so it survives a restart). Checks never overlap. Certificates
+  due together are ordered concurrently, at most ``[acme] concurrency`` at a
+  time (the Renewer bounds it inside the worker).
+- **HTTP-01**: the worker relays each challenge to the daemon's table and waits
+  for the daemon's acknowledgement before the ACME server validates; after an
+  install the daemon swaps that certificate's TLS context.
 - **Control socket**: ``renew [--force] [NAME...]`` and ``status`` from the CLI
-  run here, with progress lines streamed back. The Renewer's per-name locks
-  (kept across reloads) mean two renewals of one certificate never overlap.
+  run here, with progress lines streamed back. The daemon holds one lock per
+  certificate name around each renew worker, so two renewals of one
+  certificate never run at once.
 - **SIGHUP** re-reads the configuration: a bad one is logged as one line and
-  the running one kept; a good one updates host names, policies and TLS
-  contexts (certificates added or removed), then runs a check so new
-  certificates are obtained at once. Listen addresses need a restart.
-- **SIGTERM/SIGINT** stop within 5 s: listeners and the control socket close,
-  renewals in progress get ``STOP_GRACE`` seconds to finish and are abandoned
-  after that. The store makes installs crash-safe (temp files + journal,
-  finished or discarded by ``recover`` at the next start), so no half-written
-  certificate set is ever left behind.
+  the running one kept (workers get the text the daemon runs with, never the
+  broken file); a good one updates host names, policies and TLS contexts
+  (certificates added or removed), then runs a check so new certificates are
+  obtained at once, then publishes MTA-STS ids. Listen addresses need a restart.
+- **SIGTERM/SIGINT** stop within 5 s: the scheduler and the control socket
+  stop taking work; workers in progress get ``STOP_GRACE`` seconds to finish
+  (the listeners still answer their challenges) and are killed after that;
+  then the listeners close, giving open requests ``Limits.shutdown_timeout``.
+  The store makes installs crash-safe (temp files + journal, finished or
+  discarded by ``recover`` at the next start), so no half-written certificate
+  set is ever left behind.
 
-The optional parts (MTA-STS publishing, DKIM rotation, alerts, metrics) are
-wired in ``Extensions`` below, each only when its module is present.
+The optional parts (MTA-STS publishing at start and SIGHUP, DKIM rotation and
+expiry alerts hourly, alerts after renewals) are composed in
+``certkeeper.worker``. Metrics (``[metrics] listen``, off by default) are the
+one part served from this process: ``certkeeper.metrics.serve`` in a thread,
+restarted on SIGHUP.
 """
 
 from __future__ import annotations
@@ -39,20 +53,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import importlib.util
-import io
 import json
 import logging
 import os
 import random
 import signal
 import sys
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TextIO
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -60,38 +70,39 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from certkeeper import config as config_module
-from certkeeper import control, logs
+from certkeeper import control, logs, worker
 from certkeeper.challenges import ChallengeTable
-from certkeeper.config import CertificateConfig, Config
+from certkeeper.config import Config
 from certkeeper.errors import ConfigError, LocalError
-from certkeeper.runner import Renewer, RenewReport, format_outcome
-from certkeeper.web import WebServer
+from certkeeper.web import Site, WebServer
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = timedelta(hours=12)  # twice a day
 MIN_DELAY = timedelta(seconds=30)  # an extra check is never sooner than this
-STOP_GRACE = 3.0  # seconds renewals in progress get at SIGTERM (the whole stop stays under 5 s)
-ROTATION_INTERVAL = timedelta(hours=1)
+STOP_GRACE = 2.5  # seconds workers in progress get at SIGTERM (the whole stop stays under 5 s)
+HOURLY = timedelta(hours=1)
+
+
+def _log_line(line: str) -> None:
+    log.info("%s", line)
 
 
 def command_run(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``certkeeper run [-d]``."""
     foreground = bool(getattr(args, "foreground", False))
-    daemon = Daemon(config)
+    verbosity = max(int(getattr(args, "verbose", 0) or 0), 1)
+    text, config = read_config(config.path)  # the exact text, handed to every worker
+    daemon = Daemon(config, text, foreground, verbosity)
     daemon.bind()
     if not foreground:
         detach()
-    logs.setup_daemon(foreground, max(int(getattr(args, "verbose", 0) or 0), 1))
+    logs.setup_daemon(foreground, verbosity)
     write_pid_file(config.pid_file)
     try:
-        code = asyncio.run(daemon.run())
+        return asyncio.run(daemon.run())
     finally:
         remove_pid_file(config.pid_file)
-    logging.shutdown()
-    if daemon.abandoned:
-        os._exit(code)  # worker threads still in an order: do not wait for them (see the module comment)
-    return code
 
 
 # ---------------------------------------------------------------------------
@@ -136,82 +147,87 @@ def remove_pid_file(path: Path) -> None:
             path.unlink()
 
 
-def _optional(name: str) -> ModuleType | None:
-    """A certkeeper module written by another part of the project, if present."""
-    if importlib.util.find_spec(name) is None:
-        return None
-    return importlib.import_module(name)
-
-
 # ---------------------------------------------------------------------------
-# Optional parts: the one place where they are composed.
+# Worker processes (certkeeper.worker): the heavy work, one job per process.
 
 
-class Extensions:
-    """MTA-STS publishing, DKIM rotation, alerts and metrics, each when its module exists.
+class Worker:
+    """One ``python -m certkeeper.worker`` job, relayed to the daemon's challenge table and TLS contexts."""
 
-    Every method is blocking and runs in a worker thread; a failure is logged
-    as one line and never stops the daemon.
-    """
+    def __init__(self, daemon: Daemon, job: str, args: dict[str, Any], emit: Callable[[str], None]) -> None:
+        self.daemon = daemon
+        self.job = job
+        self.args = args
+        self.emit = emit
+        self.tokens: set[str] = set()
+        self.proc: asyncio.subprocess.Process | None = None
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.mtasts_publish = _optional("certkeeper.mtasts_publish")
-        self.rotation = _optional("certkeeper.rotation")
-        alerts = _optional("certkeeper.alerts")
-        self.alerter = alerts.Alerter(config) if alerts is not None and hasattr(alerts, "Alerter") else None
-        self.metrics = _optional("certkeeper.metrics")
-
-    def publish_mta_sts(self) -> None:
-        """Start and SIGHUP: publish each policy's id (the policy is served by then)."""
-        if self.mtasts_publish is not None and self.config.mta_sts:
-            self._guard("MTA-STS publishing", lambda: self.mtasts_publish.publish_all(self.config, _log_line))
-
-    def rotate_dkim(self) -> None:
-        if self.rotation is not None and self.config.dkim:
-            self._guard("DKIM rotation", lambda: self.rotation.run_due(self.config, datetime.now(UTC), _log_line))
-
-    def renewal_report(self, report: RenewReport) -> None:
-        if self.alerter is None:
-            return
-        for outcome in report.outcomes:
-            if outcome.status == "failed":
-                serving = _serving_not_after(self.config, outcome.name)
-                self._guard("alert", lambda o=outcome, s=serving: self.alerter.renewal_failed(o.name, o.detail, s))
-            else:
-                self._guard("alert", lambda o=outcome: self.alerter.renewal_succeeded(o.name, o.not_after))
-
-    def check_expiry(self) -> None:
-        if self.alerter is not None:
-            self._guard("expiry check", self.alerter.check_expiry)
-
-    def start_metrics(self, daemon: Daemon) -> None:
-        # The metrics module's API is not settled yet; the lead wires it here, e.g.
-        # ``self.metrics.serve(self.config, daemon)`` when ``[metrics] listen`` is set.
-        if self.metrics is not None and self.config.metrics.listen and hasattr(self.metrics, "serve"):
-            self._guard("metrics", lambda: self.metrics.serve(self.config))
-
-    @staticmethod
-    def _guard(what: str, work: Callable[[], object]) -> None:
+    async def run(self) -> tuple[int, datetime | None]:
+        if self.daemon.stopping.is_set():
+            raise LocalError(f"not starting a {self.job} worker: the daemon is stopping")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "certkeeper.worker", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, limit=1 << 20, env=_worker_env())
+        self.daemon.workers.add(self)
         try:
-            work()
-        except Exception as exc:  # noqa: BLE001 - one optional part must never stop the daemon
-            log.error("%s failed: %s", what, " ".join(str(exc).split()) or type(exc).__name__)
+            self._send(json.dumps({
+                "config_path": str(self.daemon.config.path), "config_text": self.daemon.config_text,
+                "job": self.job, "args": self.args, "foreground": self.daemon.foreground,
+                "verbosity": self.daemon.verbosity}).encode() + b"\n")
+            result = await self._relay()
+            await self.proc.wait()
+            return result
+        except asyncio.CancelledError:
+            self.kill()
+            raise
+        finally:
+            for token in self.tokens:
+                self.daemon.challenges.remove(token)
+            self.daemon.workers.discard(self)
+
+    async def _relay(self) -> tuple[int, datetime | None]:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            try:
+                message = worker.parse_message(raw)
+            except ValueError:
+                log.warning("%s worker: unreadable message %r", self.job, raw[:80])
+                continue
+            if "exit" in message:
+                soonest = message.get("next")
+                return int(message["exit"]), datetime.fromisoformat(soonest) if soonest else None
+            await self._handle(message)
+        code = await self.proc.wait()
+        raise LocalError(f"the {self.job} worker ended without a result (exit status {code})")
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        if "challenge" in message:
+            token, key_authorization = message["challenge"]
+            self.daemon.challenges.add(token, key_authorization)
+            self.tokens.add(token)
+            self._send(b"ok\n")
+        elif "unchallenge" in message:
+            self.daemon.challenges.remove(message["unchallenge"])
+            self.tokens.discard(message["unchallenge"])
+        elif "installed" in message:
+            await asyncio.to_thread(self.daemon.installed, message["installed"])
+        elif "line" in message:
+            self.emit(str(message["line"]))
+
+    def _send(self, data: bytes) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(data)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
 
 
-def _log_line(line: str) -> None:
-    log.info("%s", line)
-
-
-def _serving_not_after(config: Config, name: str) -> datetime | None:
-    from certkeeper import certs
-    from certkeeper.store import CertificateStore
-
-    try:
-        on_disk = CertificateStore(config.state_dir).read(config.certificate(name))
-        return certs.parse_cert(on_disk.cert).not_after if on_disk else None
-    except (KeyError, ValueError):
-        return None
+def _worker_env() -> dict[str, str]:
+    """The daemon's environment, with this certkeeper package first on the path (cwd is / once detached)."""
+    here = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": f"{here}{os.pathsep}{path}" if path else here}
 
 
 # ---------------------------------------------------------------------------
@@ -219,17 +235,17 @@ def _serving_not_after(config: Config, name: str) -> datetime | None:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_text: str, foreground: bool = True, verbosity: int = 1) -> None:
         self.config = config
+        self.config_text = config_text
+        self.foreground = foreground
+        self.verbosity = verbosity
         self.challenges = ChallengeTable()
         self.web = WebServer(config, self.challenges)
-        self.renewer = Renewer(config, self.challenges, on_installed=self._installed)
-        self.extensions = Extensions(config)
-        self.workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="daemon")
         self.started = datetime.now(UTC)
-        self.abandoned = False
+        self.workers: set[Worker] = set()
+        self.name_locks: dict[str, asyncio.Lock] = {}
         self._control_socket: Any = None
-        self._inflight: set[Future[Any]] = set()
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -256,6 +272,7 @@ class Daemon:
                                              {"renew": self.command_renew, "status": self.command_status})
         await self.web.start()
         await self.control.start()
+        await self._start_metrics()
         self.scheduler = self._start_scheduler()
         log.info("started (pid %d): %d certificate(s), control socket %s", os.getpid(),
                  len(self.config.certificates), self.config.control_socket)
@@ -266,33 +283,41 @@ class Daemon:
 
     async def startup(self) -> None:
         await self.check("start-up")
-        await self._in_thread(self.extensions.publish_mta_sts)
-        await self._in_thread(lambda: self.extensions.start_metrics(self))
+        await self.background("publish")
 
     async def stop(self) -> None:
+        """No new work; workers get ``STOP_GRACE`` with the listeners still up (HTTP-01), then go."""
         log.info("stopping")
         self.scheduler.shutdown(wait=False)
         await self.control.stop()
-        await self.web.stop()
-        pending = [asyncio.wrap_future(f) for f in self._inflight if not f.done()]
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=STOP_GRACE)
+        running = [w.proc for w in self.workers if w.proc is not None]
+        if running:
+            _, still = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in running], timeout=STOP_GRACE)
             if still:
-                self.abandoned = True
-                log.warning("abandoning %d task(s) in progress; an interrupted install is finished or discarded "
+                log.warning("stopping %d worker(s) in progress; an interrupted install is finished or discarded "
                             "at the next start", len(still))
-        self.workers.shutdown(wait=False, cancel_futures=True)
+                for w in list(self.workers):
+                    w.kill()
+                await asyncio.wait(still, timeout=0.5)
+        await self.web.stop()
+        await asyncio.to_thread(self._stop_metrics)
         log.info("stopped")
+
+    async def _start_metrics(self) -> None:
+        """``[metrics] listen`` (off by default): certkeeper.metrics serves /metrics from a thread here."""
+        self._stop_metrics: Callable[[], None] = lambda: None
+        if not self.config.metrics.listen or importlib.util.find_spec("certkeeper.metrics") is None:
+            return
+        from certkeeper import metrics
+
+        try:
+            self._stop_metrics = await asyncio.to_thread(metrics.serve, self.config, self.started)
+        except LocalError as exc:
+            log.error("%s", exc)
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
         task.add_done_callback(_log_task_failure)
-
-    async def _in_thread(self, work: Callable[[], Any]) -> Any:
-        future = self.workers.submit(work)
-        self._inflight.add(future)
-        future.add_done_callback(self._inflight.discard)
-        return await asyncio.wrap_future(future)
 
     # -- scheduling -------------------------------------------------------------------
 
@@ -301,35 +326,46 @@ class Daemon:
         first = datetime.now(UTC) + timedelta(seconds=random.uniform(0, CHECK_INTERVAL.total_seconds()))
         scheduler.add_job(self.check, IntervalTrigger(seconds=CHECK_INTERVAL.total_seconds(), start_date=first),
                           args=["twice-daily check"], id="check", coalesce=True, max_instances=1)
-        scheduler.add_job(self.hourly, IntervalTrigger(seconds=ROTATION_INTERVAL.total_seconds()), id="hourly",
-                          coalesce=True, max_instances=1)
+        scheduler.add_job(self.background, IntervalTrigger(seconds=HOURLY.total_seconds()), args=["hourly"],
+                          id="hourly", coalesce=True, max_instances=1)
         scheduler.start()
         return scheduler
 
-    async def check(self, why: str) -> RenewReport | None:
+    async def check(self, why: str) -> None:
         """Renew whatever is due; then schedule the soonest next time an outcome names."""
         async with self.check_lock:
+            if self.stopping.is_set():
+                return
             log.info("renewal check (%s)", why)
             try:
-                report = await self._renew(None, False, _log_line)
-            except Exception as exc:  # noqa: BLE001 - a failed check is retried at the next one
+                _, soonest = await self.renew({"names": [], "force": False}, _log_line)
+            except Exception as exc:  # noqa: BLE001 - a failed check is retried soon
                 log.error("renewal check failed: %s", " ".join(str(exc).split()))
-                self._schedule_extra(datetime.now(UTC) + timedelta(minutes=10), "retry of a failed check")
-                return None
-            self._schedule_from(report)
-            return report
+                soonest = datetime.now(UTC) + timedelta(minutes=10)
+            if soonest is not None:
+                self._schedule_extra(soonest, "the soonest planned renewal or retry")
 
-    async def hourly(self) -> None:
-        await self._in_thread(self.extensions.rotate_dkim)
-        await self._in_thread(self.extensions.check_expiry)
-
-    def _schedule_from(self, report: RenewReport) -> None:
-        times = [o.next_renewal for o in report.outcomes if o.next_renewal is not None]
-        if times:
-            self._schedule_extra(min(times), "the soonest planned renewal or retry")
+    async def background(self, job: str) -> None:
+        """A job whose lines only go to the log (MTA-STS publishing, the hourly DKIM/expiry work)."""
+        if self.stopping.is_set():
+            return
+        try:
+            _, soonest = await Worker(self, job, {}, _log_line).run()
+        except Exception as exc:  # noqa: BLE001 - logged; the next run tries again
+            log.error("%s failed: %s", job, " ".join(str(exc).split()))
+            return
+        if job == "publish":
+            # The history may have changed what is served (a withdrawal finished): rebuild it.
+            self.web.handlers.site = Site.from_config(self.config)
+            if soonest is not None and not self.stopping.is_set():
+                when = max(soonest, datetime.now(UTC) + MIN_DELAY)
+                self.scheduler.add_job(self.background, DateTrigger(when), args=["publish"], id="publish-soon",
+                                       replace_existing=True)
 
     def _schedule_extra(self, when: datetime, why: str) -> None:
         """One extra check at ``when`` if that is before every check already planned."""
+        if self.stopping.is_set():
+            return
         when = max(when, datetime.now(UTC) + MIN_DELAY)
         planned = [job.next_run_time for job in self.scheduler.get_jobs() if job.id in ("check", "soonest")]
         if any(t is not None and t <= when for t in planned):
@@ -339,51 +375,55 @@ class Daemon:
 
     # -- work -----------------------------------------------------------------------
 
-    async def _renew(self, names: Sequence[str] | None, force: bool, progress: Callable[[str], None]) -> RenewReport:
-        renewer = self.renewer
-        report: RenewReport = await self._in_thread(lambda: renewer.renew(names, force=force, progress=progress))
-        await self._in_thread(lambda: self.extensions.renewal_report(report))
-        return report
+    async def renew(self, args: dict[str, Any], emit: Callable[[str], None]) -> tuple[int, datetime | None]:
+        """A renew worker, holding the daemon's lock of every certificate it may touch.
 
-    def _installed(self, cert: CertificateConfig) -> None:
-        """Renewer callback, in its worker thread: serve the new certificate from the next handshake."""
-        self.web.on_installed(cert)
+        Two renewals of one certificate never run at once: a request for some names
+        waits only for work on those names; a check of all names waits for all.
+        """
+        names = args.get("names") or list(self.config.certificate_names())
+        locks = [self.name_locks.setdefault(name, asyncio.Lock()) for name in sorted(set(names))]
+        async with contextlib.AsyncExitStack() as held:
+            for lock in locks:  # always in name order, so two requests cannot deadlock
+                await held.enter_async_context(lock)
+            return await Worker(self, "renew", args, emit).run()
+
+    def installed(self, name: str) -> None:
+        """A worker installed a new set (called in a thread): serve it from the next handshake."""
+        try:
+            self.web.on_installed(self.config.certificate(name))
+        except KeyError:
+            log.warning("%s: installed, but no longer configured", name)
 
     async def command_renew(self, payload: dict[str, Any], emit: Callable[[str], None]) -> int:
         names = payload.get("names") or []
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             emit("certkeeper: names must be a list of certificate names")
             return 1
+        unknown = [n for n in names if n not in self.config.certificate_names()]
+        if unknown:
+            emit(f"certkeeper: no [[certificate]] named {', '.join(map(repr, unknown))} in {self.config.path}")
+            return 1
 
-        def progress(line: str) -> None:  # called from order threads
+        def both(line: str) -> None:
             log.info("%s", line)
-            self.loop.call_soon_threadsafe(emit, line)
+            emit(line)
 
-        report = await self._renew(names or None, bool(payload.get("force")), progress)
-        for outcome in report.outcomes:
-            emit(format_outcome(outcome))
-        self._schedule_from(report)
-        return report.exit_code
+        code, soonest = await self.renew({"names": names, "force": bool(payload.get("force"))}, both)
+        if soonest is not None:
+            self._schedule_extra(soonest, "the soonest planned renewal or retry")
+        return code
 
     async def command_status(self, payload: dict[str, Any], emit: Callable[[str], None]) -> int:
-        names = [n for n in payload.get("names") or [] if isinstance(n, str)]
-        text = await self._in_thread(lambda: self._status_text(names, bool(payload.get("json"))))
-        for line in text.splitlines():
-            emit(line)
-        return 0
-
-    def _status_text(self, names: list[str], as_json: bool) -> str:
-        status = _optional("certkeeper.status")
-        if status is None:
-            return "\n".join(self.daemon_lines()) + "\n"
-        doc = status.collect(self.config, names or None)
-        if as_json:
-            doc["daemon"] = self.daemon_facts()
-            return json.dumps(doc, indent=2) + "\n"
-        text = io.StringIO()
-        text.write(status.render_text(doc))
-        text.write("\n" + "\n".join(self.daemon_lines()) + "\n")
-        return text.getvalue()
+        as_json = bool(payload.get("json"))
+        args = {"names": [n for n in payload.get("names") or [] if isinstance(n, str)], "json": as_json,
+                "daemon": self.daemon_facts()}
+        code, _ = await Worker(self, "status", args, emit).run()
+        if not as_json:
+            emit("")
+            for line in self.daemon_lines():
+                emit(line)
+        return code
 
     def daemon_facts(self) -> dict[str, Any]:
         jobs = {job.id: job.next_run_time for job in self.scheduler.get_jobs()}
@@ -393,6 +433,7 @@ class Daemon:
             "started": self.started.isoformat(),
             "next_check": min(upcoming).astimezone(UTC).isoformat() if upcoming else None,
             "serving": list(self.web.tls.names_loaded()),
+            "workers": sorted(w.job for w in self.workers),
         }
 
     def daemon_lines(self) -> list[str]:
@@ -405,26 +446,28 @@ class Daemon:
 
     async def reload(self) -> None:
         try:
-            new = await asyncio.to_thread(config_module.load, self.config.path)
+            text, new = await asyncio.to_thread(read_config, self.config.path)
         except ConfigError as exc:
             log.error("configuration not reloaded, keeping the running one: %s", "; ".join(exc.lines))
             return
         if (new.control_socket, new.state_dir) != (self.config.control_socket, self.config.state_dir):
             log.warning("control_socket or state_dir changed; restart certkeeper to apply")
-        self.config = new
-        self.web.reload(new)
-        self.renewer = self._renewer_for(new)
-        self.extensions = Extensions(new)
+        self.config, self.config_text = new, text
+        await asyncio.to_thread(self.web.reload, new)  # reads every certificate's files
+        await asyncio.to_thread(self._stop_metrics)
+        await self._start_metrics()
         log.info("configuration reloaded: %d certificate(s)", len(new.certificates))
         await self.check("configuration reloaded")
-        await self._in_thread(self.extensions.publish_mta_sts)
+        await self.background("publish")
 
-    def _renewer_for(self, config: Config) -> Renewer:
-        renewer = Renewer(config, self.challenges, on_installed=self._installed)
-        # Keep the per-certificate locks, so a renewal started before the reload and one started
-        # after it never run at once for the same certificate.
-        renewer._locks, renewer._locks_guard = self.renewer._locks, self.renewer._locks_guard  # noqa: SLF001
-        return renewer
+
+def read_config(path: Path) -> tuple[str, Config]:
+    """The text and the parsed configuration (workers get the text the daemon runs with)."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    return text, config_module.parse(text, path)
 
 
 def _log_task_failure(task: asyncio.Task[Any]) -> None:

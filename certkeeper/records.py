@@ -308,7 +308,9 @@ def _normal(kind: str, values: Iterable[str]) -> frozenset[object]:
         return frozenset(_tags(v) for v in values)
     if kind == "spf":
         return frozenset(" ".join(v.lower().split()) for v in values)
-    if kind in ("mx", "ptr", "set"):
+    if kind == "mx":  # the hosts matter; a preference of 1 instead of 10 is not an error
+        return frozenset(v.split()[-1].rstrip(".").lower() for v in values if v.split())
+    if kind in ("ptr", "set"):
         return frozenset(_name_or_address(v) for v in values)
     return frozenset(values)
 

@@ -6,13 +6,14 @@ no clock: ``now`` is passed in, so every rule is tested without sleeping.
 The rules, first match wins:
 
 1. ``--force`` renews.
-2. Missing, unreadable or mismatched files renew: no set on disk, a
+2. A failure backoff (1 min, 10 min, 100 min, then daily; never sooner than
+   the server's Retry-After) postpones everything below it: retrying sooner
+   would fail the same way and count against the CA's rate limits.
+3. Missing, unreadable or mismatched files renew: no set on disk, a
    certificate that does not parse, a key that does not match the
    certificate, a certificate that does not cover the configured domains (or
    covers ones no longer configured), a key of another type than configured.
-3. An expired certificate renews (and no ARI is asked, RFC 9773 4.3).
-4. A failure backoff (1 min, 10 min, 100 min, then daily; never sooner than
-   the server's Retry-After) postpones everything below it.
+4. An expired certificate renews (and no ARI is asked, RFC 9773 4.3).
 5. ARI (RFC 9773): when the server gave a suggested window for this
    certificate, renew at a point inside it chosen from the serial (stable
    across restarts, spread across hosts).
@@ -50,22 +51,27 @@ def plan(cert: CertificateConfig, on_disk: CertificateSet | None, state: CertSta
     def due(reason: str, not_after: datetime | None = None) -> Decision:
         return Decision(cert.name, True, now, reason, not_after)
 
-    if on_disk is None:
-        return due("no certificate on disk" if not force else "forced")
-    try:
-        info = certs.parse_cert(on_disk.cert)
-    except ValueError:
-        return due("the certificate on disk does not parse")
+    info = None
+    if on_disk is not None:
+        try:
+            info = certs.parse_cert(on_disk.cert)
+        except ValueError:
+            info = None
+    not_after = info.not_after if info else None
     if force:
-        return due("forced", info.not_after)
+        return due("forced", not_after)
+    if state.retry_not_before and state.retry_not_before > now:
+        return Decision(cert.name, False, state.retry_not_before,
+                        f"retrying after {state.consecutive_failures} failure(s): {state.last_error}", not_after)
+    if on_disk is None:
+        return due("no certificate on disk")
+    if info is None:
+        return due("the certificate on disk does not parse")
     problem = files_problem(cert, on_disk, info)
     if problem:
         return due(problem, info.not_after)
     if info.not_after <= now:
         return due(f"expired at {_fmt(info.not_after)}", info.not_after)
-    if state.retry_not_before and state.retry_not_before > now:
-        return Decision(cert.name, False, state.retry_not_before,
-                        f"retrying after {state.consecutive_failures} failure(s): {state.last_error}", info.not_after)
     when, why = renewal_time(info, state)
     if when <= now:
         return due(why, info.not_after)

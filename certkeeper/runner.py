@@ -2,8 +2,9 @@
 
 ``Renewer.renew`` is what both ``certkeeper renew`` and the daemon call. It is
 blocking (run it in a worker thread from asyncio) and safe to call from
-several threads: two renewals of the same certificate never run at once (a
-per-name lock; the second one re-plans after the first and finds nothing due).
+several threads and processes: two renewals of the same certificate never run
+at once (a per-name lock, in-process and ``flock`` on ``STATE/locks/NAME.lock``;
+the second one re-plans after the first and finds nothing due).
 Due certificates are ordered concurrently, at most ``[acme] concurrency`` at a
 time, so one slow order does not hold up the rest.
 
@@ -15,13 +16,16 @@ state with a backoff that survives restarts.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
+import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TextIO
 
 from certkeeper import certs, renewal
@@ -161,7 +165,7 @@ class Renewer:
             return self._locks.setdefault(name, threading.Lock())
 
     def _renew_locked(self, cert: CertificateConfig, force: bool, progress: Progress) -> Outcome:
-        with self._lock(cert.name):
+        with self._lock(cert.name), _file_lock(self.config.state_dir / "locks" / f"{cert.name}.lock"):
             decision = self.decide(cert, force)  # another run may have renewed it meanwhile
             if not decision.due:
                 return _not_due(decision)
@@ -255,6 +259,18 @@ class Renewer:
             if mine:
                 failed[cert.name] = "; ".join(mine)
         return failed
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` across processes (the daemon's workers, a CLI run)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _not_due(decision: renewal.Decision) -> Outcome:

@@ -51,10 +51,11 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
+from certkeeper import mtasts_state
 from certkeeper.challenges import ChallengeTable
 from certkeeper.config import CertificateConfig, Config
 from certkeeper.errors import LocalError
-from certkeeper.mtasts import MEDIA_TYPE, WELL_KNOWN_PATH, Policy
+from certkeeper.mtasts import MEDIA_TYPE, WELL_KNOWN_PATH
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class Limits:
     max_headers: int = 32
     request_timeout: float = 10.0  # seconds for a whole request head, and idle keep-alive
     handshake_timeout: float = 10.0  # seconds for the TLS handshake
-    shutdown_timeout: float = 2.0  # seconds open requests get to finish at stop
+    shutdown_timeout: float = 1.0  # seconds open requests get to finish at stop
 
     def server_kwargs(self) -> dict[str, object]:
         return {
@@ -93,8 +94,12 @@ class Site:
 
     @classmethod
     def from_config(cls, config: Config) -> Site:
-        policies = {m.host: Policy.from_config(m).render() for m in config.mta_sts}
-        return cls(hosts=config.host_names(), policies=policies)
+        # RFC 8461 8.3: a domain being withdrawn keeps serving its "mode: none" policy until
+        # its _mta-sts record is gone (the history says which); it needs its certificate until then.
+        hosts = config.host_names()
+        serve = mtasts_state.domains_to_serve(config)
+        policies = {f"mta-sts.{d}": p.render() for d, p in serve.items() if f"mta-sts.{d}" in hosts}
+        return cls(hosts=hosts, policies=policies)
 
 
 def request_host(request: BaseRequest) -> str | None:

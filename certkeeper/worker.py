@@ -30,6 +30,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -173,11 +174,13 @@ def job_status(config: Config, args: dict[str, Any], channel: Channel) -> tuple[
 
 
 def job_publish(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
-    """Start-up and SIGHUP: publish each MTA-STS policy's id (the daemon serves the policy by then)."""
+    """Start-up and SIGHUP: publish each MTA-STS policy's id (the daemon serves the policy by then),
+    and withdraw removed domains (RFC 8461 8.3); returns when a withdrawal can next progress."""
     module = _optional("certkeeper.mtasts_publish")
-    if module is not None and config.mta_sts:
-        _guard("MTA-STS publishing", lambda: module.publish_all(config, channel.line))
-    return 0, None
+    if module is None:
+        return 0, None
+    _guard("MTA-STS publishing", lambda: module.publish_all(config, channel.line))
+    return 0, module.next_due(config)
 
 
 def job_hourly(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
@@ -197,7 +200,11 @@ def job_hourly(config: Config, args: dict[str, Any], channel: Channel) -> tuple[
 
 def main(stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None) -> int:
     stdin = stdin or sys.stdin.buffer
-    stdout = stdout or sys.stdout.buffer
+    if stdout is None:
+        # The channel gets a private copy of fd 1; fd 1 itself goes to stderr, so that
+        # nothing a library prints can corrupt the messages.
+        stdout = os.fdopen(os.dup(1), "wb")
+        os.dup2(2, 1)
     channel = Channel(stdout, stdin)
     request = json.loads(stdin.readline())
     logs.setup_daemon(bool(request.get("foreground")), int(request.get("verbosity", 1)))

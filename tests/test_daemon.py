@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,27 @@ async def test_control_socket_streams_lines_and_exit_code(tmp_path):
     assert not config.control_socket.exists()
 
 
+def test_worker_channel_waits_for_the_daemons_ok():
+    from certkeeper.worker import Channel, RelayedChallenges, parse_message
+
+    to_daemon_r, to_daemon_w = os.pipe()
+    acks_r, acks_w = os.pipe()
+    with os.fdopen(to_daemon_w, "wb") as out, os.fdopen(acks_r, "rb") as acks, \
+            os.fdopen(to_daemon_r, "rb") as daemon_in, os.fdopen(acks_w, "wb") as daemon_out:
+        table = RelayedChallenges(Channel(out, acks))
+        added = threading.Event()
+        adder = threading.Thread(target=lambda: (table.add("tok-1", "tok-1.thumb"), added.set()))
+        adder.start()
+        assert parse_message(daemon_in.readline()) == {"challenge": ["tok-1", "tok-1.thumb"]}
+        assert not added.wait(0.2)  # still waiting for the daemon
+        daemon_out.write(b"ok\n")
+        daemon_out.flush()
+        adder.join(5)
+        assert added.is_set() and table.get("tok-1") == "tok-1.thumb"
+        table.remove("tok-1")
+        assert parse_message(daemon_in.readline()) == {"unchallenge": "tok-1"}
+
+
 @pytest.mark.parametrize("raw", [b"not json\n", b'["renew"]\n', b'{"command": 1}\n'])
 def test_bad_requests_are_refused(raw):
     with pytest.raises(ValueError):
@@ -99,10 +121,11 @@ class Daemon:
     def __init__(self, tmp_path: Path, pebble) -> None:
         self.tmp_path = tmp_path
         self.https_port = free_port()
+        self.metrics_port = free_port()
         self.http_port = pebble.http01_port
         self.config_path = tmp_path / "certkeeper.toml"
         self.config_text = pebble.config_text(tmp_path, NAMES, tls_listen=[f"127.0.0.1:{self.https_port}"],
-                                              extra=MTA_STS)
+                                              extra=MTA_STS + f'[metrics]\nlisten = "127.0.0.1:{self.metrics_port}"\n')
         self.config_path.write_text(self.config_text)
         self.config = parse(self.config_text, self.config_path)
         self.roots = pebble.issuer_roots()
@@ -159,7 +182,7 @@ def test_obtains_both_certificates_at_start(daemon):
     for name in NAMES:
         daemon.wait_for_log(f"{name}: serving the new certificate", timeout=60)
         info = certs.parse_cert(daemon.config.certificate(name).cert.read_bytes())
-        assert info.domains == (name,) or list(info.domains) == [name]
+        assert list(info.domains) == [name]
     assert int(daemon.config.pid_file.read_text()) == daemon.proc.popen.pid
 
 
@@ -217,6 +240,13 @@ def test_renew_through_the_control_socket_while_serving(daemon):
     assert daemon.fetch_policy()[3] == new
 
 
+def test_metrics_are_served_by_the_daemon(daemon):
+    daemon.wait_for_log("mail.example.com: serving the new certificate", timeout=60)
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert 'certkeeper_certificate_not_after_seconds{name="mail.example.com"}' in text
+
+
 def test_status_through_the_control_socket(daemon):
     result = daemon.cli("status")
     assert result.returncode == 0, result.stderr
@@ -236,13 +266,78 @@ def test_sighup_with_a_broken_config_keeps_serving(daemon):
     assert daemon.fetch_policy()[0] == 200
 
 
-def test_sigterm_stops_within_five_seconds(daemon):
-    os.kill(daemon.proc.popen.pid, signal.SIGTERM)
-    assert daemon.proc.popen.wait(timeout=5) == 0
+def test_sighup_adds_a_certificate_and_serves_it(daemon):
+    text = daemon.config_text.replace("[[certificate]]", f"""[[certificate]]
+name = "new.example.com"
+domains = ["new.example.com"]
+key = "{daemon.tmp_path}/ssl/private/new.example.com.key"
+cert = "{daemon.tmp_path}/ssl/new.example.com.crt"
+chain = "{daemon.tmp_path}/ssl/new.example.com.chain.pem"
+fullchain = "{daemon.tmp_path}/ssl/new.example.com.fullchain.pem"
+
+[[certificate]]""", 1)
+    daemon.config_path.write_text(text)
+    try:
+        os.kill(daemon.proc.popen.pid, signal.SIGHUP)
+        daemon.wait_for_log("new.example.com: serving the new certificate", timeout=60)
+        raw = socket.create_connection(("127.0.0.1", daemon.https_port), timeout=10)
+        with daemon.client_context().wrap_socket(raw, server_hostname="new.example.com") as tls:
+            served = certs.parse_der(tls.getpeercert(binary_form=True))
+        assert list(served.domains) == ["new.example.com"]
+    finally:
+        daemon.config_path.write_text(daemon.config_text)
+
+
+def test_sigterm_during_a_renewal_stops_within_five_seconds_and_leaves_whole_sets(daemon):
+    before = daemon.proc.output().count("renewing (forced)")
+    renew = subprocess.Popen([sys.executable, "-m", "certkeeper", "-c", str(daemon.config_path), "renew", "--force"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.monotonic() + 30
+        while daemon.proc.output().count("renewing (forced)") == before:
+            assert time.monotonic() < deadline, daemon.proc.output()[-3000:]
+            time.sleep(0.01)
+        os.kill(daemon.proc.popen.pid, signal.SIGTERM)
+        assert daemon.proc.popen.wait(timeout=5) == 0
+    finally:
+        renew.wait(30)
     assert not daemon.config.pid_file.exists()
     assert not daemon.config.control_socket.exists()
+    # Each set on disk is whole: the key matches the certificate (old or new), and no temp file is left
+    # unless a journal says how to finish it at the next start.
+    for name in NAMES:
+        cert_cfg = daemon.config.certificate(name)
+        assert certs.key_matches_cert(cert_cfg.key.read_bytes(), cert_cfg.cert.read_bytes())
+        assert cert_cfg.fullchain.read_bytes().startswith(cert_cfg.cert.read_bytes())
+    journals = list((daemon.config.state_dir / "journal").glob("*.json"))
     leftovers = [p for p in daemon.tmp_path.rglob("*") if "certkeeper-new" in p.name]
-    assert leftovers == []
+    assert leftovers == [] or journals
+
+
+def test_failure_backs_off_and_the_state_survives(pebble, tmp_path):
+    dead = free_port()  # nothing listens here: every order fails at once
+    text = pebble.config_text(tmp_path, ["down.example.com"], http_listen=[f"127.0.0.1:{free_port()}"],
+                              directory=f"https://127.0.0.1:{dead}/dir")
+    config_path = tmp_path / "certkeeper.toml"
+    config_path.write_text(text)
+    config = parse(text, config_path)
+    proc = Process("certkeeper", [sys.executable, "-m", "certkeeper", "-c", str(config_path), "run", "-d"],
+                   tmp_path / "daemon.log", cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.monotonic() + 30
+        while "next renewal check at" not in proc.output():
+            assert proc.popen.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
+            time.sleep(0.1)
+    finally:
+        proc.stop()
+    from certkeeper.state import load_cert_state
+
+    state = load_cert_state(config.state_dir, "down.example.com")
+    assert state.consecutive_failures == 1 and state.retry_not_before is not None
+    assert "down.example.com: failed" in proc.output()
+    # The extra check is planned for the end of the backoff that the runner saved.
+    planned = proc.output().split("next renewal check at ")[1][:19]
+    assert planned == state.retry_not_before.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def test_detaches_without_d(pebble, tmp_path):

@@ -182,3 +182,25 @@ def test_reuse_key_option(pebble: Pebble, tmp_path: Path, reuse: bool) -> None:
     first_key = key_path.read_bytes()
     assert certkeeper(conf, "renew", "--force").returncode == 0
     assert (key_path.read_bytes() == first_key) is reuse
+
+
+def test_two_runs_never_renew_the_same_certificate_at_once(pebble: Pebble, tmp_path: Path) -> None:
+    """Two Renewers (as two processes would be: no shared in-process lock) race for one missing
+    certificate: the file lock makes the second wait, re-plan, and find nothing due."""
+    import threading
+
+    from certkeeper.challenges import ChallengeTable
+    from certkeeper.runner import Renewer
+    from certkeeper.standalone import serving
+
+    cfg = config.load(write_config(pebble, tmp_path, names=["mail.example.com"]))
+    challenges = ChallengeTable()
+    reports = []
+    with serving(cfg, challenges):
+        threads = [threading.Thread(target=lambda: reports.append(Renewer(cfg, challenges).renew())) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert sorted(r.outcomes[0].status for r in reports) == ["not-due", "renewed"]
+    assert sorted(r.exit_code for r in reports) == [0, 2]

@@ -16,17 +16,14 @@ from certkeeper.dns import backend_for
 from certkeeper.errors import ServiceError
 from certkeeper.mtasts import Policy, parse_txt
 from certkeeper.mtasts_publish import (
-    DomainState,
     check_served,
-    domains_to_serve,
     fetch_policy,
-    load_state,
-    next_due,
     parse_tlsrpt,
     publish_all,
     render_tlsrpt,
     status_rows,
 )
+from certkeeper.mtasts_state import DomainState, domains_to_serve, load_state, next_due
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -120,6 +120,11 @@ def test_check_with_plain_answers_cross_checks_mx_and_caa(tmp_path):
     assert rows["FCrDNS mx.other.test 192.0.2.99"].status == "wrong"  # PTR points elsewhere
     assert rows["mail.example.test CAA"].status == "ok" and "(at example.test)" in rows["mail.example.test CAA"].found
     assert rows["_dmarc.example.test TXT"].status == "missing"
+    answers[("example.test", "MX")] = ["1 mail.example.test."]  # the guide's preference: still ok
+    rows = {r.record: r for r in records.check(config, "example.test", records.dict_lookup(answers))}
+    assert rows["example.test MX"].status == "ok"
+    assert rows["MX mail.example.test in MTA-STS policy"].status == "ok"
+    assert rows["FCrDNS mail.example.test"].status == "missing"  # no address for it
 
 
 def test_wildcard_mx_pattern_matches_one_label():

@@ -73,12 +73,21 @@ def test_unparsable_certificate_is_due() -> None:
     assert renewal.plan(cfg(), broken, state(), T0).due
 
 
-def test_expired_is_due_even_during_backoff() -> None:
+def test_expired_is_due() -> None:
     on_disk = make_set(not_before=T0, days=1)
-    st = state()
-    st.retry_not_before = T0 + dt.timedelta(days=5)
-    decision = renewal.plan(cfg(), on_disk, st, T0 + dt.timedelta(days=2))
+    decision = renewal.plan(cfg(), on_disk, state(), T0 + dt.timedelta(days=2))
     assert decision.due and decision.reason.startswith("expired")
+
+
+def test_backoff_holds_even_without_files_but_force_overrides_it() -> None:
+    """Never sooner than Retry-After: a restart must not retry a failing first order at once."""
+    st = state()
+    st.consecutive_failures, st.last_error = 1, "rateLimited"
+    st.retry_not_before = T0 + dt.timedelta(hours=1)
+    waiting = renewal.plan(cfg(), None, st, T0)
+    assert not waiting.due and waiting.when == st.retry_not_before
+    assert renewal.plan(cfg(), None, st, T0 + dt.timedelta(hours=1)).due
+    assert renewal.plan(cfg(), None, st, T0, force=True).due
 
 
 def test_backoff_postpones_a_due_renewal() -> None:

@@ -218,6 +218,17 @@ async def test_unknown_sni_fails_the_handshake(server, ca):
         await handshake_serial(port_of(server, "https"), context, "other.example.org")
 
 
+class FakeSSLObject:
+    context = None
+
+
+async def test_ip_address_as_sni_is_treated_as_no_sni(server):
+    # RFC 6066 3 forbids IP literals in SNI; tools such as wrk send them anyway.
+    sslobj = FakeSSLObject()
+    assert server.tls._choose(sslobj, "127.0.0.1", server.tls.front) is None
+    assert sslobj.context is server.tls._snapshot.default is not None
+
+
 async def test_policy_over_https_with_sni(server, ca):
     port = port_of(server, "https")
     connector = TCPConnector(ssl=client_context(ca), resolver=LoopbackResolver())
@@ -336,3 +347,25 @@ async def test_slow_tls_handshake_does_not_hold_up_others(server, ca):
         assert await asyncio.wait_for(reader.read(), 5.0) == b""  # handshake_timeout closes it
     finally:
         writer.close()
+
+
+def test_a_withdrawn_domain_keeps_serving_mode_none_until_its_record_is_gone(tmp_path):
+    """RFC 8461 8.3: after [[mta_sts]] is removed, the history decides what is still served."""
+    from datetime import UTC, datetime
+
+    from certkeeper.mtasts import Policy
+    from certkeeper.mtasts_state import DomainState, save_state
+
+    configured = make_config(tmp_path)
+    published = DomainState("example.com").with_published(Policy.from_config(configured.mta_sts[0]),
+                                                          datetime(2026, 1, 1, tzinfo=UTC))
+    save_state(configured, published)
+    withdrawn = Config(path=configured.path, state_dir=configured.state_dir, http=configured.http,
+                       certificates=configured.certificates)  # the same, without [[mta_sts]]
+    site = Site.from_config(withdrawn)
+    assert site.policies["mta-sts.example.com"].startswith("version: STSv1\r\nmode: none\r\n")
+    # Once the record is removed (the history says so), nothing is served any more.
+    from dataclasses import replace
+
+    save_state(configured, replace(published, removed_at=datetime(2026, 2, 1, tzinfo=UTC)))
+    assert Site.from_config(withdrawn).policies == {}
