@@ -51,8 +51,13 @@ class AcmeError(RemoteError):
     """The ACME server answered with an error document or was unreachable.
 
     The message names the RFC 8555 error type and detail, e.g.
-    ``urn:ietf:params:acme:error:rateLimited: too many certificates``.
+    ``urn:ietf:params:acme:error:rateLimited: too many certificates``;
+    ``code`` is the error type's last part ("rateLimited"), "" when not an ACME problem.
     """
+
+    def __init__(self, message: str, retry_after: float | None = None, code: str = "") -> None:
+        super().__init__(message, retry_after)
+        self.code = code
 
 
 class DNSError(RemoteError):

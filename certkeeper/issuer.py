@@ -215,7 +215,33 @@ class Issuer:
 
     def issue(self, domains: tuple[str, ...], key_pem: bytes, profile: str = "", replaces: str = "",
               progress: Progress | None = None) -> Issued:
-        """Order, answer HTTP-01, finalise with a CSR for ``key_pem``, download the chain."""
+        """Order, answer HTTP-01, finalise with a CSR for ``key_pem``, download the chain.
+
+        RFC 8555 7.3.1: when the server no longer knows the cached account URL
+        (``accountDoesNotExist``), the account is looked up or created again with
+        the same key and the order retried once.
+        """
+        try:
+            return self._issue(domains, key_pem, profile, replaces, progress)
+        except AcmeError as exc:
+            if exc.code != "accountDoesNotExist":
+                raise
+            log.warning("the ACME server does not know the cached account; registering the key again")
+            self._forget_account()
+            return self._issue(domains, key_pem, profile, replaces, progress)
+
+    def _forget_account(self) -> None:
+        with self._lock:
+            self._client = None
+        try:
+            data = json.loads(self._account_cache().read_text())
+        except (OSError, ValueError):
+            return
+        data.pop(self.config.directory, None)
+        write_json_atomic(self._account_cache(), data)
+
+    def _issue(self, domains: tuple[str, ...], key_pem: bytes, profile: str, replaces: str,
+               progress: Progress | None) -> Issued:
         progress = progress or (lambda line: None)
         client = self.client()
         deadline = time.monotonic() + self.config.order_timeout
@@ -428,7 +454,7 @@ def _acme_errors(doing: str) -> Iterator[None]:
         retry = getattr(_LAST_RETRY_AFTER, "value", None)
         if retry is None and error.code == "rateLimited":
             retry = 3600.0
-        raise AcmeError(f"{doing}: {_problem(error)}", retry_after=retry) from None
+        raise AcmeError(f"{doing}: {_problem(error)}", retry_after=retry, code=error.code or "") from None
     except acme_errors.ValidationError as error:
         details = "; ".join(_challenge_error(a.body) for a in error.failed_authzrs)
         raise AcmeError(f"{doing}: validation failed: {details}") from None

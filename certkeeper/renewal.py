@@ -8,7 +8,9 @@ The rules, first match wins:
 1. ``--force`` renews.
 2. A failure backoff (1 min, 10 min, 100 min, then daily; never sooner than
    the server's Retry-After) postpones everything below it: retrying sooner
-   would fail the same way and count against the CA's rate limits.
+   would fail the same way and count against the CA's rate limits. Our own
+   backoff (not the server's Retry-After) is lifted when the settings that
+   failed were changed since: the operator fixed something.
 3. Missing, unreadable or mismatched files renew: no set on disk, a
    certificate that does not parse, a key that does not match the
    certificate, a certificate that does not cover the configured domains (or
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from certkeeper import certs
-from certkeeper.config import CertificateConfig
+from certkeeper.config import AcmeConfig, CertificateConfig
 from certkeeper.state import CertState
 from certkeeper.store import CertificateSet
 
@@ -47,7 +49,8 @@ class Decision:
 
 
 def plan(cert: CertificateConfig, on_disk: CertificateSet | None, state: CertState, now: datetime,
-         force: bool = False) -> Decision:
+         force: bool = False, settings: str = "") -> Decision:
+    """``settings`` is ``settings_digest`` of the configuration now (see rule 2)."""
     def due(reason: str, not_after: datetime | None = None) -> Decision:
         return Decision(cert.name, True, now, reason, not_after)
 
@@ -60,7 +63,8 @@ def plan(cert: CertificateConfig, on_disk: CertificateSet | None, state: CertSta
     not_after = info.not_after if info else None
     if force:
         return due("forced", not_after)
-    if state.retry_not_before and state.retry_not_before > now:
+    if state.retry_not_before and state.retry_not_before > now and (
+            state.retry_by_server or not settings or state.failed_settings == settings):
         return Decision(cert.name, False, state.retry_not_before,
                         f"retrying after {state.consecutive_failures} failure(s): {state.last_error}", not_after)
     if on_disk is None:
@@ -76,6 +80,13 @@ def plan(cert: CertificateConfig, on_disk: CertificateSet | None, state: CertSta
     if when <= now:
         return due(why, info.not_after)
     return Decision(cert.name, False, when, why, info.not_after)
+
+
+def settings_digest(cert: CertificateConfig, acme: AcmeConfig) -> str:
+    """A digest of everything that decides whether an order can succeed."""
+    relevant = (cert.domains, cert.key_type, cert.profile, acme.directory, acme.profile, acme.eab_kid,
+                str(acme.eab_hmac_key_file), str(acme.account_key), acme.contact)
+    return hashlib.sha256(repr(relevant).encode()).hexdigest()[:16]
 
 
 def files_problem(cert: CertificateConfig, on_disk: CertificateSet, info: certs.CertInfo) -> str:

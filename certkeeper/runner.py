@@ -98,7 +98,8 @@ class Renewer:
         now = self.clock()
         if on_disk is not None and not force:
             state = self._refresh_ari(cert, on_disk, state, now)
-        return renewal.plan(cert, on_disk, state, now, force=force)
+        return renewal.plan(cert, on_disk, state, now, force=force,
+                            settings=renewal.settings_digest(cert, self.config.acme))
 
     def _refresh_ari(self, cert: CertificateConfig, on_disk: CertificateSet, state: CertState,
                      now: datetime) -> CertState:
@@ -183,7 +184,7 @@ class Renewer:
             return self._failed(cert, state, exc, now, progress)
         info = certs.parse_cert(new_set.cert)
         state.last_success, state.consecutive_failures, state.last_error = now, 0, ""
-        state.retry_not_before = None
+        state.retry_not_before, state.retry_by_server, state.failed_settings = None, False, ""
         # RFC 9773: ask for the new certificate's window a few hours from now, not at once.
         state.ari_cert, state.ari_renewal_time = info.fingerprint, None
         state.ari_next_check = now + timedelta(hours=6)
@@ -239,6 +240,8 @@ class Renewer:
         if isinstance(exc, RemoteError) and exc.retry_after:
             retry_after = now + timedelta(seconds=exc.retry_after)
         state.retry_not_before = renewal.backoff(state.consecutive_failures, retry_after, now)
+        state.retry_by_server = retry_after is not None and retry_after >= state.retry_not_before
+        state.failed_settings = renewal.settings_digest(cert, self.config.acme)
         save_cert_state(self.config.state_dir, state)
         log.error("%s: renewal failed: %s", cert.name, exc)
         progress(f"{cert.name}: failed: {exc}")

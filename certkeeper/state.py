@@ -24,6 +24,8 @@ class CertState:
     consecutive_failures: int = 0
     last_error: str = ""
     retry_not_before: datetime | None = None  # backoff / Retry-After
+    retry_by_server: bool = False  # retry_not_before came from the server's Retry-After
+    failed_settings: str = ""  # renewal.settings_digest() of the configuration that failed
     ari_renewal_time: datetime | None = None  # chosen in the server's suggested window (RFC 9773)
     ari_checked: datetime | None = None
     ari_next_check: datetime | None = None  # the server's Retry-After for renewalInfo

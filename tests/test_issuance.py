@@ -84,6 +84,16 @@ def test_renew_obtains_skips_and_forces(pebble: Pebble, tmp_path: Path) -> None:
     assert one.returncode == 0 and one.stdout.startswith("mail.example.com: renewed")
     assert len(one.stdout.splitlines()) == 1
 
+    status = certkeeper(conf, "status")
+    assert status.returncode == 0, status.stderr
+    for cert_cfg in cfg.certificates:
+        row = next(line for line in status.stdout.splitlines() if line.startswith(cert_cfg.name))
+        not_after = certs.parse_cert(cert_cfg.cert.read_bytes()).not_after
+        assert " ok " in row and not_after.strftime("%Y-%m-%d") in row
+    doc = json.loads(certkeeper(conf, "status", "--json").stdout)
+    assert [c["name"] for c in doc["certificates"]] == NAMES
+    assert all(c["status"] == "ok" and c["days_left"] > 1000 for c in doc["certificates"])
+
 
 def test_unknown_name_is_an_error(pebble: Pebble, tmp_path: Path) -> None:
     conf = write_config(pebble, tmp_path)
@@ -204,3 +214,41 @@ def test_two_runs_never_renew_the_same_certificate_at_once(pebble: Pebble, tmp_p
             thread.join(60)
     assert sorted(r.outcomes[0].status for r in reports) == ["not-due", "renewed"]
     assert sorted(r.exit_code for r in reports) == [0, 2]
+
+
+def test_account_the_server_forgot_is_registered_again(tmp_path: Path) -> None:
+    """RFC 8555 7.3.1: a cached account URL the server no longer knows (a reset CA) is replaced."""
+    acme_port = free_port()
+    with start_pebble(tmp_path / "first", acme_port=acme_port) as first:
+        conf = write_config(first, tmp_path, names=["mail.example.com"])
+        assert certkeeper(conf, "renew").returncode == 0
+        old_url = json.loads((tmp_path / "state" / "account.json").read_text())[first.directory]["url"]
+    with start_pebble(tmp_path / "second", acme_port=acme_port, http01_port=first.http01_port) as second:
+        conf = write_config(second, tmp_path, names=["mail.example.com"])
+        result = certkeeper(conf, "renew", "--force")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "does not know the cached account" in result.stderr
+        cache = json.loads((tmp_path / "state" / "account.json").read_text())
+        assert cache[second.directory]["url"].startswith(second.directory.rsplit("/", 1)[0])
+        assert old_url.startswith(first.directory.rsplit("/", 1)[0])
+        verify_chain(second, config.load(conf).certificates[0].fullchain.read_bytes(), "mail.example.com")
+
+
+EAB_KID, EAB_KEY = "kid-1", "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"
+
+
+def test_external_account_binding(tmp_path: Path) -> None:
+    """RFC 8555 7.3.4: a CA that requires EAB; the HMAC key is used and never printed, even at -vv."""
+    with start_pebble(tmp_path / "pebble", eab_keys={EAB_KID: EAB_KEY}) as eab_pebble:
+        conf = write_config(eab_pebble, tmp_path, names=["mail.example.com"])
+        refused = certkeeper(conf, "renew")
+        assert refused.returncode == 1
+        assert "externalAccountRequired" in refused.stdout
+        hmac_file = tmp_path / "eab.hmac"
+        hmac_file.write_text(EAB_KEY + "\n")
+        hmac_file.chmod(0o600)
+        conf.write_text(conf.read_text().replace(
+            "[http]", f'eab_kid = "{EAB_KID}"\neab_hmac_key_file = "{hmac_file}"\n[http]'))
+        result = certkeeper(conf, "-vv", "renew")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert EAB_KEY not in result.stdout + result.stderr

@@ -123,3 +123,22 @@ def test_point_in_window_is_inside_and_stable() -> None:
     points = {renewal.point_in_window(start, end, serial) for serial in range(50)}
     assert all(start <= p <= end for p in points) and len(points) > 40
     assert renewal.point_in_window(start, end, 7) == renewal.point_in_window(start, end, 7)
+
+
+def test_our_backoff_is_lifted_when_the_failing_settings_changed() -> None:
+    st = state()
+    st.consecutive_failures, st.retry_not_before = 3, T0 + dt.timedelta(hours=1)
+    st.failed_settings = "old-settings"
+    assert not renewal.plan(cfg(), None, st, T0, settings="old-settings").due
+    assert renewal.plan(cfg(), None, st, T0, settings="fixed-settings").due
+    st.retry_by_server = True  # a server's Retry-After holds whatever changed
+    assert not renewal.plan(cfg(), None, st, T0, settings="fixed-settings").due
+
+
+def test_settings_digest_changes_with_what_decides_an_order() -> None:
+    from certkeeper.config import AcmeConfig
+
+    base = renewal.settings_digest(cfg(), AcmeConfig())
+    assert base == renewal.settings_digest(cfg(), AcmeConfig())
+    assert base != renewal.settings_digest(cfg(("mail.example.com", "smtp.example.com")), AcmeConfig())
+    assert base != renewal.settings_digest(cfg(), AcmeConfig(eab_kid="kid-1"))
