@@ -27,10 +27,14 @@ def temp_path(final: Path) -> Path:
 
 
 def write_temp(final: Path, data: bytes, uid: int = -1, gid: int = -1, mode: int = 0o600) -> Path:
-    """Write ``data`` to the temp name beside ``final`` (owner and mode set first, fsynced); return it."""
+    """Write ``data`` to the temp name beside ``final`` (owner and mode set first, fsynced); return it.
+
+    A missing directory is created 0755, or 0700 when the file itself is private
+    (nobody but its owner may read it): /etc/ssl/private is 0700 on OpenBSD.
+    """
     temp = temp_path(final)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if mode & 0o077 == 0 else 0o755)
         temp.unlink(missing_ok=True)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:

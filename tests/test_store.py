@@ -133,3 +133,10 @@ def test_journal_rolls_an_interrupted_install_forward(tmp_path: Path) -> None:
     store.recover(cfg)
     assert store.read(cfg) == CertificateSet(new.key, new.cert, new.chain)
     assert not journal.exists()
+
+
+def test_a_missing_private_key_directory_is_created_0700(tmp_path: Path) -> None:
+    cfg = cert_config(tmp_path)
+    CertificateStore(tmp_path / "state").install(cfg, make_set())
+    assert stat.S_IMODE(cfg.key.parent.stat().st_mode) == 0o700  # ssl/private
+    assert stat.S_IMODE(cfg.cert.parent.stat().st_mode) == 0o755  # ssl
