@@ -117,8 +117,10 @@ class Issuer:
 
     def _register(self) -> acme_client.ClientV2:
         key = _jwk(self._account_key_pem())
+        # requests takes a CA file path for ``verify`` too; the library annotates it as bool.
+        verify: Any = self._verify()
         net = _Network(key, alg=_jws_alg(key), user_agent=f"certkeeper/{__version__}",
-                       verify_ssl=self._verify(), timeout=int(self.config.timeout))
+                       verify_ssl=verify, timeout=int(self.config.timeout))
         directory = acme_client.ClientV2.get_directory(self.config.directory, net)
         client = acme_client.ClientV2(directory, net)
         cached = self._cached_account_url()
@@ -172,7 +174,8 @@ class Issuer:
             write_atomic(bundle, system + b"\n" + extra, 0o644)
         return str(bundle)
 
-    def _eab(self, key: jose.JWK, directory: messages.Directory) -> messages.ExternalAccountBinding | None:
+    def _eab(self, key: jose.JWK, directory: messages.Directory) -> dict[str, Any] | None:
+        """RFC 8555 7.3.4: the externalAccountBinding JWS, when ``[acme] eab_kid`` is set."""
         if not self.config.eab_kid:
             return None
         if self.config.eab_hmac_key_file is None:
