@@ -314,8 +314,6 @@ def command_renew(config: Config, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _forward(config: Config, payload: dict[str, object], out: TextIO) -> int | None:
-    try:
-        from certkeeper import control
-    except ImportError:
-        return None
+    from certkeeper import control  # only the CLI needs it
+
     return control.forward(config, "renew", payload, out)
