@@ -5,16 +5,18 @@ set -eu
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES="pebble bind9 bind9-dnsutils dovecot-core dovecot-imapd mandoc openssl"
-BACKPORTS_PACKAGES="opensmtpd"   # 7.4: bookworm's own 6.8 fails every TLS handshake with OpenSSL 3
+# OpenSMTPD 7.4 from backports: bookworm's own 6.8 fails every TLS handshake with OpenSSL 3.
+BACKPORTS_PACKAGES="opensmtpd opensmtpd-filter-dkimsign"
 
 missing=""
 for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 smtpd_ok=no
-if dpkg -s opensmtpd >/dev/null 2>&1 && dpkg-query -W -f='${Version}' opensmtpd | grep -q '^7\.'; then smtpd_ok=yes; fi
+if dpkg -s opensmtpd-filter-dkimsign >/dev/null 2>&1 \
+    && dpkg-query -W -f='${Version}' opensmtpd 2>/dev/null | grep -q '^7\.'; then smtpd_ok=yes; fi
 
 if [ -n "$missing" ] || [ "$smtpd_ok" = no ]; then
     if [ "$(id -u)" != 0 ]; then
-        echo "install-deps: run as root to install:$missing opensmtpd(bookworm-backports)" >&2
+        echo "install-deps: run as root to install:$missing $BACKPORTS_PACKAGES (bookworm-backports)" >&2
         exit 1
     fi
     if [ -f /etc/debian_version ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
