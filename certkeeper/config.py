@@ -662,6 +662,7 @@ class _Reader:
 
     def dkim_list(self, data: dict[str, Any]) -> Iterator[DkimConfig]:
         seen: set[str] = set()
+        dkimsign_files: dict[str, str] = {}  # filter-dkimsign fragment -> the domain it signs for
         for w, item in self.array_of_tables(data, "dkim"):
             self.table(item, w, {
                 "domain", "algorithms", "selector_format", "rotate_every", "publish_ahead", "retire_after",
@@ -690,6 +691,14 @@ class _Reader:
             key_mode = self.mode(item, w, "key_mode", 0o440)
             if key_mode & 0o037:
                 self.error(f"{w}.key_mode", f"{key_mode:04o} lets others read or the group write the key")
+            signer_config = self.path(item, w, "signer_config", None)
+            if item.get("signer") == "filter-dkimsign":
+                # filter-dkimsign(8) takes one -k and one -s: one smtpd.conf fragment signs for one domain.
+                other = dkimsign_files.setdefault(str(signer_config), domain)
+                if other != domain:
+                    self.error(f"{w}.signer_config", f"filter-dkimsign signs with one key and selector, so "
+                               f"{str(signer_config or 'the default fragment')!r} cannot serve both {other!r} "
+                               f"and {domain!r}; give each domain its own signer_config, or use rspamd")
             yield DkimConfig(
                 domain=domain,
                 algorithms=algorithms,
@@ -703,7 +712,7 @@ class _Reader:
                 key_group=self.string(item, w, "key_group", "_rspamd"),
                 key_mode=key_mode,
                 signer=self.choice(item, w, "signer", DKIM_SIGNERS, "rspamd"),
-                signer_config=self.path(item, w, "signer_config", None),
+                signer_config=signer_config,
                 signer_hook=self.string(item, w, "signer_hook"),
                 reveal_retired=self.boolean(item, w, "reveal_retired", False),
             )

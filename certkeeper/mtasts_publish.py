@@ -219,11 +219,12 @@ def _drain(run: _Run, domain: str) -> None:
                                                     f"{until.isoformat(timespec='seconds')}"))
         return
     record = f"_mta-sts.{domain}"
+    run.outcomes.pop()  # one outcome per record: "removed", or "failed" from publish_all
     run.progress(f"{record}: every earlier policy has expired; removing the record (RFC 8461 8.3)")
     run.backend.remove(record, "TXT")
-    save_state(run.config, replace(st, removed_at=run.now))
+    # Only once no authoritative server has the id does the daemon stop serving the policy (RFC 8461 8.3).
     wait_until_absent(run.config, record, "TXT", run.progress)
-    run.outcomes.pop()
+    save_state(run.config, replace(st, removed_at=run.now))
     run.outcomes.append(Outcome(domain, record, "removed", f"mta-sts.{domain} no longer needs to be served",
                                 changed=True))
 
@@ -268,8 +269,8 @@ def _publish_tlsrpt(run: _Run, domain: str, record: str) -> None:
 def _remove_tlsrpt(run: _Run, domain: str, record: str) -> None:
     run.progress(f"{record}: no longer configured; removing it")
     run.backend.remove(record, "TXT")
-    save_state(run.config, replace(load_state(run.config, domain), tlsrpt=""))
     wait_until_absent(run.config, record, "TXT", run.progress)
+    save_state(run.config, replace(load_state(run.config, domain), tlsrpt=""))
     run.outcomes.append(Outcome(domain, record, "removed", "", changed=True))
 
 

@@ -10,9 +10,15 @@ dkim-rotate)::
               (the first key of an algorithm, and an emergency --now key, switch
               as soon as they are visible)
     retiring  replaced by a newer key: still published, no longer signing
-    revoked   retire_after later: the record becomes "v=DKIM1; p=" (RFC 6376 3.6.1)
-    removed   remove_after later: the record is deleted and the private key deleted,
-              or with reveal_retired published for deniability (dkim-rotate)
+    revoked   retire_after later: the record becomes "v=DKIM1; p=" (RFC 6376 3.6.1),
+              saved once every authoritative server answers that
+    removed   remove_after later: the record is deleted; once no authoritative server
+              has it, the private key is deleted, or with reveal_retired published
+              for deniability (dkim-rotate)
+
+A new selector is never one that is in the state, has a key file in key_dir, or
+already has a record on an authoritative server (a key made by hand). Right
+before the switch, the record is checked on every server once more.
 
 ``plan(state, item, now)`` is pure: it says which steps are due and when the
 next one will be. ``run_due`` executes due steps one at a time, re-planning
@@ -43,8 +49,8 @@ from typing import Any, TextIO
 from certkeeper import dkim, signers
 from certkeeper.config import Config, DkimConfig
 from certkeeper.dns import Backend, RecordSet, backend_for
-from certkeeper.dns.propagation import wait_until_visible
-from certkeeper.errors import CertkeeperError, ConfigError, LocalError
+from certkeeper.dns.propagation import name_in_use, visible_everywhere, wait_until_absent, wait_until_visible
+from certkeeper.errors import CertkeeperError, ConfigError, DNSError, LocalError
 from certkeeper.files import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,7 @@ Progress = Callable[[str], None]
 
 STATES = ("pending", "active", "retiring", "revoked", "removed")
 RETRY_AFTER = timedelta(minutes=15)  # when a run failed, try again this soon
+MAX_SELECTOR_TRIES = 20  # selectors skipped because DNS already holds a record there (made by hand)
 CRASH_ENV = "CERTKEEPER_CRASH_AT"  # tests: "dkim-STEP" makes the process SIGKILL itself after STEP's side effect
 REVEAL_DIR = "revealed"  # under key_dir: old private keys for a web server to publish (dkim-rotate's layout)
 
@@ -207,7 +214,7 @@ def _algorithm_steps(state: DomainState, item: DkimConfig, algorithm: str) -> li
 def new_key(state: DomainState, item: DkimConfig, algorithm: str, now: datetime, taken: frozenset[str] = frozenset(),
             emergency: bool = False) -> KeyState:
     """A pending key with a selector never used before (``taken``: names seen outside the state)."""
-    selector = dkim.selector_for(item.selector_format, algorithm, now, state.selectors | taken)
+    selector = _selector(item, algorithm, now, state.selectors | taken)
     path = item.key_dir / dkim.key_file_name(item.domain, selector)
     return KeyState(selector=selector, algorithm=algorithm, state="pending", created=now, key_file=str(path),
                     emergency=emergency)
@@ -270,7 +277,7 @@ def run_steps(config: Config, item: DkimConfig, state: DomainState, now: datetim
 
 
 def _create(run: _Run, state: DomainState, action: Action) -> DomainState:
-    key = new_key(state, run.item, action.algorithm, run.now, _selectors_on_disk(run.item))
+    key = new_key(state, run.item, action.algorithm, run.now, taken_selectors(run.config, run.item, state, run.now))
     state = state.with_key(key)
     save_state(run.config, state)
     run.say(f"new {key.algorithm} key, selector {key.selector} (pending)")
@@ -319,10 +326,14 @@ def _activate(run: _Run, state: DomainState, action: Action) -> DomainState:
         # Never let the signer use a key other than the one every server publishes: drop it, start again.
         log.warning("dkim %s: %s is missing or not the published key", run.item.domain, key.key_file)
         state = state.with_key(replace(key, state="retiring", retired=run.now))
+        # Its successor starts now (an emergency stays one), not at the next scheduled rotation.
+        taken = taken_selectors(run.config, run.item, state, run.now)
+        state = state.with_key(new_key(state, run.item, key.algorithm, run.now, taken, key.emergency))
         save_state(run.config, state)
         run.say(f"{key.key_file} is missing or not the key published for selector {key.selector}; "
                 "it is retired and a new key takes its place")
         return state
+    _ensure_visible(run, key)
     new_state = activated(state, action.selector, run.now)
     _switch_signer(run, new_state)
     _crash_point("activate")
@@ -349,6 +360,9 @@ def _revoke(run: _Run, state: DomainState, action: Action) -> DomainState:
     rrset = _record_set(run, key.selector, dkim.REVOKED.render())
     _backend(run).publish(rrset)
     _crash_point("revoke")
+    # Saved as revoked only once every server answers "p=": the removal (and a revealed private key)
+    # must never come while some server still hands out the old public key.
+    wait_until_visible(run.config, rrset, run.progress)
     state = state.with_key(replace(key, state="revoked", revoked=run.now))
     save_state(run.config, state)
     run.say(f"selector {key.selector} is revoked ({rrset.name} TXT \"{dkim.REVOKED.render()}\")")
@@ -360,6 +374,7 @@ def _remove(run: _Run, state: DomainState, action: Action) -> DomainState:
     name = dkim.record_name(key.selector, run.item.domain)
     _backend(run).remove(name, "TXT")
     _crash_point("remove")
+    wait_until_absent(run.config, name, "TXT", run.progress)
     _dispose_private_key(run, key)
     state = state.with_key(replace(key, state="removed", removed=run.now))
     save_state(run.config, state)
@@ -371,6 +386,17 @@ STEPS: dict[str, Callable[[_Run, DomainState, Action], DomainState]] = {
     "create": _create, "generate": _generate, "publish": _publish, "activate": _activate,
     "retire": _retire, "revoke": _revoke, "remove": _remove,
 }
+
+
+def _ensure_visible(run: _Run, key: KeyState) -> None:
+    """Right before the switch: every authoritative server must still answer the key's record (it was
+    visible publish_ahead ago, but a zone may have been edited since); publish it again and wait if not."""
+    rrset = _record_set(run, key.selector, key.record)
+    if visible_everywhere(run.config, rrset):
+        return
+    run.say(f"{rrset.name} is no longer answered by every authoritative server; publishing it again")
+    _backend(run).publish(rrset)
+    wait_until_visible(run.config, rrset, run.progress)
 
 
 def _switch_signer(run: _Run, new_state: DomainState) -> None:
@@ -415,6 +441,35 @@ def _existing_key(path: Path, algorithm: str) -> dkim.DkimPrivateKey | None:
     if dkim.algorithm_of(private) != algorithm:
         raise LocalError(f"{path}: holds a {dkim.algorithm_of(private)} key, not {algorithm}; move it aside")
     return private
+
+
+def taken_selectors(config: Config, item: DkimConfig, state: DomainState, now: datetime) -> frozenset[str]:
+    """Selectors a new key must not take: key files in key_dir (even if the state was lost) and the
+    names that already have a record on an authoritative server (a key made by hand, the guide's)."""
+    taken = set(_selectors_on_disk(item))
+    for algorithm in item.algorithms:
+        for _ in range(MAX_SELECTOR_TRIES):
+            selector = _selector(item, algorithm, now, state.selectors | taken)
+            if not name_in_use(config, dkim.record_name(selector, item.domain)):
+                break
+            log.info("dkim %s: selector %s already has a record in DNS; not using it", item.domain, selector)
+            taken.add(selector)
+        else:
+            raise DNSError(f"dkim {item.domain}: {MAX_SELECTOR_TRIES} selectors in a row already have records "
+                           f"in DNS; change selector_format")
+    return frozenset(taken)
+
+
+def _selector(item: DkimConfig, algorithm: str, now: datetime, taken: frozenset[str] | set[str]) -> str:
+    """``dkim.selector_for``, its problem reported as a config error (config.py checks only sample dates)."""
+    try:
+        selector = dkim.selector_for(item.selector_format, algorithm, now, taken)
+    except ValueError as exc:
+        raise ConfigError([f"dkim {item.domain}: selector_format: {exc}"]) from None
+    name = dkim.record_name(selector, item.domain)
+    if len(name) > 253:  # RFC 1035 2.3.4
+        raise ConfigError([f"dkim {item.domain}: selector_format: {name} is longer than 253 characters"])
+    return selector
 
 
 def _selectors_on_disk(item: DkimConfig) -> frozenset[str]:
@@ -552,7 +607,7 @@ def _rotate_one(config: Config, item: DkimConfig, now: datetime, emergency: bool
             raise LocalError(f"another certkeeper process is working on {item.domain} "
                              f"({config.state_dir / 'dkim' / item.domain}.lock); try again later")
         before = load_state(config, item.domain)
-        state = request_rotation(before, item, now, emergency, _selectors_on_disk(item))
+        state = request_rotation(before, item, now, emergency, taken_selectors(config, item, before, now))
         if state != before:
             save_state(config, state)
             for key in state.keys:

@@ -9,7 +9,15 @@ handed the keys that sign now (``SigningKey``) and renders them.
   old selector name (rspamd#2809). rspamd re-reads key files by itself but the
   selector map only on reload, so the hook runs when the file changes.
 - ``filter-dkimsign``: the smtpd.conf fragment with a ``dkimsign`` filter.
-  filter-dkimsign reads its key once at start, so smtpd is restarted.
+  filter-dkimsign reads its key once at start, so smtpd is restarted. One
+  filter-dkimsign process takes one key (``-k``) and one selector (``-s``) and
+  signs every message passing the listener (``-d`` may repeat, but only to pick
+  d= from the From domain for that one key), so a fragment serves ONE domain:
+  one filter per algorithm of that domain, chained (RFC 8463 6 dual signing).
+  Chaining filters of several domains would sign every message with every
+  domain's key; config.py refuses two domains sharing a fragment. The filter is
+  named ``dkimsign``, or ``dkimsign-DOMAIN`` when several domains use
+  filter-dkimsign (each fragment for its own listener), so names never clash.
 - ``none``: keys are kept and published, but no signer is configured.
 """
 
@@ -68,11 +76,18 @@ def raw_ed25519(signer: str) -> bool:
 # Rendering (pure).
 
 
-def render(signer: str, keys: Sequence[SigningKey]) -> str:
+def filter_name(config: Config, item: DkimConfig) -> str:
+    """The smtpd.conf filter name: unique across the fragments of several filter-dkimsign domains."""
+    if sum(other.signer == "filter-dkimsign" for other in config.dkim) > 1:
+        return f"{FILTER_NAME}-{item.domain}"
+    return FILTER_NAME
+
+
+def render(signer: str, keys: Sequence[SigningKey], name: str = FILTER_NAME) -> str:
     if signer == "rspamd":
         return render_rspamd(keys)
     if signer == "filter-dkimsign":
-        return render_dkimsign(keys)
+        return render_dkimsign(keys, name)
     return ""
 
 
@@ -99,20 +114,27 @@ def render_rspamd(keys: Sequence[SigningKey]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_dkimsign(keys: Sequence[SigningKey]) -> str:
-    """The smtpd.conf fragment defining filter "dkimsign" (smtpd.conf(5) filter, filter-dkimsign(8))."""
+def render_dkimsign(keys: Sequence[SigningKey], name: str = FILTER_NAME) -> str:
+    """The smtpd.conf fragment defining filter ``name`` (smtpd.conf(5) filter, filter-dkimsign(8))."""
     lines = [
         "# Written by certkeeper: the DKIM keys that sign now. Rewritten at each key rotation.",
-        f'# Include it from smtpd.conf and attach filter "{FILTER_NAME}" to the listener for outgoing mail.',
+        f'# Include it from smtpd.conf and attach filter "{name}" to the listener for outgoing mail.',
     ]
-    ordered = sorted(keys, key=lambda k: (k.domain, k.algorithm))
+    domains = sorted({k.domain for k in keys})
+    if len(domains) > 1:
+        # filter-dkimsign(8): one -k and one -s per process; every message through the chain would be
+        # signed by every domain's key.
+        raise LocalError(f"filter-dkimsign cannot sign for {' and '.join(domains)} from one smtpd.conf fragment "
+                         "(one key and selector per filter): give each [[dkim]] domain its own signer_config "
+                         "and listener, or use signer = \"rspamd\"")
+    ordered = sorted(keys, key=lambda k: k.algorithm)
     if len(ordered) == 1:
-        lines.append(f'filter "{FILTER_NAME}" proc-exec "{_dkimsign_command(ordered[0])}"')
+        lines.append(f'filter "{name}" proc-exec "{_dkimsign_command(ordered[0])}"')
     elif ordered:
-        names = [f"{FILTER_NAME}-{i + 1}" for i in range(len(ordered))]
-        for name, key in zip(names, ordered, strict=True):
-            lines.append(f'filter "{name}" proc-exec "{_dkimsign_command(key)}"')
-        lines.append(f'filter "{FILTER_NAME}" chain {{ {", ".join(f"{chr(34)}{n}{chr(34)}" for n in names)} }}')
+        members = [f"{name}-{i + 1}" for i in range(len(ordered))]
+        for member, key in zip(members, ordered, strict=True):
+            lines.append(f'filter "{member}" proc-exec "{_dkimsign_command(key)}"')
+        lines.append(f'filter "{name}" chain {{ {", ".join(f"{chr(34)}{m}{chr(34)}" for m in members)} }}')
     return "\n".join(lines) + "\n"
 
 
@@ -142,7 +164,7 @@ def apply(config: Config, item: DkimConfig, keys: Sequence[SigningKey], progress
     path = config_path(item)
     if item.signer == "none" or path is None:
         return False
-    text = render(item.signer, keys)
+    text = render(item.signer, keys, filter_name(config, item))
     changed = _read(path) != text
     if changed:
         write_atomic(path, text.encode(), 0o644)

@@ -148,8 +148,33 @@ def test_record_outside_zone_is_refused_before_sending(bind):
         backend.publish(RecordSet("_mta-sts.example.org", "TXT", ("v=STSv1; id=x",)))
 
 
+def test_rfc2136_refuses_to_publish_beside_a_cname(bind_factory):
+    # RFC 2136 3.4.2.2: BIND answers NOERROR and silently drops a TXT added at a CNAME; the
+    # prerequisite turns that into a refusal naming the cause.
+    server = bind_factory(records="_mta-sts 300 IN CNAME _mta-sts.provider.example.")
+    backend = backend_for(server.config())
+    with pytest.raises(DNSError) as info:
+        backend.publish(RecordSet("_mta-sts.example.test", "TXT", ("v=STSv1; id=x",)))
+    message = str(info.value)
+    assert "YXRRSET" in message and "CNAME" in message and "\n" not in message
+    assert server.query("_mta-sts.example.test", "CNAME") == ["_mta-sts.provider.example."]
+    backend.publish(RecordSet("_smtp._tls.example.test", "TXT", ("v=TLSRPTv1; rua=mailto:a@example.test",)))
+    assert server.query("_smtp._tls.example.test", "TXT") == ["v=TLSRPTv1; rua=mailto:a@example.test"]
+
+
 # ---------------------------------------------------------------------------
 # Propagation with a second server.
+
+
+def test_a_referral_is_not_an_authoritative_absence(bind, bind_factory):
+    # A server of the parent zone answers NOERROR without AA (a referral): it must never pass for
+    # "the record is gone" (nor for "it is there").
+    parent = bind_factory(zone="test", name="parent", records="example 300 IN NS ns1.example.test.")
+    config = bind.config(check_servers=[bind.server, parent.server], propagation_timeout=0.3)
+    with pytest.raises(DNSError) as info:
+        wait_until_absent(config, "_mta-sts.example.test", "TXT", lambda line: None)
+    message = str(info.value)
+    assert "1 of 2" in message and parent.server in message and "AA flag" in message
 
 
 def test_lagging_server_times_out_with_clear_message(bind, bind_factory):

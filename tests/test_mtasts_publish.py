@@ -102,7 +102,7 @@ class RecordingBackend:
 
 
 def make_config(bind, tmp_path, policy_server, ca, mta_sts: str | None = 'mode = "enforce"\nmax_age = 604800',
-                rua: str = '["mailto:tlsrpt@example.test"]'):
+                rua: str = '["mailto:tlsrpt@example.test"]', **dns_overrides):
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     extra = f"""
@@ -119,7 +119,7 @@ fullchain = "{tmp_path}/fc.pem"
     if rua:
         extra += f"\n[tlsrpt]\nrua = {rua}\n"
     return bind.config(extra, state_dir=tmp_path / "state", mta_sts_fetch_address=policy_server.address,
-                       mta_sts_fetch_ca=str(ca_file))
+                       mta_sts_fetch_ca=str(ca_file), **dns_overrides)
 
 
 def serve(policy_server, config):
@@ -238,6 +238,27 @@ def test_removal_follows_rfc8461_8_3(bind, tmp_path, policy_server, ca):
     assert publish_all(gone, lambda line: None) == []
     assert next_due(gone) is None
     assert status_rows(gone)[0]["status"] == "removed"
+
+
+def test_withdrawal_keeps_serving_until_no_server_has_the_record(bind, bind_factory, tmp_path, policy_server, ca):
+    config = make_config(bind, tmp_path, policy_server, ca, 'mode = "enforce"\nmax_age = 600', rua="")
+    serve(policy_server, config)
+    publish_all(config, lambda line: None, now=T0)
+    gone = make_config(bind, tmp_path, policy_server, ca, mta_sts=None, rua="")
+    serve(policy_server, gone)
+    assert publish_all(gone, lambda line: None, now=T0)[0].status == "draining"
+    drain_id = published_id(bind)
+
+    stale = bind_factory(key=bind.key, dynamic=False, name="stale",
+                         records=f'_mta-sts IN TXT "v=STSv1; id={drain_id}"')
+    both = make_config(bind, tmp_path, policy_server, ca, mta_sts=None, rua="",
+                       check_servers=[bind.server, stale.server], propagation_timeout=0.3)
+    (outcome,) = publish_all(both, lambda line: None, now=T0 + timedelta(hours=1))
+    assert outcome.status == "failed" and stale.server in outcome.detail
+    assert published_id(bind) is None  # removed on the primary, but a server still hands out the id:
+    assert "example.test" in domains_to_serve(both)  # so the policy is still served
+    (outcome,) = publish_all(gone, lambda line: None, now=T0 + timedelta(hours=1))
+    assert outcome.status == "removed" and "example.test" not in domains_to_serve(gone)
 
 
 def test_tlsrpt_published_and_removed(bind, tmp_path, policy_server, ca):

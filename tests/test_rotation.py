@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import io
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import pytest
 
 from certkeeper import cli, dkim, rotation, signers
 from certkeeper.config import DkimConfig
+from certkeeper.dns import backend_for
 from certkeeper.rotation import DomainState, KeyState, plan
 
 T0 = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)
@@ -442,3 +446,145 @@ def test_pending_key_whose_file_vanished_is_replaced_not_used(bind, tmp_path):
     assert fresh is not None and fresh.selector != pending.selector and fresh.visible is not None
     assert pending.selector not in signer_keys(tmp_path / "signer.conf")
     assert_consistent(bind, config, tmp_path)
+
+
+def test_selector_made_by_hand_in_dns_is_never_taken(bind_factory, tmp_path):
+    hand = '"v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA"'
+    today = datetime.now(UTC).strftime("%Y%m%d")  # what the CLI's selector would be
+    server = bind_factory(records=f"20260304._domainkey 300 IN TXT {hand}\n"  # the guide's keys, not in key_dir
+                                  f"{today}._domainkey 300 IN CNAME key.provider.example.")
+    config = server.config(dkim_toml(tmp_path))
+    assert run(config, T0).errors == ()
+    (a, _), = signer_keys(tmp_path / "signer.conf").items()
+    assert a == "20260304-2" and states(config) == {a: "active"}
+    assert server.query("20260304._domainkey.example.test", "TXT") == [hand.strip('"')]  # left alone
+    out = io.StringIO()  # the CLI path chooses around it too
+    assert cli.main(["rotate-dkim", "--now", "-c", str(config.path)], out=out) == 0
+    assert set(signer_keys(tmp_path / "signer.conf")) == {f"{today}-2"}
+    assert server.query(f"{today}._domainkey.example.test", "CNAME") == ["key.provider.example."]
+
+
+def test_revoke_and_remove_wait_for_every_authoritative_server(bind, bind_factory, tmp_path):
+    extra = dkim_toml(tmp_path, algorithms='["ed25519"]', extra="reveal_retired = true")
+    config = bind.config(extra)
+    t2 = T0 + 90 * DAY
+    for when in (T0, T0 + 88 * DAY, t2):
+        assert run(config, when).errors == ()
+    a = next(s for s, st in states(config).items() if st == "retiring")
+    a_file = tmp_path / "keys" / f"example.test.{a}.key"
+    old_record = rotation.load_state(config, "example.test").key(a).record
+
+    # A server that still hands out the old key: the key is not "revoked" until it answers p=.
+    stale = bind_factory(key=bind.key, dynamic=False, name="stale", records=f'{a}._domainkey IN TXT "{old_record}"')
+    both = bind.config(extra, check_servers=[bind.server, stale.server], propagation_timeout=0.3)
+    report = run(both, t2 + 7 * DAY)
+    assert len(report.errors) == 1 and stale.server in report.errors[0]
+    assert states(both)[a] == "retiring" and bind.query(f"{a}._domainkey.example.test", "TXT") == ["v=DKIM1; p="]
+    assert run(config, t2 + 7 * DAY).errors == () and states(config)[a] == "revoked"
+
+    # Still published somewhere: the private key is neither deleted nor revealed, the record not "removed".
+    report = run(both, t2 + 37 * DAY)
+    assert len(report.errors) == 1 and stale.server in report.errors[0]
+    assert states(both)[a] == "revoked" and a_file.exists() and not (tmp_path / "keys" / "revealed").exists()
+    assert run(config, t2 + 37 * DAY).errors == () and states(config)[a] == "removed"
+    assert not a_file.exists() and (tmp_path / "keys" / "revealed").is_dir()
+
+
+def test_switch_checks_the_record_again_and_republishes_it(bind, tmp_path):
+    config = bind.config(dkim_toml(tmp_path))
+    t1 = T0 + 88 * DAY
+    for when in (T0, t1):
+        assert run(config, when).errors == ()
+    b = next(s for s, st in states(config).items() if st == "pending")
+    backend_for(config).remove(f"{b}._domainkey.example.test", "TXT")  # someone edited the zone meanwhile
+    assert run(config, t1 + 2 * DAY).errors == () and states(config)[b] == "active"
+    assert_consistent(bind, config, tmp_path)
+
+
+# -- real signing by OpenSMTPD's filter-dkimsign --------------------------------------------------
+
+FILTER_DKIMSIGN = Path("/usr/libexec/opensmtpd/filter-dkimsign")
+
+
+@contextlib.contextmanager
+def smtpd_with_fragment(fragment: Path, tmp: Path) -> Iterator[tuple[int, list[bytes]]]:
+    """smtpd on 127.0.0.1:PORT with certkeeper's fragment attached to its listener, relaying every
+    message to an aiosmtpd sink; yields (port, the messages the sink received)."""
+    from aiosmtpd.controller import Controller
+
+    from tests.fixtures.mailservices import SMTPD_LOCK, require_smtpd_74
+    from tests.fixtures.peers import Process, free_port, require_binary, wait_for_port
+
+    require_smtpd_74()
+    if not FILTER_DKIMSIGN.exists():
+        require_binary("filter-dkimsign")  # skips, or fails under CI (apt-get install opensmtpd-filter-dkimsign)
+    received: list[bytes] = []
+
+    class Sink:
+        async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
+            received.append(envelope.original_content or envelope.content)
+            return "250 OK"
+
+    sink = Controller(Sink(), hostname="127.0.0.1", port=free_port())
+    port = free_port()
+    conf = tmp / "smtpd.conf"
+    conf.write_text(f'include "{fragment}"\nlisten on 127.0.0.1 port {port} filter "{signers.FILTER_NAME}"\n'
+                    f'action "out" relay host smtp://127.0.0.1:{sink.port}\n'
+                    'match from local for any action "out"\n')
+    lock = os.open(SMTPD_LOCK, os.O_RDWR | os.O_CREAT, 0o644)  # one smtpd per machine (compiled-in queue)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    sink.start()
+    proc = Process("smtpd-dkimsign", [require_binary("smtpd"), "-d", "-f", str(conf)], tmp / "smtpd.log")
+    try:
+        wait_for_port(port, proc=proc)
+        yield port, received
+    finally:
+        proc.stop()
+        sink.stop()
+        os.close(lock)
+
+
+def send_and_receive(port: int, received: list[bytes], message: bytes = MESSAGE) -> bytes:
+    import smtplib
+    import time
+
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.sendmail("alice@example.test", ["bob@example.org"], message)
+    deadline = time.monotonic() + 20
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert received, "smtpd did not relay the message"
+    return received.pop(0).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A 0755 temp directory: smtpd's filter user must traverse it to read the key (pytest's is 0700)."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="certkeeper-dkimsign-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_filter_dkimsign_in_smtpd_signs_with_the_active_key(bind, open_tmp):
+    tmp_path = open_tmp
+    extra = 'key_group = "opensmtpd"'  # filter-dkimsign runs as smtpd's user and must read the key
+    config = bind.config(dkim_toml(tmp_path, signer="filter-dkimsign").replace('key_group = ""\n', "") + extra)
+    assert run(config, T0).errors == ()
+    (a, _), = signer_keys(tmp_path / "signer.conf").items()
+    with smtpd_with_fragment(tmp_path / "signer.conf", tmp_path) as (port, received):
+        signed = send_and_receive(port, received)
+    assert f"s={a};".encode() in signed.replace(b" ", b"") and verifies(bind, signed)
+
+    for when in (T0 + 88 * DAY, T0 + 90 * DAY):  # rotated: smtpd (restarted) signs with the new key only
+        assert run(config, when).errors == ()
+    (b, _), = signer_keys(tmp_path / "signer.conf").items()
+    with smtpd_with_fragment(tmp_path / "signer.conf", tmp_path) as (port, received):
+        signed = send_and_receive(port, received)
+    assert signed.count(b"DKIM-Signature:") == 1 and f"s={b};".encode() in signed.replace(b" ", b"")
+    assert verifies(bind, signed)

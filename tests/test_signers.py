@@ -10,7 +10,7 @@ import pytest
 
 from certkeeper import config as ck_config
 from certkeeper import signers
-from certkeeper.errors import ServiceError
+from certkeeper.errors import ConfigError, LocalError, ServiceError
 
 RSA = signers.SigningKey("example.com", "20260304", "rsa2048", Path("/etc/mail/dkim/example.com.20260304.key"))
 ED = signers.SigningKey("example.com", "20260304-ed25519", "ed25519",
@@ -67,6 +67,40 @@ def test_dkimsign_fragment_chains_one_filter_per_key():
         '-k /etc/mail/dkim/example.com.20260304.key"',
         'filter "dkimsign" chain { "dkimsign-1", "dkimsign-2" }',
     ]
+
+
+def test_dkimsign_fragment_never_signs_for_two_domains(tmp_path):
+    # filter-dkimsign(8) takes one -k and one -s; a chain of per-domain filters would sign every
+    # message with every domain's key.
+    with pytest.raises(LocalError) as info:
+        signers.render_dkimsign([RSA, OTHER])
+    assert "example.com and example.org" in str(info.value) and "\n" not in str(info.value)
+    text = f"""
+state_dir = "{tmp_path / 'state'}"
+[[dkim]]
+domain = "example.com"
+signer = "filter-dkimsign"
+[[dkim]]
+domain = "example.org"
+signer = "filter-dkimsign"
+[[dkim]]
+domain = "example.net"
+signer = "filter-dkimsign"
+signer_config = "{tmp_path / 'net.conf'}"
+"""
+    with pytest.raises(ConfigError) as err:
+        ck_config.parse(text, tmp_path / "certkeeper.toml")
+    (line,) = str(err.value).splitlines()
+    assert "dkim[2].signer_config" in line and "'example.com' and 'example.org'" in line
+
+    own = ck_config.parse("".join(f"""
+[[dkim]]
+domain = "{d}"
+signer = "filter-dkimsign"
+signer_config = "{tmp_path / d}.conf"
+""" for d in ("example.com", "example.org", "example.net")), tmp_path / "certkeeper.toml")
+    names = {signers.filter_name(own, item) for item in own.dkim}  # each fragment on its own listener
+    assert names == {"dkimsign-example.com", "dkimsign-example.org", "dkimsign-example.net"}
 
 
 def test_apply_writes_atomically_and_runs_the_hook_only_on_change(tmp_path):

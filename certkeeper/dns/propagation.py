@@ -6,7 +6,8 @@ Owns the lookups that decide "visible" and "absent":
    the zone's NS records looked up through ``[dns] resolver`` (or the system's
    resolver) and each NS host resolved to its addresses;
 2. each server is asked directly by address with recursion off (RD=0), so no
-   cache stands between us and the answer (RFC 1034 4.3.1);
+   cache stands between us and the answer (RFC 1034 4.3.1); only an answer with
+   the AA flag counts, so a referral or a lame server never passes for "absent";
 3. TXT values are compared joined (a DKIM key split in 255-byte strings is one
    value); other types in canonical presentation form; the TTL is ignored.
 
@@ -56,10 +57,13 @@ class Answer:
 
     status: str
     values: tuple[str, ...] = ()
+    other_types: tuple[str, ...] = ()  # other records in the answer section (e.g. a CNAME at the name)
 
     def describe(self) -> str:
         if self.values:
             return "answers " + ", ".join(repr(v) for v in self.values)
+        if self.other_types:
+            return "answers only " + ", ".join(self.other_types) + " records there"
         if self.status in ("NOERROR", "NXDOMAIN"):
             return "has no such record" + (" (NXDOMAIN)" if self.status == "NXDOMAIN" else "")
         return f"fails: {self.status}"
@@ -95,9 +99,18 @@ def query(server: Server, name: str, rtype: str, timeout: float = QUERY_TIMEOUT)
     except (OSError, dns.exception.DNSException) as exc:
         return Answer(f"no answer ({' '.join(str(exc).split()) or type(exc).__name__})")
     status = dns.rcode.to_text(response.rcode())
+    if status in ("NOERROR", "NXDOMAIN") and not response.flags & dns.flags.AA:
+        # RFC 1035 4.1.1: only an answer with AA set comes from the zone itself; a referral or a lame
+        # server's empty NOERROR must not count as "the record is absent".
+        return Answer(f"{status} without the AA flag (not authoritative for the zone)")
     kind = dns.rdatatype.from_text(rtype)
-    values = [from_rdata(r) for rrset in response.answer if rrset.rdtype == kind for r in rrset]
-    return Answer(status, tuple(sorted(values)))
+    qname = message.question[0].name
+    # Only the queried name counts: a CNAME at the name is not the record certkeeper published.
+    values = [from_rdata(r) for rrset in response.answer if rrset.rdtype == kind and rrset.name == qname
+              for r in rrset]
+    others = tuple(sorted({dns.rdatatype.to_text(rrset.rdtype) for rrset in response.answer
+                           if rrset.rdtype != kind or rrset.name != qname}))
+    return Answer(status, tuple(sorted(values)), others)
 
 
 def zone_of(config: Config, name: str) -> str:
@@ -180,13 +193,23 @@ def visible_everywhere(config: Config, rrset: RecordSet) -> bool:
     return True
 
 
+def name_in_use(config: Config, name: str, rtype: str = "TXT") -> bool:
+    """One round, no waiting: does any authoritative server hold ``rtype`` (or a CNAME) at ``name``?
+    Used before choosing a new DKIM selector, so a record made by hand is never replaced."""
+    for server in authoritative_servers(config, zone_of(config, name)):
+        answer = query(server, name, rtype)
+        if answer.values or answer.other_types:
+            return True
+    return False
+
+
 def wait_until_absent(config: Config, name: str, rtype: str, progress: Progress, timeout: float | None = None,
                       clock: Callable[[], float] = time.monotonic,
                       sleep: Callable[[float], None] = time.sleep) -> None:
     """Return when no authoritative server has a ``rtype`` record at ``name``; DNSError on timeout."""
 
     def good(answer: Answer) -> bool:
-        return answer.status in ("NOERROR", "NXDOMAIN") and not answer.values
+        return answer.status in ("NOERROR", "NXDOMAIN") and not answer.values  # query() demands AA
 
     _wait(config, name.rstrip(".").lower(), rtype.upper(), good, "to have no such record", progress, timeout,
           clock, sleep)

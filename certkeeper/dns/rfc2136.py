@@ -4,7 +4,11 @@ Owns the update messages and the zone transfer used by ``list()``. The TSIG
 secret is read from ``[dns] tsig_secret_file`` at each operation (so a replaced
 file is picked up), registered with the log filter and never put in a message.
 A refusal comes back as one ``DNSError`` line naming the server, the record and
-the reason (REFUSED, NOTAUTH, BADKEY, BADSIG, a timeout).
+the reason (REFUSED, NOTAUTH, BADKEY, BADSIG, a timeout). Each publish carries
+the prerequisite "no CNAME at the name" (RFC 2136 2.4.3), since a server
+silently drops other data added beside a CNAME (3.4.2.2); that case comes back
+as YXRRSET. ``list()`` needs a zone transfer (``allow-transfer { key KEY; }``);
+certkeeper's own publishing never calls it, it is for an operator's inspection.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ _HINTS = {
     "NOTAUTH": "the server is not authoritative for the zone or did not accept the TSIG key",
     "NOTZONE": "the name is outside the zone",
     "SERVFAIL": "the server failed to apply the update",
+    "YXRRSET": "the name has a CNAME record, so no other record can be published there (RFC 2136 3.4.2.2); "
+               "remove the CNAME first",
 }
 
 
@@ -85,7 +91,12 @@ class Rfc2136Backend(Backend):
     def publish(self, rrset: RecordSet) -> None:
         check_in_zone(rrset.name, self.zone)
         update = self._message()
-        update.replace(_absolute(rrset.name), rrset.ttl, *rrset.rdatas())  # RFC 2136 2.5.2 + 2.5.1
+        name = _absolute(rrset.name)
+        if rrset.rtype != "CNAME":
+            # RFC 2136 3.4.2.2: a server silently ignores non-CNAME data added at a CNAME, answering
+            # NOERROR; the prerequisite "no CNAME here" (2.4.3) turns that into a YXRRSET refusal.
+            update.absent(name, "CNAME")
+        update.replace(name, rrset.ttl, *rrset.rdatas())  # RFC 2136 2.5.2 delete the RRset + 2.5.1 add
         self._send(update, f"publish {rrset.name} {rrset.rtype}")
         log.info("rfc2136: published %s %s at %s", rrset.name, rrset.rtype, self.config.server)
 
