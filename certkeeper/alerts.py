@@ -9,7 +9,9 @@ reason, once per certificate serial), and delivery: SMTP to ``[alerts] smtp``
 ``[alerts] command`` program with the same text on stdin.
 
 Episode state lives in ``STATE/alerts.json`` so that a restart neither
-re-sends an alert nor forgets to send the recovery.
+re-sends an alert nor forgets to send the recovery. An alert that could not
+be delivered (the MTA is down) stays pending and is tried again at the next
+event of its episode and hourly with the expiry check.
 
 The daemon and the runner call :class:`Alerter`::
 
@@ -26,7 +28,6 @@ import json
 import logging
 import smtplib
 import socket
-import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Any
 
 from certkeeper import certs, state
 from certkeeper.config import AlertsConfig, Config
+from certkeeper.hooks import run_command
 from certkeeper.state import write_json_atomic
 from certkeeper.store import CertificateStore
 
@@ -101,16 +103,11 @@ def _mail(alert: Alert, alerts: AlertsConfig, now: datetime) -> bool:
 
 
 def _run(argv: tuple[str, ...], data: bytes, what: str) -> bool:
-    try:
-        proc = subprocess.run(list(argv), input=data, capture_output=True, timeout=SEND_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("%s %s failed: %s", what, argv[0], exc)
-        return False
-    if proc.returncode != 0:
-        detail = " ".join(proc.stderr.decode(errors="replace").split())[:200]
-        log.warning("%s %s exited with %d: %s", what, argv[0], proc.returncode, detail)
-        return False
-    return True
+    """Run the program with ``data`` on stdin (certkeeper.hooks.run_command: no shell, no pipes, a timeout)."""
+    result = run_command(argv, SEND_TIMEOUT, stdin=data, what=what)
+    if not result.ok:
+        log.warning("%s failed: %s", what, result.describe())
+    return result.ok
 
 
 # ---------------------------------------------------------------------------
@@ -182,8 +179,11 @@ class Alerter:
             if episode is None:
                 episode = {"what": what, "since": _iso(now), "attempts": 0, "notified": False}
                 data["failures"][key] = episode
+            # It failed again before its recovery mail got out: the same episode goes on.
+            episode.pop("recovered_at", None)
             episode["attempts"] += 1
             episode["error"] = error
+            episode["detail"] = detail
             sent = False
             if not episode["notified"]:
                 sent = self._notify(self._failure_alert(episode, detail, now))
@@ -192,18 +192,46 @@ class Alerter:
             return sent
 
     def recovered(self, key: str, what: str, detail: str = "", now: datetime | None = None) -> bool:
-        """A success of ``key``; ends its episode with one recovery alert (if the failure was reported)."""
+        """A success of ``key``; ends its episode with one recovery alert (if the failure was reported).
+
+        When the recovery alert cannot be delivered (the MTA is down), the episode stays open as
+        recovered and the alert is tried again at the next success of ``key``.
+        """
         now = now or datetime.now(UTC)
         with self._lock:
             data = self._load()
-            episode = data["failures"].pop(key, None)
+            episode = data["failures"].get(key)
             if episode is None:
                 return False
-            sent = False
-            if episode.get("notified"):
-                sent = self._notify(self._recovery_alert(episode, what, detail, now))
+            episode.setdefault("recovered_at", _iso(now))
+            episode["recovery"] = {"what": what, "detail": detail}
+            sent = bool(episode.get("notified")) and self._notify(self._recovery_alert(episode, what, detail, now))
+            if sent or not episode.get("notified"):
+                del data["failures"][key]
             self._save(data)
             return sent
+
+    def resend_undelivered(self, now: datetime | None = None) -> list[str]:
+        """Try again the alerts that could not be delivered (the MTA was down); the keys sent.
+
+        Called hourly with the expiry check, so an alert waits for the mail server, not for
+        the next retry of what failed (a day apart in the backoff).
+        """
+        now = now or datetime.now(UTC)
+        sent: list[str] = []
+        with self._lock:
+            data = self._load()
+            for key, episode in list(data["failures"].items()):
+                if "recovered_at" in episode and episode.get("notified"):
+                    again = episode.get("recovery") or {"what": episode["what"], "detail": ""}
+                    if self._notify(self._recovery_alert(episode, again["what"], again["detail"], now)):
+                        del data["failures"][key]
+                        sent.append(key)
+                elif not episode.get("notified"):
+                    episode["notified"] = self._notify(self._failure_alert(episode, episode.get("detail", ""), now))
+                    sent += [key] if episode["notified"] else []
+            self._save(data)
+        return sent
 
     def _failure_alert(self, episode: dict[str, Any], detail: str, now: datetime) -> Alert:
         host = socket.getfqdn()
@@ -230,6 +258,7 @@ class Alerter:
             f"certkeeper on {host}: {what} works again.",
             "",
             f"Failing since: {_show(datetime.fromisoformat(episode['since']), now)}",
+            f"Working since: {_show(datetime.fromisoformat(episode['recovered_at']), now)}",
             f"Attempts:      {episode['attempts']} failed",
             f"Last error:    {episode.get('error', '')}",
         ]
@@ -264,8 +293,12 @@ class Alerter:
         return self.recovered(f"certificate:{name}", f"renewal of certificate {name}", detail, now)
 
     def check_expiry(self, now: datetime | None = None) -> list[str]:
-        """Warn once per certificate (serial) that ends within ``expiry_warning_days``; the names warned."""
+        """Warn once per certificate (serial) that ends within ``expiry_warning_days``; the names warned.
+
+        Hourly in the daemon, so it also sends what could not be delivered before.
+        """
         now = now or datetime.now(UTC)
+        self.resend_undelivered(now)
         window = timedelta(days=self.config.alerts.expiry_warning_days)
         store = CertificateStore(self.config.state_dir)
         warned: list[str] = []

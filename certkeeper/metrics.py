@@ -37,7 +37,7 @@ from threading import Thread
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from certkeeper import certs, state
+from certkeeper import certs, state, verification
 from certkeeper.config import Config
 from certkeeper.errors import LocalError
 from certkeeper.store import CertificateStore
@@ -124,16 +124,14 @@ class StateCollector:
             yield self._gauge(f"certkeeper_certificate_{key}", doc, ["name"], rows[key])
 
     def _verify(self) -> Iterator[Any]:
-        verification = _optional("certkeeper.verification")
         ok: list[tuple[tuple[str, ...], float]] = []
         checked: list[tuple[tuple[str, ...], float]] = []
-        if verification is not None and hasattr(verification, "last_results"):
-            for cert in self.config.certificates:
-                for result in verification.last_results(self.config, cert.name):
-                    label = (cert.name, str(result.get("hook", "")), str(result.get("endpoint", "")))
-                    ok.append((label, 1.0 if result.get("ok") else 0.0))
-                    if (seconds := _ts(result.get("checked_at"))) is not None:
-                        checked.append((label, seconds))
+        for cert in self.config.certificates:
+            for result in verification.last_results(self.config, cert.name):
+                label = (cert.name, str(result["hook"] or ""), str(result["endpoint"] or ""))
+                ok.append((label, 1.0 if result["ok"] else 0.0))
+                if (seconds := _ts(result["checked_at"])) is not None:
+                    checked.append((label, seconds))
         labels = ["certificate", "hook", "endpoint"]
         yield self._gauge("certkeeper_verify_ok", "1 when the endpoint served the certificate on disk at the "
                           "last check.", labels, ok)
@@ -165,17 +163,6 @@ _CERT_METRICS = {
     "last_renewal_success_seconds": "Unix time of the last successful renewal.",
     "renewal_consecutive_failures": "Renewal attempts that failed in a row (0 after a success).",
 }
-
-
-def _optional(module: str) -> Any:
-    import importlib  # noqa: PLC0415
-
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return None
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,9 @@ renewed set is installed:
 4. for every certificate whose hook failed or whose endpoint served the wrong
    or no certificate: restore the previous set, run every hook of the plan that
    uses it again, and check the files now on disk are what is served;
-5. one failure line per hook: the service, the endpoint and what it served.
+5. one failure line per hook: the service, the endpoint and what it served;
+   ``ReloadResult`` also says which certificates each line concerns and which
+   were rolled back (their renewal did not stick: a failed attempt for the runner).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ MAX_DELAY = 2.0
 class ReloadResult:
     ok: bool
     failures: list[str] = field(default_factory=list)  # one line each, naming service, endpoint, serial
+    # certificate name → the failure lines that concern it (for the runner's per-certificate outcome)
+    by_certificate: dict[str, list[str]] = field(default_factory=dict)
+    # certificates whose previous set was put back: their renewal did not stick (the runner should
+    # count it as a failed attempt, with backoff, rather than a success)
+    rolled_back: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,13 +122,8 @@ def reload_and_verify(config: Config, store: CertificateStore, renewed: Sequence
     blamed = set().union(*(o.blamed for o in first))
     restored = run.roll_back([c for c in renewed if c.name in blamed])
     second = [run.reload(step, expect_new=False) if restored & set(step.names()) else None for step in steps]
-    failures = [line for step, one, two in zip(steps, first, second, strict=True)
-                if (line := run.failure_line(step, one, two, restored))]
-    failures += run.rollback_errors
     run.save(config, first, second)
-    for line in failures:
-        log.error("%s", line)
-    return ReloadResult(ok=not failures, failures=failures)
+    return run.result(steps, first, second, restored)
 
 
 class _Run:
@@ -137,7 +139,7 @@ class _Run:
         self.clock = clock
         self.before: dict[tuple[str, str], Observation] = {}
         self.still_down: set[tuple[str, str]] = set()
-        self.rollback_errors: list[str] = []
+        self.rollback_errors: list[tuple[str, str]] = []  # (certificate, line)
         self.previous = {c.name: _info(store.read_previous(c)) for c in renewed}
 
     # -- 2. before --------------------------------------------------------------
@@ -236,7 +238,7 @@ class _Run:
             try:
                 self.store.restore_previous(cert)
             except CertkeeperError as exc:
-                self.rollback_errors.append(f"cannot roll back: {exc}")
+                self.rollback_errors.append((cert.name, f"cannot roll back: {exc}"))
                 continue
             restored.add(cert.name)
         return restored
@@ -251,6 +253,22 @@ class _Run:
             elif first.problems:
                 parts.append(self.rolled_back_text(step, second, restored))
         return f"{step.hook.name}: {'; '.join(parts)}" if parts else ""
+
+    def result(self, steps: list[Step], first: list[Outcome], second: list[Outcome | None],
+               restored: set[str]) -> ReloadResult:
+        """One failure line per hook that failed, plus the rollbacks that could not be done."""
+        lines: list[tuple[list[str], str]] = []  # (certificates concerned, line)
+        for step, one, two in zip(steps, first, second, strict=True):
+            if line := self.failure_line(step, one, two, restored):
+                lines.append((step.names(), line))
+        lines += [([name], line) for name, line in self.rollback_errors]
+        by_certificate: dict[str, list[str]] = {}
+        for names, line in lines:
+            log.error("%s", line)
+            for name in names:
+                by_certificate.setdefault(name, []).append(line)
+        return ReloadResult(ok=not lines, failures=[line for _, line in lines], by_certificate=by_certificate,
+                            rolled_back=tuple(name for name in self.previous if name in restored))
 
     def rolled_back_text(self, step: Step, second: Outcome, restored: set[str]) -> str:
         serials = ", ".join(f"{name} to serial {_serial(self.previous.get(name))}" for name in step.names(restored))

@@ -31,7 +31,7 @@ from typing import TextIO
 from certkeeper import certs, renewal
 from certkeeper.challenges import ChallengeTable
 from certkeeper.config import CertificateConfig, Config
-from certkeeper.errors import AcmeError, CertkeeperError, LocalError, RemoteError
+from certkeeper.errors import AcmeError, CertkeeperError, LocalError, RemoteError, ServiceError
 from certkeeper.issuer import Issuer, ari_cert_id
 from certkeeper.state import CertState, load_cert_state, save_cert_state
 from certkeeper.store import CertificateSet, CertificateStore
@@ -77,6 +77,7 @@ class Renewer:
         self.clock = clock
         self.issuer = Issuer(config.acme, config.state_dir, self.challenges)
         self._locks: dict[str, threading.Lock] = {}
+        self._prior_success: dict[str, datetime | None] = {}
         self._locks_guard = threading.Lock()
 
     # -- planning ----------------------------------------------------------------------
@@ -176,6 +177,7 @@ class Renewer:
         state = load_cert_state(self.config.state_dir, cert.name)
         now = self.clock()
         state.last_attempt = now
+        self._prior_success[cert.name] = state.last_success  # restored if a reload rolls back
         progress(f"{cert.name}: renewing ({decision.reason})")
         try:
             new_set = self._obtain(cert, progress)
@@ -254,13 +256,15 @@ class Renewer:
         from certkeeper import reload
 
         result = reload.reload_and_verify(self.config, self.store, renewed, progress)
-        if result.ok:
-            return {}
-        failed: dict[str, str] = {}
-        for cert in renewed:
-            mine = [f for f in result.failures if cert.name in f] or (result.failures if cert.hooks else [])
-            if mine:
-                failed[cert.name] = "; ".join(mine)
+        failed = {name: "; ".join(lines) for name, lines in result.by_certificate.items() if lines}
+        for name in result.rolled_back:
+            # The old set is back on disk: this renewal did not stick. Count it as a failed
+            # attempt (with backoff) so the next check does not order again at once.
+            state = load_cert_state(self.config.state_dir, name)
+            state.last_success = self._prior_success.get(name)
+            self._failed(self.config.certificate(name), state,
+                         ServiceError(failed.get(name, "the new certificate was rolled back")), self.clock(),
+                         progress)
         return failed
 
 

@@ -20,13 +20,14 @@ from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any, TextIO
 
-from certkeeper import certs, state
+from certkeeper import certs, control, renewal, state, verification
 from certkeeper.config import CertificateConfig, Config
 from certkeeper.errors import CertkeeperError, ConfigError
 from certkeeper.store import CertificateSet, CertificateStore
 
 SCHEMA_VERSION = 1
 WIDTH = 80
+LAST_COLUMN = 26  # the NEXT ACTION column gets at least this much when a row is too wide
 # Keys of one certificate in the --json document; the order is the documented order.
 CERTIFICATE_KEYS = (
     "name", "domains", "status", "serial", "not_before", "not_after", "days_left", "next_renewal",
@@ -87,7 +88,7 @@ def certificate_status(config: Config, store: CertificateStore, cert: Certificat
     on_disk = store.read(cert)
     info = _info(on_disk)
     st = state.load_cert_state(config.state_dir, cert.name)
-    due, when, why = _plan(cert, on_disk, st, now)
+    due, when, why = _plan(config, cert, on_disk, st, now)
     status = _status(on_disk, info, st, due, now)
     row: dict[str, Any] = {
         "name": cert.name,
@@ -118,20 +119,12 @@ def _info(on_disk: CertificateSet | None) -> certs.CertInfo | None:
         return None
 
 
-def _plan(cert: CertificateConfig, on_disk: CertificateSet | None, st: state.CertState,
+def _plan(config: Config, cert: CertificateConfig, on_disk: CertificateSet | None, st: state.CertState,
           now: datetime) -> tuple[bool, datetime | None, str]:
-    """(due now, next renewal time, why) from the planner, or derived when it is absent."""
-    renewal = _optional("certkeeper.renewal")
-    if renewal is not None:
-        decision = renewal.plan(cert, on_disk, st, now)
-        return decision.due, decision.when, decision.reason
-    info = _info(on_disk)
-    if info is None:
-        return True, now, "no certificate on disk"
-    lifetime = info.not_after - info.not_before
-    fraction = 2 if lifetime.total_seconds() < 10 * 86400 else 3  # half for short-lived certificates
-    when = info.not_after - lifetime / fraction
-    return when <= now, max(when, now), f"{'half' if fraction == 2 else 'a third'} of its lifetime left then"
+    """(due now, next renewal time, why): the runner's own planner, with the same settings digest, so
+    a backoff that a config change has lifted shows as lifted here too."""
+    decision = renewal.plan(cert, on_disk, st, now, settings=renewal.settings_digest(cert, config.acme))
+    return decision.due, decision.when, decision.reason
 
 
 def _status(on_disk: CertificateSet | None, info: certs.CertInfo | None, st: state.CertState, due: bool,
@@ -157,10 +150,7 @@ def _next_action(status: str, due: bool, when: datetime | None, st: state.CertSt
 
 
 def _endpoints(config: Config, name: str) -> list[dict[str, Any]]:
-    verification = _optional("certkeeper.verification")
-    if verification is None or not hasattr(verification, "last_results"):
-        return []
-    return list(verification.last_results(config, name))
+    return verification.last_results(config, name)
 
 
 def _rows(config: Config, module_name: str) -> list[dict[str, Any]]:
@@ -224,23 +214,36 @@ def _cell(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "~"
 
 
-def table(title: str, headers: list[str], rows: list[list[str]], details: list[list[str]] | None = None,
-          cap: int = 24) -> list[str]:
-    """Columns sized to their content (at most ``cap``); the last (NEXT ACTION) takes what is left of 80,
-    and a next action longer than that is repeated in full on a line of its own."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers[:-1])]
-    widths = [min(w, cap) for w in widths]
-    used = sum(widths) + 2 * len(widths)
-    last = max(WIDTH - used, 12)
+def table(title: str, headers: list[str], rows: list[list[str]], details: list[list[str]] | None = None) -> list[str]:
+    """Columns sized to their content, the widest cut first until the row fits 80 columns with the last
+    (NEXT ACTION) column. A cell cut short to fit is repeated in full on a line of its own under its
+    row, so nothing is lost."""
+    last = min(max(len(r[-1]) for r in [headers, *rows]), LAST_COLUMN)
+    widths = _fit([max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers) - 1)],
+                  [len(h) for h in headers[:-1]], WIDTH - last - 2 * (len(headers) - 1))
+    last = WIDTH - sum(widths) - 2 * len(widths)
     lines = [title, "  ".join(h.ljust(w) for h, w in zip(headers[:-1], widths, strict=True)) + "  " + headers[-1]]
     for i, row in enumerate(rows):
         cells = [_cell(c, w).ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
         lines.append(("  ".join(cells) + "  " + _cell(row[-1], last)).rstrip()[:WIDTH])
-        overflow = [f"next action: {row[-1]}"] if len(row[-1]) > last else []
+        overflow = [f"{header.lower()}: {cell}" for header, cell, width in zip(headers, row, [*widths, last],
+                                                                                 strict=True) if len(cell) > width]
         for detail in overflow + (details[i] if details else []):
             lines += textwrap.wrap(detail, WIDTH, initial_indent="  ", subsequent_indent="      ",
                                    break_on_hyphens=False)
     return lines
+
+
+def _fit(widths: list[int], floors: list[int], budget: int) -> list[int]:
+    """Narrow the widest column (never below its header) one character at a time until they fit ``budget``."""
+    widths = list(widths)
+    while sum(widths) > budget:
+        narrowable = [j for j in range(len(widths)) if widths[j] > floors[j]]
+        if not narrowable:
+            break
+        i = max(narrowable, key=lambda j: widths[j])
+        widths[i] -= 1
+    return widths
 
 
 def _certificate_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -271,7 +274,7 @@ def _generic_lines(title: str, columns: tuple[tuple[str, str], ...], rows: list[
         cells.append([str(row.get(key) if row.get(key) is not None else "-") for _, key in columns]
                      + [_describe_next(row)])
         details.append([f"error: {row['error']}"] if row.get("error") else [])
-    return table(title, [h for h, _ in columns] + ["NEXT ACTION"], cells, details, cap=16)
+    return table(title, [h for h, _ in columns] + ["NEXT ACTION"], cells, details)
 
 
 def _describe_next(row: dict[str, Any]) -> str:
@@ -294,11 +297,9 @@ def render_text(doc: dict[str, Any]) -> str:
 def command_status(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     names = list(getattr(args, "names", None) or [])
     as_json = bool(getattr(args, "json", False))
-    control = _optional("certkeeper.control")
-    if control is not None and hasattr(control, "forward"):
-        code = control.forward(config, "status", {"names": names, "json": as_json}, out)
-        if isinstance(code, int):
-            return code
+    code = control.forward(config, "status", {"names": names, "json": as_json}, out)
+    if code is not None:  # a running daemon answered
+        return code
     doc = collect(config, names)
     out.write(json.dumps(doc, indent=2) + "\n" if as_json else render_text(doc))
     return 0

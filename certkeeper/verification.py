@@ -30,6 +30,7 @@ from certkeeper.certs import CertInfo
 from certkeeper.config import CertificateConfig, Config, hook_config
 from certkeeper.errors import ConfigError
 from certkeeper.files import write_atomic
+from certkeeper.hooks import KINDS
 from certkeeper.store import CertificateStore
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT = 5.0  # seconds for one whole probe (connect, banner, STARTTLS, handshake)
 MAX_LINE = 4096  # bytes in one SMTP/IMAP line before we call the peer broken
 MAX_LINES = 200  # lines in one reply (an EHLO answer has a dozen)
+RESULT_KEYS = ("endpoint", "hook", "serial", "fingerprint", "not_after", "ok", "error", "checked_at")
 CLIENT_NAME = "certkeeper.invalid"  # EHLO argument (RFC 5321 4.1.1.1 wants a domain; RFC 6761 .invalid)
 
 
@@ -100,6 +102,7 @@ class Check:
         return f"{where}: FAILED, {served_text(self.seen, self.expected)}"
 
     def to_dict(self) -> dict[str, Any]:
+        """The record of ``STATE/verify/NAME.json`` and of ``status --json`` (keys: ``RESULT_KEYS``)."""
         served = self.seen.cert
         return {
             "endpoint": self.seen.endpoint,
@@ -111,7 +114,6 @@ class Check:
             "error": self.seen.error or (None if self.ok else self._mismatch()),
             "checked_at": _iso(self.seen.checked_at),
         }
-
 
     def _mismatch(self) -> str:
         if self.expected is None:
@@ -325,12 +327,12 @@ def save_results(config: Config, name: str, checks: list[Check]) -> None:
 
 
 def last_results(config: Config, name: str) -> list[dict[str, Any]]:
-    """The endpoints' results at the last check (endpoint, hook, serial, fingerprint,
-    not_after, ok, error, checked_at); [] when never checked or unreadable."""
+    """The endpoints' results at the last check, each with exactly ``RESULT_KEYS`` (``status --json``
+    documents them; a key missing from an older file is None); [] when never checked or unreadable."""
     try:
         data = json.loads(results_path(config.state_dir, name).read_text())
-        return [dict(item) for item in data["results"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        return [{key: item.get(key) for key in RESULT_KEYS} for item in data["results"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
 
 
@@ -341,7 +343,7 @@ def command_verify(config: Config, args: argparse.Namespace, out: TextIO) -> int
     for cert in _selected(config, getattr(args, "names", None) or []):
         checks = check_certificate(config, store, cert)
         if not checks:
-            print(f"{cert.name}: no verify endpoints (add verify = [...] to its [hooks.NAME] tables)", file=out)
+            print(f"{cert.name}: no verify endpoints; {_suggestion(cert)}", file=out)
             continue
         if checks[0].expected is None:
             print(f"{cert.name}: no certificate installed at {cert.cert}", file=out)
@@ -350,6 +352,15 @@ def command_verify(config: Config, args: argparse.Namespace, out: TextIO) -> int
             failed = failed or not check.ok
         save_results(config, cert.name, checks)
     return 1 if failed else 0
+
+
+def _suggestion(cert: CertificateConfig) -> str:
+    """What to add, from where each hook's service usually serves TLS on OpenBSD."""
+    hints = [f"[hooks.{name}] verify = {json.dumps(list(KINDS[name].suggested_verify))}"
+             for name in cert.hooks if name in KINDS and KINDS[name].suggested_verify]
+    if not cert.hooks:
+        return "it has no hooks (add hooks = [...] and a verify list to each [hooks.NAME] table)"
+    return "add e.g. " + "; ".join(hints) if hints else "add verify = [...] to its [hooks.NAME] tables"
 
 
 def _selected(config: Config, names: list[str]) -> list[CertificateConfig]:

@@ -233,3 +233,46 @@ def test_output_is_valid_toml_with_odd_characters(tmp_path):
     data = tomllib.loads(convert(text, tmp_path).toml)
     assert data["acme"]["account_key"] == '/etc/acme/a "q" \\\\.pem'
     assert data["certificate"][0]["key"] == "/k/ä.key"
+
+
+# Valid per parse.y, though unusual: an unquoted URL from a macro, a block on one line, a
+# backslash-continued line, a handle that is not the domain name (`domain name`), several
+# macro words in `alternative names`, a relative full chain, a name that starts with a digit,
+# a quoted path with a space, and a second authority defined on the line of its brace.
+ODD_BUT_VALID = """\
+api_le=https://acme-v02.api.letsencrypt.org/directory
+alts = "smtp.example.com, imap.example.com"
+authority letsencrypt {
+\tapi url $api_le
+\taccount key "/etc/acme/letsencrypt-privkey.pem" ecdsa
+\tcontact "mailto:postmaster@example.com" # a comment after a statement
+}
+authority staging { api url https://acme-staging-v02.api.letsencrypt.org/directory
+\taccount key '/etc/acme/staging.pem' }
+domain "mail" {
+\tdomain name mail.example.com
+\talternative names { $alts }
+\tdomain key "/etc/ssl/private/mail.example.com.key" rsa
+\tdomain certificate \\
+\t\t"/etc/ssl/mail.example.com.crt"
+\tdomain full chain certificate "mail.example.com.fullchain.pem"
+\tsign with letsencrypt
+}
+domain 3com.example.com { domain key "/etc/ssl/private/3com key.key"
+\tdomain certificate "/etc/ssl/3com.example.com.crt" }
+"""
+
+
+def test_odd_but_valid_input(tmp_path):
+    result = convert(ODD_BUT_VALID, tmp_path)
+    parsed = config.parse(result.toml, "converted.toml")
+    assert parsed.acme.directory == "https://acme-v02.api.letsencrypt.org/directory"
+    assert parsed.acme.account_key_type == "ecdsa-p384"
+    mail, third = parsed.certificates
+    assert mail.name == "mail" and mail.domains == ("mail.example.com", "smtp.example.com", "imap.example.com")
+    assert mail.cert == Path("/etc/ssl/mail.example.com.crt")  # the continued line
+    assert mail.fullchain == Path("/etc/ssl/mail.example.com.fullchain.pem")  # relative to the cert's directory
+    assert mail.key_type == "rsa4096"
+    assert third.name == "3com.example.com" and third.key == Path("/etc/ssl/private/3com key.key")
+    assert result.warnings == ()
+    assert "# authority staging" in result.toml

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email
 import json
+import os
+import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -107,6 +109,51 @@ def test_undelivered_alert_is_retried_at_the_next_failure(tmp_path, smtp):
     assert len(inbox.messages) == 1 and "e2" in inbox.messages[0][2].get_payload()
 
 
+def test_recovery_mail_is_kept_while_the_mta_is_down(tmp_path, smtp):
+    inbox, port = smtp
+    up = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{port}"')
+    down = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{free_port()}"')
+    assert Alerter(up).renewal_failed("mail.example.com", "e1", None, now=NOW) is True
+    assert Alerter(down).renewal_succeeded("mail.example.com", now=NOW + timedelta(hours=1)) is False
+    assert len(inbox.messages) == 1  # the recovery mail could not go out ...
+    assert Alerter(up).renewal_succeeded("mail.example.com", now=NOW + timedelta(hours=12)) is True
+    assert len(inbox.messages) == 2  # ... and goes out at the next success, saying since when it works
+    body = inbox.messages[1][2].get_payload()
+    assert "recovered" in inbox.messages[1][2]["Subject"] and "Working since: 2026-11-25 13:00 UTC" in body
+    assert Alerter(up).renewal_succeeded("mail.example.com", now=NOW + timedelta(hours=13)) is False
+    assert len(inbox.messages) == 2
+
+
+def test_undelivered_alerts_go_out_with_the_hourly_check_once_the_mta_is_back(tmp_path, smtp):
+    inbox, port = smtp
+    up = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{port}"')
+    down = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{free_port()}"')
+    serving = NOW + timedelta(days=12)
+    assert Alerter(down).renewal_failed("mail.example.com", "e1", serving, now=NOW) is False
+    assert Alerter(down).check_expiry(now=NOW + timedelta(hours=1)) == []  # still down: still pending
+    Alerter(up).check_expiry(now=NOW + timedelta(hours=2))
+    assert len(inbox.messages) == 1  # the failure mail, with its detail, without waiting for a retry
+    body = inbox.messages[0][2].get_payload()
+    assert "e1" in body and "valid until 2026-12-07 12:00 UTC" in body
+    assert Alerter(down).renewal_succeeded("mail.example.com", now=NOW + timedelta(hours=3)) is False
+    Alerter(up).check_expiry(now=NOW + timedelta(hours=4))
+    assert len(inbox.messages) == 2 and "recovered" in inbox.messages[1][2]["Subject"]
+    Alerter(up).check_expiry(now=NOW + timedelta(hours=5))
+    assert len(inbox.messages) == 2  # each once
+
+
+def test_a_failure_before_the_recovery_mail_got_out_continues_the_episode(tmp_path, smtp):
+    inbox, port = smtp
+    up = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{port}"')
+    down = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{free_port()}"')
+    assert Alerter(up).renewal_failed("mail.example.com", "e1", None, now=NOW) is True
+    assert Alerter(down).renewal_succeeded("mail.example.com", now=NOW + timedelta(hours=1)) is False
+    assert Alerter(up).renewal_failed("mail.example.com", "e2", None, now=NOW + timedelta(hours=2)) is False
+    assert len(inbox.messages) == 1  # no second failure mail: the operator was told and not told otherwise
+    assert Alerter(up).renewal_succeeded("mail.example.com", now=NOW + timedelta(hours=3)) is True
+    assert "Attempts:      2 failed" in inbox.messages[1][2].get_payload()
+
+
 def test_expiry_warning_once_per_certificate(tmp_path, smtp):
     inbox, port = smtp
     cfg = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{port}"\n'
@@ -156,6 +203,19 @@ def test_sendmail_gets_a_whole_message(tmp_path):
     msg = email.message_from_bytes(out.read_bytes())
     assert msg["To"] == "a@example.com, b@example.com"
     assert "TSIG refused" in msg.get_payload()
+
+
+def test_a_command_that_leaves_a_child_running_does_not_hold_the_alert(tmp_path):
+    out, pidfile = tmp_path / "alert.txt", tmp_path / "child.pid"
+    # e.g. a notifier that hands the text to a background job and returns at once; with pipes to
+    # the child, the alert (and the daemon's worker) would wait an hour (the suite's timeout fails it)
+    cfg = make_config(tmp_path, f'command = ["/bin/sh", "-c", "cat > {out}; sleep 3600 & echo $! > {pidfile}"]')
+    try:
+        assert Alerter(cfg).renewal_failed("mail.example.com", "boom", None, now=NOW) is True
+        assert "boom" in out.read_text()
+    finally:
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
 def test_failing_command_and_disabled_alerts(tmp_path):

@@ -7,9 +7,15 @@ imaplib, ssl), not only through certkeeper's probes.
 from __future__ import annotations
 
 import imaplib
+import json
+import os
+import signal
 import smtplib
 import socket
 import ssl
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +25,9 @@ from cryptography import x509
 
 from certkeeper import certs, reload, verification
 from certkeeper.config import HOOK_DEFAULT_COMMANDS, CertificateConfig, Config, HookConfig, parse
+from certkeeper.config import load as config_load
 from certkeeper.hooks import KINDS, hook_for, one_line, run_command
+from certkeeper.state import load_cert_state
 from certkeeper.store import CertificateSet, CertificateStore
 from certkeeper.verification import Observation, format_serial
 from tests.certfactory import make_set
@@ -84,14 +92,44 @@ def test_run_command_kills_a_command_that_outlives_its_timeout():
     assert result.output.startswith("killed after 0.3s timeout") and "started" in result.output
 
 
-def test_run_command_does_not_wait_for_a_daemon_that_keeps_its_output_open():
-    result = run_command(["sh", "-c", "sleep 30 & echo forked"], timeout=10)
-    assert result.ok and result.output == "forked" and result.seconds < 10
+def test_run_command_kills_the_children_of_a_hung_command_too(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    result = run_command(["sh", "-c", f"sleep 30 & echo $! > {pidfile}; wait"], timeout=0.5)
+    assert result.returncode is None and result.output.startswith("killed after 0.5s timeout")
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:  # SIGKILL is delivered asynchronously
+        time.sleep(0.02)
+    assert not _alive(child), "the hook's child outlived the hook's timeout"
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_run_command_does_not_wait_for_a_daemon_that_keeps_its_output_open(tmp_path):
+    pidfile = tmp_path / "daemon.pid"
+    try:  # with a pipe, this would wait an hour (the suite's timeout fails it); with a temp file it does not
+        result = run_command(["sh", "-c", f"sleep 3600 & echo $! > {pidfile}; echo forked"], timeout=3600)
+        assert result.ok and result.output == "forked"
+    finally:
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
 def test_run_command_reports_a_missing_program():
     result = run_command(["/nonexistent/rcctl", "restart", "smtpd"], timeout=5)
     assert result.returncode is None and "No such file" in result.output
+
+
+def test_run_command_reads_back_only_the_tail_of_a_flood_of_output():
+    result = run_command(["sh", "-c", "head -c 2000000 /dev/zero | tr '\\0' x; echo; echo the real error"], 10)
+    assert result.ok and result.output.endswith("the real error") and len(result.output) <= 400
 
 
 def test_one_line_keeps_the_tail_of_long_output():
@@ -163,6 +201,7 @@ def test_stale_service_is_rolled_back_and_reported_with_the_serial_it_served(tmp
     result = reload.reload_and_verify(config, store, [cert], lambda line: None, prober=fake.probe,
                                       sleep=clock.sleep, clock=lambda: clock.now)
     assert not result.ok and len(result.failures) == 1
+    assert result.rolled_back == (NAME,) and result.by_certificate == {NAME: result.failures}
     line = result.failures[0]
     assert line.startswith("dovecot: ") and url in line
     assert f"served serial {format_serial(old.serial)} (the previous certificate) for {NAME}" in line
@@ -182,6 +221,7 @@ def test_a_service_down_before_the_run_is_reported_not_rolled_back(tmp_path):
                                       sleep=clock.sleep, clock=lambda: clock.now)
     assert not result.ok
     assert "was already down before the reload" in result.failures[0] and "nothing rolled back" in result.failures[0]
+    assert result.rolled_back == () and result.by_certificate == {NAME: result.failures}
     assert certs.parse_cert(store.read(cert).cert).fingerprint == new.fingerprint  # type: ignore[union-attr]
 
 
@@ -203,6 +243,19 @@ def test_a_first_certificate_has_nothing_to_roll_back_to(tmp_path):
     assert result.failures == ["other: reload failed (false: exit 1)",
                                f"cannot roll back: {NAME}: no previous certificate set to restore"]
     assert certs.parse_cert(store.read(cert).cert).fingerprint == new.fingerprint  # type: ignore[union-attr]
+
+
+def test_failures_are_told_per_certificate_even_when_one_name_contains_another(tmp_path):
+    config, store, mail, _, _ = _unit_setup(tmp_path, {"good": HookConfig("good", ("true",)),
+                                                      "bad": HookConfig("bad", ("false",))}, ("bad",))
+    short = CertificateConfig("example.test", ("example.test",), "ecdsa-p256", tmp_path / "k2", tmp_path / "c2",
+                              tmp_path / "ch2", tmp_path / "f2", hooks=("good",))
+    store.install(short, make_set(("example.test",)))
+    store.install(short, make_set(("example.test",)))
+    result = reload.reload_and_verify(config, store, [mail, short], lambda line: None)
+    assert len(result.failures) == 1 and "mail.example.test" in result.failures[0]
+    assert result.by_certificate == {"mail.example.test": result.failures}  # not example.test: its hook worked
+    assert result.rolled_back == ("mail.example.test",)
 
 
 def test_nothing_to_do_without_hooks(tmp_path):
@@ -373,3 +426,88 @@ def test_two_certificates_sharing_hooks_reload_each_service_once(mail_services_f
     for name in names:  # each name's own certificate, chosen by SNI
         assert sni_serial(ms.smtps_port, name) == sni_serial(ms.imaps_port, name) == serial_of(new[name])
         assert {r["serial"] for r in verification.last_results(config, name)} == {format_serial(serial_of(new[name]))}
+
+
+# ---------------------------------------------------------------------------
+# End to end: a real ACME renewal (Pebble) through the CLI, hooks to the real smtpd and dovecot.
+
+
+def _cli(conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", "certkeeper", "-v", "--config", str(conf), *args], cwd=root,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+
+
+def _e2e_config(pebble, ms: MailServices, tmp_path: Path, cert: CertificateConfig,
+                dovecot: tuple[str, ...] | None = None) -> Path:
+    conf = tmp_path / "certkeeper.toml"
+    conf.write_text(pebble.config_text(tmp_path, []) + f"""
+[[certificate]]
+name = "{NAME}"
+domains = ["{NAME}"]
+key_type = "ecdsa-p256"
+key = "{cert.key}"
+cert = "{cert.cert}"
+chain = "{cert.chain}"
+fullchain = "{cert.fullchain}"
+hooks = ["smtpd", "dovecot"]
+[hooks.smtpd]
+command = {json.dumps(list(ms.smtpd_restart()))}
+verify = {json.dumps(list(ms.smtpd_urls))}
+[hooks.dovecot]
+command = {json.dumps(list(dovecot or ms.dovecot_reload()))}
+verify = {json.dumps(list(ms.dovecot_urls))}
+""")
+    return conf
+
+
+@pytest.fixture
+def serving_old(mail_services, tmp_path):
+    """smtpd + dovecot serving an OLD certificate (as acme-client left it) for mail.example.test."""
+    cert = mail_services.certificate_config(NAME)
+    old = make_set((NAME,))
+    CertificateStore(tmp_path / "state").install(cert, old)
+    mail_services.start()
+    assert set(served_serials(mail_services).values()) == {serial_of(old)}
+    return mail_services, cert, old
+
+
+def test_renew_force_against_pebble_makes_smtpd_and_dovecot_serve_the_new_serial(pebble, serving_old, tmp_path):
+    ms, cert, old = serving_old
+    conf = _e2e_config(pebble, ms, tmp_path, cert)
+    result = _cli(conf, "renew", "--force")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1].startswith(f"{NAME}: renewed, valid until ")
+    new_serial = certs.parse_cert(cert.cert.read_bytes()).serial
+    assert new_serial != serial_of(old)
+    issued = x509.load_pem_x509_certificate(cert.cert.read_bytes())
+    assert issued.issuer != x509.load_pem_x509_certificate(old.cert).issuer  # Pebble's, not the test factory's
+    # The test's own TLS clients (smtplib STARTTLS, SMTPS, imaplib STARTTLS, IMAPS), not certkeeper's probes:
+    assert served_serials(ms) == dict.fromkeys(("smtp+starttls", "smtps", "imap+starttls", "imaps"), new_serial)
+    assert (ms.run_count("smtpd restart"), ms.run_count("dovecot reload")) == (1, 1)
+    saved = verification.last_results(config_load(conf), NAME)
+    assert sorted(r["endpoint"] for r in saved) == sorted(ms.smtpd_urls + ms.dovecot_urls)
+    assert {(r["ok"], r["serial"]) for r in saved} == {(True, format_serial(new_serial))}
+
+
+def test_renew_force_against_pebble_rolls_back_when_a_hook_fails(pebble, serving_old, tmp_path):
+    ms, cert, old = serving_old
+    marker = tmp_path / "fail-once"
+    marker.touch()
+    conf = _e2e_config(pebble, ms, tmp_path, cert, dovecot=ms.dovecot_reload(fail_once=marker))
+    result = _cli(conf, "renew", "--force")
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = result.stdout.splitlines()[-1]  # the outcome line comes after the -v progress lines
+    assert line.startswith(f"{NAME}: failed: dovecot: reload failed (") and "simulated hook failure" in line
+    assert f"rolled back {NAME} to serial {format_serial(serial_of(old))}" in line
+    assert CertificateStore(tmp_path / "state").read(cert) == old
+    assert served_serials(ms) == dict.fromkeys(("smtp+starttls", "smtps", "imap+starttls", "imaps"), serial_of(old))
+    assert (ms.run_count("smtpd restart"), ms.run_count("dovecot reload")) == (2, 2)
+    # The rolled-back renewal counts as a failed attempt: backoff, no success recorded, so the
+    # next check does not order (and restart smtpd) again at once.
+    state = load_cert_state(tmp_path / "state", NAME)
+    assert state.consecutive_failures == 1 and state.last_success is None
+    assert state.retry_not_before is not None and "simulated hook failure" in state.last_error
+    again = _cli(conf, "renew")
+    assert again.returncode == 2 and "retrying after 1 failure(s)" in again.stdout
+    assert (ms.run_count("smtpd restart"), ms.run_count("dovecot reload")) == (2, 2)

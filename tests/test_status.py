@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from certkeeper import config, state, status
+from certkeeper import config, renewal, state, status
 from certkeeper.cli import main
 from certkeeper.errors import ConfigError
 from certkeeper.store import CertificateStore
@@ -58,7 +59,8 @@ def setup(tmp_path):
         name=LONG, last_attempt=NOW - timedelta(minutes=5), consecutive_failures=3,
         last_error="urn:ietf:params:acme:error:connection: 203.0.113.7: Fetching "
                    "http://smtp.example.com/.well-known/acme-challenge/xyz: Timeout during connect",
-        retry_not_before=NOW + timedelta(minutes=95)))
+        retry_not_before=NOW + timedelta(minutes=95),
+        failed_settings=renewal.settings_digest(cfg.certificate(LONG), cfg.acme)))  # as the runner records it
     # mta-sts: no files at all
     return path, cfg
 
@@ -125,6 +127,7 @@ def test_endpoints_from_the_last_verify(setup):
     doc = status.collect(cfg, ["mail.example.com"])
     (endpoint,) = doc["certificates"][0]["endpoints"]
     assert endpoint["ok"] is True and endpoint["endpoint"] == "smtp+starttls://127.0.0.1:25"
+    assert tuple(endpoint) == verification.RESULT_KEYS  # the documented keys, in their order
     text = status.render_text(doc)
     assert "smtpd smtp+starttls://127.0.0.1:25: served serial" in text and ", ok," in text
 
@@ -163,6 +166,8 @@ def test_human_output_fits_80_columns_with_every_table(setup, monkeypatch):
     assert any(line.startswith("mta-sts.example.com") and "obtain now" in line for line in lines)
     assert any("retry " in line and "failing" in line for line in lines)
     assert "Timeout" in text  # the long error is wrapped, not cut
+    # a cell cut to fit its column is repeated in full under its row: nothing the operator needs is lost
+    assert f"  name: {LONG}" in lines and f"  policy id: {'a' * 32}" in lines
     # next actions derived from the [[dkim]] timings (defaults: rotate 90d, retire 7d)
     assert any("20261125-rsa2048" in line and "rotate 2027-02-23" in line for line in lines)
     assert any("20260827-rsa2048" in line and "revoke 2026-12-02" in line for line in lines)
@@ -180,3 +185,14 @@ def test_empty_tables_say_so(tmp_path):
     code, text = run(path)
     assert code == 0
     assert text.count("none configured") == 3
+
+
+def test_next_action_is_the_runners_plan_when_a_config_change_lifts_the_backoff(setup):
+    path, cfg = setup
+
+    def long_row(c: config.Config) -> dict:
+        return next(r for r in status.collect(c)["certificates"] if r["name"] == LONG)
+
+    assert long_row(cfg)["next_action"].startswith("retry ")
+    changed = dataclasses.replace(cfg, acme=dataclasses.replace(cfg.acme, profile="shortlived"))
+    assert long_row(changed)["next_action"] == "renew now"  # the settings that failed are gone: no wait

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from certkeeper import certs
-from certkeeper.config import Config, HookConfig
+from certkeeper import certs, verification
+from certkeeper.config import Config, HookConfig, parse
 from certkeeper.errors import ConfigError
 from certkeeper.store import CertificateSet, CertificateStore
 from certkeeper.verification import (
@@ -134,6 +134,11 @@ def test_results_round_trip_through_the_state_dir(tmp_path):
                         "fingerprint": info.fingerprint, "not_after": info.not_after.isoformat().replace("+00:00", "Z"),
                         "ok": True, "error": None, "checked_at": "2026-11-25T12:00:00Z"}
     assert (saved[1]["ok"], saved[1]["serial"], saved[1]["error"]) == (False, None, "connection refused")
+    assert tuple(saved[0]) == verification.RESULT_KEYS and tuple(saved[1]) == verification.RESULT_KEYS
+    assert list(saved[0]) == list(checks[0].to_dict())  # what is written is what is read
+    (tmp_path / "state" / "verify" / "old.json").write_text('{"results": [{"endpoint": "smtps://127.0.0.1:465"}]}')
+    (old,) = last_results(config, "old")  # a file written before a key existed: same keys, None
+    assert tuple(old) == verification.RESULT_KEYS and old["endpoint"] == "smtps://127.0.0.1:465" and old["ok"] is None
     assert last_results(config, "never-checked") == []
     (tmp_path / "state" / "verify" / "broken.json").write_text("{not json")
     assert last_results(config, "broken") == []
@@ -288,3 +293,28 @@ def test_command_verify_rejects_an_unknown_name(tmp_path):
     config = Config(path=Path("/etc/certkeeper.toml"), state_dir=tmp_path)
     with pytest.raises(ConfigError, match="no \\[\\[certificate\\]\\] named 'nope'"):
         command_verify(config, argparse.Namespace(names=["nope"]), io.StringIO())
+
+
+def test_command_verify_suggests_endpoints_for_hooks_without_any(tmp_path):
+    config = parse(f"""
+state_dir = "{tmp_path}/state"
+[[certificate]]
+name = "mail.example.com"
+hooks = ["smtpd", "rspamd"]
+key = "{tmp_path}/k"
+cert = "{tmp_path}/c"
+chain = "{tmp_path}/ch"
+fullchain = "{tmp_path}/f"
+[[certificate]]
+name = "bare.example.com"
+key = "{tmp_path}/k2"
+cert = "{tmp_path}/c2"
+chain = "{tmp_path}/ch2"
+fullchain = "{tmp_path}/f2"
+""", "t.toml")
+    out = io.StringIO()
+    assert command_verify(config, argparse.Namespace(names=[]), out) == 0  # nothing to check is no failure
+    mail, bare = out.getvalue().splitlines()
+    assert mail == ('mail.example.com: no verify endpoints; add e.g. [hooks.smtpd] verify = '
+                    '["smtp+starttls://127.0.0.1:25", "smtp+starttls://127.0.0.1:587", "smtps://127.0.0.1:465"]')
+    assert bare.startswith("bare.example.com: no verify endpoints; it has no hooks")

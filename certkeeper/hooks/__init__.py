@@ -7,11 +7,13 @@ A hook has exactly two things (certmagic keeps its seams this small):
 - ``verify``: the endpoints (``smtps://127.0.0.1:465`` ...) where the service
   must then serve the certificate on disk (``certkeeper.verification`` probes them).
 
-This package owns the one place certkeeper runs a program (``run_command``):
-argv only, never a shell; a timeout; stdout and stderr captured into a temp
-file (never a pipe, so a daemon that keeps its output open cannot hang us) and
-reported as one line. One module per service kind knows its OpenBSD default:
-``smtpd``, ``dovecot``, ``httpd``, ``rspamd``, ``relayd``; ``command`` is any argv.
+This package owns the one place certkeeper runs a program (``run_command``,
+also used for ``[alerts] command`` and ``sendmail``): argv only, never a shell;
+a timeout that kills the command's whole session; stdin, stdout and stderr
+through temp files (never a pipe, so a daemon that keeps its output open
+cannot hang us); the output reported as one line. One module per service
+kind knows its OpenBSD default: ``smtpd``, ``dovecot``, ``httpd``, ``rspamd``,
+``relayd``; ``command`` is any argv.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import IO
 
 from certkeeper.config import Config, HookConfig, hook_config
 from certkeeper.hooks import command, dovecot, httpd, relayd, rspamd, smtpd
@@ -32,21 +35,21 @@ from certkeeper.hooks import command, dovecot, httpd, relayd, rspamd, smtpd
 log = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 400  # characters of a command's output kept in a report line
+OUTPUT_TAIL = 65536  # bytes of a command's output read back (errors come last)
 
 
 @dataclass(frozen=True)
 class HookKind:
-    """What one service module knows: its default command and where it usually serves TLS."""
+    """What one service module knows: its default command and where it usually serves TLS
+    (``certkeeper verify`` suggests those endpoints for a hook that has none)."""
 
     name: str
     default_command: tuple[str, ...]
     suggested_verify: tuple[str, ...]
-    summary: str  # first line of the module's docstring
 
 
 def _kind(module: ModuleType) -> HookKind:
-    summary = (module.__doc__ or "").strip().splitlines()[0]
-    return HookKind(module.NAME, module.DEFAULT_COMMAND, module.SUGGESTED_VERIFY, summary)
+    return HookKind(module.NAME, module.DEFAULT_COMMAND, module.SUGGESTED_VERIFY)
 
 
 KINDS: dict[str, HookKind] = {m.NAME: _kind(m) for m in (smtpd, dovecot, httpd, rspamd, relayd, command)}
@@ -97,13 +100,20 @@ def hook_for(config: Config, name: str) -> Hook:
                 timeout=cfg.timeout, verify_timeout=cfg.verify_timeout)
 
 
-def run_command(argv: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> CommandResult:
-    """Run ``argv`` (no shell) for at most ``timeout`` seconds; never raises for the command's sake."""
+def run_command(argv: Sequence[str], timeout: float, env: dict[str, str] | None = None,
+                stdin: bytes = b"", what: str = "hook command") -> CommandResult:
+    """Run ``argv`` (no shell) for at most ``timeout`` seconds; never raises for the command's sake.
+
+    ``stdin`` is given through a temp file too (no pipe: a child the command leaves running
+    cannot make us wait); ``what`` names the command in the log line.
+    """
     argv = tuple(argv)
     started = time.monotonic()
-    with tempfile.TemporaryFile() as out:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as given:
+        given.write(stdin)
+        given.seek(0)
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(argv, stdin=given, stdout=out, stderr=subprocess.STDOUT,
                                     env={**os.environ, **(env or {})}, start_new_session=True, close_fds=True)
         except OSError as exc:
             return CommandResult(argv, None, f"cannot run: {exc.strerror or exc}", time.monotonic() - started)
@@ -113,11 +123,10 @@ def run_command(argv: Sequence[str], timeout: float, env: dict[str, str] | None 
         except subprocess.TimeoutExpired:
             _kill(proc)
             returncode, note = None, f"killed after {timeout:g}s timeout"
-        out.seek(0)
-        text = one_line(out.read().decode("utf-8", errors="replace"))
+        text = one_line(_tail(out))
     output = f"{note}; output: {text}" if note and text else note or text
     result = CommandResult(argv, returncode, output, time.monotonic() - started)
-    log.info("hook command %s (%.1fs)", result.describe(), result.seconds)
+    log.info("%s %s (%.1fs)", what, result.describe(), result.seconds)
     return result
 
 
@@ -125,6 +134,13 @@ def one_line(text: str, limit: int = OUTPUT_LIMIT) -> str:
     """Whitespace collapsed; the tail kept when long (errors come last)."""
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else "..." + flat[-(limit - 3):]
+
+
+def _tail(out: IO[bytes]) -> str:
+    """The last OUTPUT_TAIL bytes the command wrote (a chatty command must not fill our memory)."""
+    size = out.seek(0, os.SEEK_END)
+    out.seek(max(0, size - OUTPUT_TAIL))
+    return out.read().decode("utf-8", errors="replace")
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
