@@ -13,11 +13,10 @@ same thing.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import textwrap
+from collections.abc import Callable
 from datetime import UTC, datetime
-from types import ModuleType
 from typing import Any, TextIO
 
 from certkeeper import certs, control, renewal, state, verification
@@ -36,16 +35,6 @@ CERTIFICATE_KEYS = (
 )
 DKIM_COLUMNS = (("DOMAIN", "domain"), ("SELECTOR", "selector"), ("ALGORITHM", "algorithm"), ("STATE", "state"))
 MTA_STS_COLUMNS = (("DOMAIN", "domain"), ("MODE", "mode"), ("POLICY ID", "policy_id"), ("STATUS", "status"))
-
-
-def _optional(module: str) -> ModuleType | None:
-    """A sibling module that may not exist in this build (written by others)."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return None
 
 
 def _iso(when: datetime | None) -> str | None:
@@ -153,19 +142,18 @@ def _endpoints(config: Config, name: str) -> list[dict[str, Any]]:
     return verification.last_results(config, name)
 
 
-def _rows(config: Config, module_name: str) -> list[dict[str, Any]]:
-    module = _optional(module_name)
-    if module is None or not hasattr(module, "status_rows"):
-        return []
+def _rows(config: Config, status_rows: Callable[[Config], list[dict[str, Any]]]) -> list[dict[str, Any]]:
     try:
-        return [dict(row) for row in module.status_rows(config)]
+        return [dict(row) for row in status_rows(config)]
     except CertkeeperError as exc:
         return [{"error": str(exc), "next_action": "see the error"}]
 
 
 def dkim_rows(config: Config) -> list[dict[str, Any]]:
     """``rotation.status_rows`` plus ``next_action`` and ``next_action_at`` from the [[dkim]] timings."""
-    rows = _rows(config, "certkeeper.rotation")
+    from certkeeper import rotation  # loads the DNS libraries: only when asked
+
+    rows = _rows(config, rotation.status_rows)
     timing = {item.domain: item for item in config.dkim}
     for row in rows:
         if "next_action" in row or row.get("domain") not in timing:
@@ -186,7 +174,9 @@ def dkim_rows(config: Config) -> list[dict[str, Any]]:
 
 def mta_sts_rows(config: Config) -> list[dict[str, Any]]:
     """``mtasts_publish.status_rows`` plus ``next_action`` and ``next_action_at``."""
-    rows = _rows(config, "certkeeper.mtasts_publish")
+    from certkeeper import mtasts_publish
+
+    rows = _rows(config, mtasts_publish.status_rows)
     for row in rows:
         if "next_action" in row:
             continue

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import sys
-import types
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -99,7 +98,7 @@ def test_scrape_reads_state_at_scrape_time(served):
 
 
 def test_verify_and_dkim_metrics(served, monkeypatch):
-    verification = pytest.importorskip("certkeeper.verification")
+    from certkeeper import verification
     cfg, listen, _ = served
     store = CertificateStore(cfg.state_dir)
     info = verification.on_disk(store, cfg.certificate("mail.example.com"))
@@ -110,10 +109,11 @@ def test_verify_and_dkim_metrics(served, monkeypatch):
                            verification.Observation("imaps://127.0.0.1:993", None, "connection refused", NOW)),
     ]
     verification.save_results(cfg, "mail.example.com", checks)
-    rotation = types.ModuleType("certkeeper.rotation")  # plain-data fake of the DKIM module's rows
-    rotation.status_rows = lambda config: [{"domain": "example.com", "selector": "s1", "algorithm": "ed25519",
-                                            "state": "active", "next_action_at": "2027-01-01T00:00:00Z"}]
-    monkeypatch.setitem(sys.modules, "certkeeper.rotation", rotation)
+    from certkeeper import rotation
+
+    monkeypatch.setattr(rotation, "status_rows", lambda config: [  # plain-data fake of the DKIM module's rows
+        {"domain": "example.com", "selector": "s1", "algorithm": "ed25519", "state": "active",
+         "next_action_at": "2027-01-01T00:00:00Z"}])
     families = scrape(listen)
     assert value(families, "certkeeper_verify_ok", hook="smtpd", endpoint="smtp+starttls://127.0.0.1:25") == 1
     assert value(families, "certkeeper_verify_ok", hook="dovecot", endpoint="imaps://127.0.0.1:993") == 0

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import sys
-import types
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -118,7 +116,7 @@ def test_names_select_and_unknown_name_is_an_error(setup, capsys):
 
 
 def test_endpoints_from_the_last_verify(setup):
-    verification = pytest.importorskip("certkeeper.verification")
+    from certkeeper import verification
     path, cfg = setup
     store = CertificateStore(cfg.state_dir)
     info = verification.on_disk(store, cfg.certificate("mail.example.com"))
@@ -134,26 +132,24 @@ def test_endpoints_from_the_last_verify(setup):
 
 def test_human_output_fits_80_columns_with_every_table(setup, monkeypatch):
     path, cfg = setup
-    dkim = types.ModuleType("certkeeper.rotation")
-    dkim.status_rows = lambda config: [  # plain-data fakes in the shape of rotation.status_rows
+    from certkeeper import mtasts_publish, rotation
+
+    monkeypatch.setattr(rotation, "status_rows", lambda config: [  # plain-data fakes of rotation.status_rows
         {"domain": "example.com", "selector": "20261125-rsa2048", "algorithm": "rsa2048", "state": "active",
          "created": "2026-11-23T00:00:00+00:00", "activated": "2026-11-25T00:00:00+00:00", "retired": None,
          "revoked": None},
         {"domain": "example.com", "selector": "20260827-rsa2048", "algorithm": "rsa2048", "state": "retiring",
          "created": "2026-08-25T00:00:00+00:00", "activated": "2026-08-27T00:00:00+00:00",
          "retired": "2026-11-25T00:00:00+00:00", "revoked": None},
-    ]
-    mta = types.ModuleType("certkeeper.mtasts_publish")  # ... and of mtasts_publish.status_rows
-    mta.status_rows = lambda config: [
+    ])
+    monkeypatch.setattr(mtasts_publish, "status_rows", lambda config: [  # ... and of mtasts_publish's
         {"domain": "example.com", "mode": "enforce", "max_age": 604800, "policy_id": "a" * 32,
          "published_id": "a" * 32, "published_at": "2026-11-20T00:00:00+00:00", "status": "published",
          "drain_until": None, "tlsrpt": ""},
         {"domain": "old.example.com", "mode": "none", "max_age": 86400, "policy_id": "b" * 32,
          "published_id": "b" * 32, "published_at": "2026-11-20T00:00:00+00:00", "status": "draining",
          "drain_until": "2026-12-04T00:00:00+00:00", "tlsrpt": ""},
-    ]
-    monkeypatch.setitem(sys.modules, "certkeeper.rotation", dkim)
-    monkeypatch.setitem(sys.modules, "certkeeper.mtasts_publish", mta)
+    ])
     code, text = run(path)
     assert code == 0
     lines = text.splitlines()
