@@ -11,7 +11,9 @@ This module owns both ends of one small protocol over a unix stream socket
 ``forward`` is the client side: it returns None when no daemon listens (no
 socket file, or a stale one nobody accepts on): the CLI then does the work
 itself. ``ControlServer`` is the daemon side; the daemon gives it one async
-function per command. A client that goes away does not stop the work it asked
+function per command. One daemon per socket: ``ControlServer.bind`` holds an
+``flock`` on ``SOCKET.lock`` for the daemon's life, and replaces a stale socket
+file left by a crash. A client that goes away does not stop the work it asked
 for (a renewal runs to its end); its lines are dropped.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -127,6 +130,27 @@ def daemon_listening(path: Path) -> bool:
 # Daemon side.
 
 
+def lock_instance(path: Path) -> int:
+    """Hold an ``flock`` on ``PATH.lock`` for the daemon's lifetime; return its descriptor.
+
+    A second daemon is refused even when both start at the same moment (a check
+    for a listener alone has a window). The kernel drops the lock with the
+    process, also after a crash, so a stale lock never blocks a start; the file
+    itself stays (removing a lock file races with the next taker).
+    """
+    lock = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise LocalError(f"{lock}: cannot create the lock file: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise LocalError(f"{path}: another certkeeper daemon is running") from None
+    return fd
+
+
 def bind_socket(path: Path) -> socket.socket:
     """A listening unix socket at ``path`` with mode 0600 from the start.
 
@@ -153,27 +177,45 @@ def bind_socket(path: Path) -> socket.socket:
 
 
 class ControlServer:
-    """Serves ``commands`` on an already bound socket (``bind_socket``)."""
+    """Serves ``commands`` on an already bound socket; ``ControlServer.bind`` locks and binds one."""
 
-    def __init__(self, sock: socket.socket, path: Path, commands: dict[str, Command]) -> None:
+    def __init__(self, sock: socket.socket, path: Path, commands: dict[str, Command], lock_fd: int = -1) -> None:
         self.sock = sock
         self.path = path
         self.commands = commands
+        self.lock_fd = lock_fd
         self._server: asyncio.Server | None = None
         self._inode = os.stat(path).st_ino
+
+    @classmethod
+    def bind(cls, path: Path, commands: dict[str, Command]) -> ControlServer:
+        """The instance lock, then the socket (what the daemon does before it detaches)."""
+        lock_fd = lock_instance(path)
+        try:
+            return cls(bind_socket(path), path, commands, lock_fd)
+        except LocalError:
+            os.close(lock_fd)
+            raise
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._serve, sock=self.sock, limit=MAX_REQUEST)
 
     async def stop(self) -> None:
+        """Take no new clients; commands in progress finish (or are cancelled at exit)."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket and remove its file, only if it is still ours (another daemon may have replaced it)."""
         with contextlib.suppress(OSError):
-            # Remove the socket only if it is still ours (a new daemon may have replaced it).
             if os.stat(self.path).st_ino == self._inode:
                 self.path.unlink()
         self.sock.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # last: the next daemon finds no socket, or a stale one
+            self.lock_fd = -1
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -205,4 +247,9 @@ class ControlServer:
             return await handler(payload, emit)
         except CertkeeperError as exc:
             emit(f"certkeeper: {exc}")
+            return 1
+        except Exception as exc:  # noqa: BLE001 - a bug: the client still gets one line and an exit code
+            message = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+            log.error("control socket: %s: %s", command, message)
+            emit(f"certkeeper: {message}")
             return 1

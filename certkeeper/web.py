@@ -22,9 +22,11 @@ HTTPS (``[http] tls_listen``):
   context switches each connection to the context of the requested name.
 - **No SNI** (an IP-literal client; also an IP address sent as SNI, which RFC
   6066 3 forbids but some tools do): the first configured certificate whose
-  files loaded. **An SNI name that is not configured**: the handshake fails
-  with an ``unrecognized_name`` alert (RFC 6066 3), so a scanner learns nothing
-  from a certificate chosen by default.
+  files loaded. **An SNI name that is not configured**: the handshake is
+  aborted (the SNI callback answers ``unrecognized_name``, RFC 6066 3; the
+  event loop closes the connection without flushing that alert, so a client
+  sees the connection end), so a scanner learns nothing from a certificate
+  chosen by default.
 - After a renewal, ``TlsContexts.reload_certificate`` builds a new context and
   swaps it in: the next handshake gets the new certificate; connections already
   open keep theirs. Nothing restarts.
@@ -90,15 +92,17 @@ class Site:
     """What the handlers answer from: configured host names and rendered policies."""
 
     hosts: frozenset[str]
-    policies: dict[str, str] = field(default_factory=dict)  # "mta-sts.DOMAIN" -> policy text
+    # "mta-sts.DOMAIN" -> the rendered policy, encoded once here rather than on every request.
+    policies: dict[str, bytes] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Config) -> Site:
+        """Raises ``LocalError`` when an MTA-STS state file is unreadable (nothing is changed then)."""
         # RFC 8461 8.3: a domain being withdrawn keeps serving its "mode: none" policy until
         # its _mta-sts record is gone (the history says which); it needs its certificate until then.
         hosts = config.host_names()
         serve = mtasts_state.domains_to_serve(config)
-        policies = {f"mta-sts.{d}": p.render() for d, p in serve.items() if f"mta-sts.{d}" in hosts}
+        policies = {f"mta-sts.{d}": p.render().encode("ascii") for d, p in serve.items() if f"mta-sts.{d}" in hosts}
         return cls(hosts=hosts, policies=policies)
 
 
@@ -140,13 +144,17 @@ class Handlers:
         return web.Response(body=answer.encode("ascii"), content_type="application/octet-stream")
 
     async def https(self, request: BaseRequest) -> web.StreamResponse:
-        host = request_host(request)
-        policy = self.site.policies.get(host or "")
+        policies = self.site.policies
+        # Fast path: a Host header that is exactly a configured name (what senders send) needs
+        # no parsing; anything else (a port, upper case, a root dot) is normalised first.
+        policy = policies.get(request.headers.get("Host", "")) or policies.get(request_host(request) or "")
         if policy is None or request.method not in ("GET", "HEAD") or request.rel_url.raw_path != WELL_KNOWN_PATH:
             return _not_found()
         # RFC 8461 3.3: 200, media type text/plain, never a redirect.
-        return web.Response(body=policy.encode("ascii"), content_type=MEDIA_TYPE,
-                            headers={"Cache-Control": "no-cache"})
+        return web.Response(body=policy, headers=_POLICY_HEADERS)
+
+
+_POLICY_HEADERS = {"Content-Type": MEDIA_TYPE, "Cache-Control": "no-cache"}
 
 
 def _path_and_query(request: BaseRequest) -> str:
@@ -184,7 +192,11 @@ class TlsContexts:
         self.front.sni_callback = self._choose
 
     def load_all(self, certificates: Iterable[CertificateConfig]) -> list[str]:
-        """(Re)load every certificate; return one line per certificate that could not be loaded."""
+        """(Re)load every certificate; return one line per certificate that could not be loaded.
+
+        A certificate already served whose files cannot be loaded now (say, read
+        half-way through an install by another process) keeps being served.
+        """
         certificates = tuple(certificates)
         problems: list[str] = []
         loaded: dict[str, ssl.SSLContext] = {}
@@ -192,7 +204,10 @@ class TlsContexts:
             try:
                 loaded[cert.name] = certificate_context(cert)
             except LocalError as exc:
-                problems.append(str(exc))
+                previous = self._by_cert.get(cert.name)
+                if previous is not None:
+                    loaded[cert.name] = previous
+                problems.append(f"{exc}{'; still serving the certificate loaded before' if previous else ''}")
         with self._lock:
             self._certificates = certificates
             self._by_cert = loaded
@@ -320,7 +335,9 @@ class WebServer:
             log.info("listening on %s (%s)", address, scheme)
 
     def reload(self, config: Config) -> None:
-        """SIGHUP: new host names, policies and certificates; listen addresses need a restart."""
+        """SIGHUP: new host names, policies and certificates; listen addresses need a restart.
+
+        Raises ``LocalError`` before changing anything when the new site cannot be built."""
         self.handlers.site = Site.from_config(config)
         self._certificates = config.certificates
         for problem in self.tls.load_all(config.certificates):
@@ -336,10 +353,10 @@ class WebServer:
             log.error("%s", exc)
 
     async def stop(self) -> None:
+        """Close the listening sockets; open requests get ``shutdown_timeout`` in all (not per listener)."""
         for server in self._servers:
             server.close()
-        for protocol in self._protocols:
-            await protocol.shutdown(self.limits.shutdown_timeout)
+        await asyncio.gather(*(protocol.shutdown(self.limits.shutdown_timeout) for protocol in self._protocols))
         self._servers.clear()
         self._protocols.clear()
         self._close_sockets()

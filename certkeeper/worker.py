@@ -11,7 +11,7 @@ The protocol, JSON lines (render + parse side by side below):
 - daemon → worker, stdin: first ``{"config_path", "config_text", "job",
   "args", "foreground", "verbosity"}`` (the configuration the daemon runs
   with, so a broken file on disk after a refused SIGHUP does not matter); then
-  one ``ok`` line for each ``challenge`` message.
+  one ``ok`` line for each ``challenge`` message it serves (``no`` if it refuses one).
 - worker → daemon, stdout: ``{"challenge": [TOKEN, KEY_AUTHORIZATION]}`` (the
   worker waits for the daemon's ``ok`` before the ACME server is told to
   validate), ``{"unchallenge": TOKEN}``, ``{"installed": NAME}`` (the daemon
@@ -56,11 +56,39 @@ def render(**message: Any) -> bytes:
     return json.dumps(message).encode() + b"\n"
 
 
-def parse_message(raw: bytes) -> dict[str, Any]:
-    data = json.loads(raw)
-    if not isinstance(data, dict):
+def parse_message(raw: bytes) -> tuple[str, Any]:
+    """One worker → daemon message as (kind, value), checked against the protocol above.
+
+    ``challenge`` → (token, key authorization); ``unchallenge``, ``installed``, ``line`` → str;
+    ``exit`` → (code, soonest datetime or None). Anything else raises ``ValueError``.
+    """
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not data:
         raise ValueError(f"not a worker message: {raw[:80]!r}")
-    return data
+    kind = next(iter(data))
+    value = data[kind]
+    if kind == "challenge" and isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+        return kind, (value[0], value[1])
+    if kind in ("unchallenge", "installed", "line") and isinstance(value, str):
+        return kind, value
+    if kind == "exit" and isinstance(value, int) and not isinstance(value, bool):
+        return kind, (value, _soonest(data.get("next"), raw))
+    raise ValueError(f"not a worker message: {raw[:80]!r}")
+
+
+def _soonest(value: object, raw: bytes) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise ValueError(f"not a worker message (bad time): {raw[:80]!r}")
+    return when
 
 
 class Channel:
@@ -77,12 +105,12 @@ class Channel:
             self._out.flush()
 
     def ask(self, **message: Any) -> None:
-        """Send and wait for the daemon's ``ok``."""
+        """Send and wait for the daemon's ``ok`` (it answers ``no`` to a message it refuses)."""
         with self._lock:
             self._out.write(render(**message))
             self._out.flush()
             if self._acks.readline().strip() != b"ok":
-                raise CertkeeperError("the daemon did not acknowledge a challenge")
+                raise CertkeeperError("the daemon did not accept the HTTP-01 challenge")
 
     def line(self, text: str) -> None:
         self.send(line=text)
@@ -217,6 +245,11 @@ def main(stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None) -> int
         code, soonest = 1, None
     except CertkeeperError as exc:
         channel.line(f"certkeeper: {exc}")
+        code, soonest = 1, None
+    except Exception as exc:  # noqa: BLE001 - a bug: one line to the log (stderr is /dev/null when detached)
+        message = " ".join(str(exc).split())
+        log.error("%s job: internal error: %s: %s", request["job"], type(exc).__name__, message)
+        channel.line(f"certkeeper: internal error: {type(exc).__name__}: {message}")
         code, soonest = 1, None
     channel.send(exit=code, next=soonest.isoformat() if soonest else None)
     return code

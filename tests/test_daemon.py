@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -95,20 +96,236 @@ def test_worker_channel_waits_for_the_daemons_ok():
         added = threading.Event()
         adder = threading.Thread(target=lambda: (table.add("tok-1", "tok-1.thumb"), added.set()))
         adder.start()
-        assert parse_message(daemon_in.readline()) == {"challenge": ["tok-1", "tok-1.thumb"]}
+        assert parse_message(daemon_in.readline()) == ("challenge", ("tok-1", "tok-1.thumb"))
         assert not added.wait(0.2)  # still waiting for the daemon
         daemon_out.write(b"ok\n")
         daemon_out.flush()
         adder.join(5)
         assert added.is_set() and table.get("tok-1") == "tok-1.thumb"
         table.remove("tok-1")
-        assert parse_message(daemon_in.readline()) == {"unchallenge": "tok-1"}
+        assert parse_message(daemon_in.readline()) == ("unchallenge", "tok-1")
 
 
 @pytest.mark.parametrize("raw", [b"not json\n", b'["renew"]\n', b'{"command": 1}\n'])
 def test_bad_requests_are_refused(raw):
     with pytest.raises(ValueError):
         control.parse_request(raw)
+
+
+def test_worker_messages_round_trip_and_garbage_is_refused():
+    from datetime import UTC, datetime
+
+    from certkeeper.worker import parse_message, render
+
+    when = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert parse_message(render(exit=2, next=when.isoformat())) == ("exit", (2, when))
+    assert parse_message(render(exit=0, next=None)) == ("exit", (0, None))
+    assert parse_message(render(installed="a")) == ("installed", "a")
+    for raw in (b"hello\n", b"[]\n", b"{}\n", b'{"line": 5}\n', b'{"challenge": ["only-one"]}\n',
+                b'{"exit": true}\n', b'{"exit": "0"}\n', b'{"exit": 0, "next": "soon"}\n',
+                b'{"exit": 0, "next": "2030-01-01T00:00:00"}\n', b'{"frobnicate": "x"}\n'):
+        with pytest.raises(ValueError, match="not a worker message"):
+            parse_message(raw)
+
+
+async def test_control_socket_survives_bad_slow_and_vanishing_clients(tmp_path):
+    config = minimal_config(tmp_path)
+    release = asyncio.Event()
+    finished: list[str] = []
+
+    async def renew(payload, emit):
+        emit("started")
+        if payload.get("wait"):
+            await release.wait()  # a long renewal: its client goes away meanwhile
+            emit("more lines after the client left")
+        finished.append(str(payload.get("wait", False)))
+        return 0
+
+    async def status(payload, emit):
+        raise RuntimeError("a bug\nover two lines")
+
+    server = control.ControlServer(control.bind_socket(config.control_socket), config.control_socket,
+                                   {"renew": renew, "status": status})
+    await server.start()
+    try:
+        # A client that asks for a long renewal and disconnects mid-stream: the work goes on.
+        reader, writer = await asyncio.open_unix_connection(str(config.control_socket))
+        writer.write(control.render_request("renew", {"wait": True}))
+        assert control.parse_answer(await reader.readline()) == ("started", None)
+        writer.close()
+        # An oversized request, a silent client and garbage do not stop others.
+        big_reader, big_writer = await asyncio.open_unix_connection(str(config.control_socket))
+        big_writer.write(b"x" * (control.MAX_REQUEST + 10) + b"\n")
+        assert await asyncio.wait_for(big_reader.read(), 5) == b""  # dropped
+        big_writer.close()
+        _, silent = await asyncio.open_unix_connection(str(config.control_socket))
+        # Concurrent requests: all answered while the first renewal still runs.
+        outs = [io.StringIO() for _ in range(3)]
+        codes = await asyncio.gather(*(asyncio.to_thread(control.forward, config, "renew", {}, out) for out in outs))
+        assert codes == [0, 0, 0] and all(out.getvalue() == "started\n" for out in outs)
+        out = io.StringIO()
+        assert await asyncio.to_thread(control.forward, config, "status", {}, out) == 1
+        assert out.getvalue() == "certkeeper: internal error: RuntimeError: a bug over two lines\n"
+        silent.close()
+        release.set()
+        for _ in range(100):
+            if "True" in finished:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(finished) == ["False", "False", "False", "True"]
+    finally:
+        await server.stop()
+
+
+def test_one_daemon_per_socket_and_a_stale_socket_is_replaced(tmp_path):
+    config = minimal_config(tmp_path)
+    path = config.control_socket
+    first = control.ControlServer.bind(path, {})
+    try:
+        # A second daemon is refused by the lock, even before the first one listens.
+        first.sock.close()
+        with pytest.raises(LocalError, match="another certkeeper daemon is running"):
+            control.ControlServer.bind(path, {})
+    finally:
+        os.close(first.lock_fd)  # as if it crashed: the kernel drops the lock, the socket file stays
+    assert path.exists() and not control.daemon_listening(path)
+    second = control.ControlServer.bind(path, {})
+    first.lock_fd = -1
+    first.close()  # the crashed one's clean-up must not remove the live daemon's socket
+    try:
+        assert control.daemon_listening(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        second.close()
+    assert not path.exists()
+    control.ControlServer.bind(path, {}).close()  # and the lock is free again
+
+
+# ---------------------------------------------------------------------------
+# Worker processes that crash, hang or print garbage (a stand-in script, real processes).
+
+FAKE_WORKER = r"""
+import json, sys, time
+request = json.loads(sys.stdin.readline())
+args = request["args"]
+def send(**m):
+    sys.stdout.write(json.dumps(m) + "\n"); sys.stdout.flush()
+mode = args["mode"]
+if mode == "crash":
+    send(challenge=["tok-crash", "tok-crash.thumb"]); sys.stdin.readline(); sys.exit(3)
+if mode == "garbage":
+    sys.stdout.write("hello\n"); send(line=5); send(line="still talking"); send(exit=2, next=None)
+if mode == "hang":
+    send(challenge=["tok-hang", "tok-hang.thumb"]); sys.stdin.readline(); time.sleep(60)
+if mode == "refused":
+    send(challenge=["../etc", "x"]); send(line=sys.stdin.readline().strip()); send(exit=1, next=None)
+if mode == "lingers":
+    send(exit=0, next="2030-01-01T00:00:00+00:00"); time.sleep(60)
+if mode == "log":
+    with open(args["log"], "a") as f: f.write("start\n")
+    time.sleep(0.2)
+    with open(args["log"], "a") as f: f.write("end\n")
+    send(exit=0, next=None)
+"""
+
+
+@pytest.fixture
+async def fake_daemon(tmp_path, monkeypatch):
+    from certkeeper import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module.Worker, "command", (sys.executable, "-c", FAKE_WORKER))
+    monkeypatch.setattr(daemon_module, "EXIT_GRACE", 0.2)
+    text = f'control_socket = "{tmp_path}/ck.sock"\nstate_dir = "{tmp_path}/state"\n' + """
+[[certificate]]
+name = "a.example.com"
+domains = ["a.example.com"]
+key = "/nonexistent/a.key"
+cert = "/nonexistent/a.crt"
+chain = "/nonexistent/a.chain"
+fullchain = "/nonexistent/a.fullchain"
+"""
+    d = daemon_module.Daemon(parse(text, tmp_path / "ck.toml"), text)
+    d.stopping = asyncio.Event()
+    return d
+
+
+async def run_fake(d, mode: str, idle: float | None = None, **args):
+    from certkeeper.daemon import Worker
+
+    lines: list[str] = []
+    w = Worker(d, "renew", {"mode": mode, **args}, lines.append)
+    if idle is not None:
+        w.idle_timeout = idle
+    try:
+        return await w.run(), lines, w
+    finally:
+        assert await asyncio.wait_for(w.proc.wait(), 5) is not None  # never left running
+        assert d.workers == set()
+
+
+async def test_a_crashing_worker_is_an_error_and_its_challenge_is_withdrawn(fake_daemon):
+    with pytest.raises(LocalError, match=r"the renew worker ended without a result \(exit status 3\)"):
+        await run_fake(fake_daemon, "crash")
+    assert fake_daemon.challenges.get("tok-crash") is None
+
+
+async def test_a_hanging_worker_is_killed_after_the_idle_timeout(fake_daemon):
+    with pytest.raises(LocalError, match="the renew worker sent nothing for 0.5 s; stopped it"):
+        await run_fake(fake_daemon, "hang", idle=0.5)
+    assert fake_daemon.challenges.get("tok-hang") is None
+
+
+async def test_garbage_from_a_worker_is_skipped(fake_daemon):
+    (result, lines, _) = await run_fake(fake_daemon, "garbage")
+    assert result == (2, None) and lines == ["still talking"]
+
+
+async def test_a_bad_challenge_is_refused_and_a_lingering_worker_killed(fake_daemon):
+    from datetime import UTC, datetime
+
+    (result, lines, _) = await run_fake(fake_daemon, "refused")
+    assert result == (1, None) and lines == ["no"] and len(fake_daemon.challenges) == 0
+    (result, _, w) = await run_fake(fake_daemon, "lingers")
+    assert result == (0, datetime(2030, 1, 1, tzinfo=UTC)) and w.proc.returncode == -signal.SIGKILL
+
+
+async def test_two_renewals_of_one_certificate_never_overlap(fake_daemon, tmp_path):
+    log = tmp_path / "runs.log"
+    args = {"names": ["a.example.com"], "force": True, "mode": "log", "log": str(log)}
+    def quiet(line: str) -> None:
+        pass
+
+    await asyncio.gather(fake_daemon.renew(dict(args), quiet), fake_daemon.renew(dict(args), quiet),
+                         fake_daemon.renew({**args, "names": []}, quiet))  # a check of all names
+    assert log.read_text() == "start\nend\n" * 3
+
+
+async def test_sighup_with_unreadable_mta_sts_state_changes_nothing(fake_daemon, caplog):
+    d = fake_daemon
+    d.reload_lock = asyncio.Lock()
+    d.config.path.write_text(d.config_text.replace("a.example.com", "b.example.com"))
+    corrupt = d.config.state_dir / "mta-sts" / "gone.example.json"
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_text("{not json")
+    running, site = d.config, d.web.handlers.site
+    await d.reload()
+    assert d.config is running and d.web.handlers.site is site
+    [line] = [r.getMessage() for r in caplog.records if "not reloaded" in r.getMessage()]
+    assert line.startswith("configuration not reloaded, keeping the running one: ")
+    assert str(corrupt) in line and "\n" not in line
+
+
+async def test_late_scheduled_runs_are_never_dropped(fake_daemon):
+    fake_daemon.loop = asyncio.get_running_loop()
+    scheduler = fake_daemon._start_scheduler()
+    try:
+        jobs = scheduler.get_jobs()
+        assert {j.id for j in jobs} == {"check", "hourly"}
+        assert all(j.misfire_grace_time is None and j.coalesce for j in jobs)
+        first = next(j for j in jobs if j.id == "check").next_run_time
+        assert timedelta(0) < first - datetime.now(UTC) <= timedelta(hours=12)  # a random second in 12 h
+    finally:
+        scheduler.shutdown(wait=False)
 
 
 # ---------------------------------------------------------------------------
@@ -253,11 +470,22 @@ def test_status_through_the_control_socket(daemon):
     assert "daemon: pid" in result.stdout
 
 
+def test_a_second_daemon_is_refused_and_the_first_keeps_its_socket(daemon):
+    result = daemon.cli("run", "-d")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == \
+        [f"certkeeper: {daemon.config.control_socket}: another certkeeper daemon is running"]
+    assert control.daemon_listening(daemon.config.control_socket)
+    assert daemon.cli("status").returncode == 0
+
+
 def test_sighup_with_a_broken_config_keeps_serving(daemon):
     daemon.config_path.write_text(daemon.config_text + "\n[acme]\nbroken = \n")
     try:
         os.kill(daemon.proc.popen.pid, signal.SIGHUP)
         daemon.wait_for_log("configuration not reloaded, keeping the running one")
+        [line] = [x for x in daemon.proc.output().splitlines() if "configuration not reloaded" in x]
+        assert str(daemon.config_path) in line  # one line, naming the file at fault
         assert daemon.fetch_policy()[0] == 200
     finally:
         daemon.config_path.write_text(daemon.config_text)
@@ -297,10 +525,19 @@ def test_sigterm_during_a_renewal_stops_within_five_seconds_and_leaves_whole_set
         while daemon.proc.output().count("renewing (forced)") == before:
             assert time.monotonic() < deadline, daemon.proc.output()[-3000:]
             time.sleep(0.01)
+        # Open connections do not hold the stop up: an idle keep-alive TLS one, one that never shook hands.
+        idle_tls = daemon.client_context().wrap_socket(
+            socket.create_connection(("127.0.0.1", daemon.https_port), timeout=10), server_hostname=NAMES[1])
+        no_handshake = socket.create_connection(("127.0.0.1", daemon.https_port), timeout=10)
         os.kill(daemon.proc.popen.pid, signal.SIGTERM)
         assert daemon.proc.popen.wait(timeout=5) == 0
+        idle_tls.close()
+        no_handshake.close()
     finally:
         renew.wait(30)
+    answer = renew.stdout.read().decode()
+    assert "Traceback" not in answer  # finished in the grace time, or one "certkeeper: ..." line and exit 1
+    assert renew.returncode == 0 or answer.splitlines()[-1].startswith("certkeeper: "), answer
     assert not daemon.config.pid_file.exists()
     assert not daemon.config.control_socket.exists()
     # Each set on disk is whole: the key matches the certificate (old or new), and no temp file is left
@@ -321,23 +558,32 @@ def test_failure_backs_off_and_the_state_survives(pebble, tmp_path):
     config_path = tmp_path / "certkeeper.toml"
     config_path.write_text(text)
     config = parse(text, config_path)
-    proc = Process("certkeeper", [sys.executable, "-m", "certkeeper", "-c", str(config_path), "run", "-d"],
-                   tmp_path / "daemon.log", cwd=Path(__file__).parent.parent)
-    try:
-        deadline = time.monotonic() + 30
-        while "next renewal check at" not in proc.output():
-            assert proc.popen.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
-            time.sleep(0.1)
-    finally:
-        proc.stop()
     from certkeeper.state import load_cert_state
 
+    def run_until_planned(log_name: str) -> str:
+        proc = Process("certkeeper", [sys.executable, "-m", "certkeeper", "-c", str(config_path), "run", "-d"],
+                       tmp_path / log_name, cwd=Path(__file__).parent.parent)
+        try:
+            deadline = time.monotonic() + 30
+            while "next renewal check at" not in proc.output():
+                assert proc.popen.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
+                time.sleep(0.1)
+        finally:
+            proc.stop()
+        return proc.output()
+
+    output = run_until_planned("daemon.log")
     state = load_cert_state(config.state_dir, "down.example.com")
     assert state.consecutive_failures == 1 and state.retry_not_before is not None
-    assert "down.example.com: failed" in proc.output()
+    assert "down.example.com: failed" in output
     # The extra check is planned for the end of the backoff that the runner saved.
-    planned = proc.output().split("next renewal check at ")[1][:19]
-    assert planned == state.retry_not_before.strftime("%Y-%m-%d %H:%M:%S")
+    retry = state.retry_not_before.strftime("%Y-%m-%d %H:%M:%S")
+    assert output.split("next renewal check at ")[1][:19] == retry
+    # A restart inside the backoff does not try again at start-up: it plans the same retry.
+    output = run_until_planned("daemon-restarted.log")
+    assert "down.example.com: renewing" not in output
+    assert load_cert_state(config.state_dir, "down.example.com").consecutive_failures == 1
+    assert output.split("next renewal check at ")[1][:19] == retry
 
 
 def test_detaches_without_d(pebble, tmp_path):

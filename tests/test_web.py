@@ -133,11 +133,14 @@ async def test_other_hosts_get_404_never_a_redirect(http_client, host):
     assert "Location" not in resp.headers
 
 
-async def test_mta_sts_policy_is_served(https_client):
-    resp = await https_client.get("/.well-known/mta-sts.txt", headers={"Host": "mta-sts.example.com"})
+@pytest.mark.parametrize("host", ["mta-sts.example.com", "MTA-STS.Example.com:443", "mta-sts.example.com."])
+async def test_mta_sts_policy_is_served(https_client, host):
+    resp = await https_client.get("/.well-known/mta-sts.txt", headers={"Host": host}, allow_redirects=False)
     assert resp.status == 200
     assert resp.headers["Content-Type"] == "text/plain"
     assert await resp.read() == POLICY.encode()
+    head = await https_client.head("/.well-known/mta-sts.txt", headers={"Host": host})
+    assert head.status == 200 and head.headers["Content-Length"] == str(len(POLICY))
 
 
 @pytest.mark.parametrize("method, host, path", [
@@ -268,6 +271,16 @@ async def test_renewed_certificate_goes_to_the_next_handshake_and_open_connectio
     assert await handshake_serial(port, client_context(ca), name) == new_serial
 
 
+async def test_reload_keeps_serving_a_certificate_whose_files_are_unreadable_now(server, ca):
+    name = "mta-sts.example.com"
+    serial = certs.parse_cert(server.config.certificate(name).fullchain.read_bytes()).serial
+    server.config.certificate(name).key.write_bytes(b"half-written\n")
+    problems = await asyncio.to_thread(server.tls.load_all, server.config.certificates)
+    assert len(problems) == 1 and problems[0].startswith(f"{name}: cannot load")
+    assert problems[0].endswith("still serving the certificate loaded before")
+    assert await handshake_serial(port_of(server, "https"), client_context(ca), name) == serial
+
+
 async def test_reload_serves_the_new_policy(server, ca, tmp_path):
     http_port, https_port = port_of(server, "http"), port_of(server, "https")
     config = make_config(tmp_path, http_port, https_port, mode="testing")
@@ -363,7 +376,7 @@ def test_a_withdrawn_domain_keeps_serving_mode_none_until_its_record_is_gone(tmp
     withdrawn = Config(path=configured.path, state_dir=configured.state_dir, http=configured.http,
                        certificates=configured.certificates)  # the same, without [[mta_sts]]
     site = Site.from_config(withdrawn)
-    assert site.policies["mta-sts.example.com"].startswith("version: STSv1\r\nmode: none\r\n")
+    assert site.policies["mta-sts.example.com"].startswith(b"version: STSv1\r\nmode: none\r\n")
     # Once the record is removed (the history says so), nothing is served any more.
     from dataclasses import replace
 
