@@ -403,6 +403,8 @@ class Daemon:
         """A job whose lines only go to the log (MTA-STS publishing, the hourly DKIM/expiry work).
 
         Runs of one job never overlap (start-up, SIGHUP and the scheduler may ask at once)."""
+        if job == "hourly" and not (self.config.dkim or self.config.alerts.mail_to or self.config.alerts.command):
+            return  # nothing to rotate and nobody to warn: no worker process
         async with self.job_locks.setdefault(job, asyncio.Lock()):
             if self.stopping.is_set():
                 return
