@@ -36,7 +36,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
+# Loopback only, here and in every Python process started from here (see tests/loopback_only).
+os.environ["PYTHONPATH"] = os.pathsep.join((str(ROOT / "tests" / "loopback_only"), str(ROOT)))
+import tests.loopback_only.sitecustomize  # noqa: E402, F401
+from tests.fixtures.bind import BindServer, new_bind  # noqa: E402
 from tests.fixtures.pebble import Pebble, start_pebble  # noqa: E402
 from tests.fixtures.peers import Process, free_port, wait_for_port  # noqa: E402
 
@@ -100,10 +103,14 @@ def certkeeper_obtained(workdir: Path, names: tuple[str, ...]) -> Callable[[], b
     return lambda: all((workdir / "ssl" / f"{name}.fullchain.pem").exists() for name in names)
 
 
-def bench_certkeeper_start(pebble: Pebble, workdir: Path) -> tuple[float, float, Process, int]:
+def bench_certkeeper_start(pebble: Pebble, workdir: Path, bind: BindServer) -> tuple[float, float, Process, int]:
     """(seconds to both certificates, idle RSS MB, the running process, its HTTPS port)."""
     https_port = free_port()
-    config = certkeeper_config(pebble, workdir, NAMES, https_port, MTA_STS)
+    roots = workdir / "pebble-roots.pem"
+    roots.write_bytes(b"".join(pebble.issuer_roots()))
+    # The MTA-STS id goes to a local BIND, after the daemon fetched its own policy at 127.0.0.1.
+    dns = bind.dns_toml(mta_sts_fetch_address=f"127.0.0.1:{https_port}", mta_sts_fetch_ca=str(roots))
+    config = certkeeper_config(pebble, workdir, NAMES, https_port, MTA_STS + dns)
     started = time.monotonic()
     proc = start_certkeeper(config, workdir)
     wait_until(certkeeper_obtained(workdir, NAMES), 120, "certkeeper's two certificates", proc)
@@ -275,15 +282,19 @@ def main() -> int:
     print(f"work directory: {work}")
     print(f"certkeeper event loop: {event_loop()}")
     with start_pebble(work / "pebble") as pebble:
-        run_all(pebble, work, args)
+        bind = new_bind(work / "bind", zone="example.com")
+        try:
+            run_all(pebble, work, args, bind)
+        finally:
+            bind.stop()
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def run_all(pebble: Pebble, work: Path, args: argparse.Namespace) -> None:
+def run_all(pebble: Pebble, work: Path, args: argparse.Namespace, bind: BindServer) -> None:
     ck_dir = work / "certkeeper"
     ck_dir.mkdir()
-    ck_time, ck_rss, ck_proc, ck_port = bench_certkeeper_start(pebble, ck_dir)
+    ck_time, ck_rss, ck_proc, ck_port = bench_certkeeper_start(pebble, ck_dir, bind)
     try:
         print(f"start to both certificates: certkeeper {ck_time:6.2f} s")
         print(f"idle RSS, two certificates: certkeeper {ck_rss:6.1f} MB")

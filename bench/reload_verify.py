@@ -11,6 +11,7 @@ the smtpd restart, the dovecot reload and the probes of all four endpoints
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import sys
@@ -18,8 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# Loopback only, here and in every Python process started from here (see tests/loopback_only).
+os.environ["PYTHONPATH"] = os.pathsep.join((str(ROOT / "tests" / "loopback_only"), str(ROOT)))
+import tests.loopback_only.sitecustomize  # noqa: E402, F401
 from certkeeper import reload  # noqa: E402
 from certkeeper.config import Config, HookConfig  # noqa: E402
 from certkeeper.store import CertificateStore  # noqa: E402

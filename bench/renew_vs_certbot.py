@@ -20,7 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
+# Loopback only, here and in every Python process started from here (see tests/loopback_only).
+os.environ["PYTHONPATH"] = os.pathsep.join((str(ROOT / "tests" / "loopback_only"), str(ROOT)))
+import tests.loopback_only.sitecustomize  # noqa: E402, F401
 from tests.fixtures.pebble import start_pebble  # noqa: E402
 
 CERTBOT_VENV = Path("/tmp/certkeeper-bench-certbot")
@@ -48,6 +50,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     certbot_exe = certbot()
+    # An installed package is byte-compiled (pip does it; certbot's is): do the same for this checkout,
+    # so the figure does not include compiling certkeeper's sources (PYTHONDONTWRITEBYTECODE may be set).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "certkeeper")], check=True)
     with tempfile.TemporaryDirectory() as tmp, start_pebble(Path(tmp) / "pebble") as pebble:
         work = Path(tmp)
         conf = work / "certkeeper.toml"

@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -355,7 +354,7 @@ class Daemon:
     async def _start_metrics(self) -> None:
         """``[metrics] listen`` (off by default): certkeeper.metrics serves /metrics from a thread here."""
         self._stop_metrics: Callable[[], None] = lambda: None
-        if not self.config.metrics.listen or importlib.util.find_spec("certkeeper.metrics") is None:
+        if not self.config.metrics.listen:
             return
         from certkeeper import metrics
 

@@ -20,14 +20,12 @@ The protocol, JSON lines (render + parse side by side below):
   names: planned renewal, ARI window or end of backoff).
 
 Logs go to syslog or stderr exactly as the daemon's do. This is also the one
-place where the optional parts (``mtasts_publish``, ``rotation``, ``alerts``)
-are composed, each only when its module exists.
+place where the daemon's other work (``mtasts_publish``, ``rotation``,
+``alerts``) is composed; a failure of one part is logged and never stops another.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -35,7 +33,6 @@ import sys
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
-from types import ModuleType
 from typing import IO, Any
 
 from certkeeper import logs
@@ -132,17 +129,11 @@ class RelayedChallenges(ChallengeTable):
         self._channel.send(unchallenge=token)
 
 
-def _optional(name: str) -> ModuleType | None:
-    if importlib.util.find_spec(name) is None:
-        return None
-    return importlib.import_module(name)
-
-
 def _guard(what: str, work: Callable[[], object]) -> None:
-    """Run one optional part; a failure is logged as one line and never stops the job."""
+    """Run one part of a job; a failure is logged as one line and never stops the other parts."""
     try:
         work()
-    except Exception as exc:  # noqa: BLE001 - one optional part must never stop another
+    except Exception as exc:  # noqa: BLE001 - one part must never stop another
         log.error("%s failed: %s", what, " ".join(str(exc).split()) or type(exc).__name__)
 
 
@@ -164,10 +155,9 @@ def job_renew(config: Config, args: dict[str, Any], channel: Channel) -> tuple[i
 
 
 def _alert(config: Config, report: Any) -> None:
-    alerts = _optional("certkeeper.alerts")
-    if alerts is None or not hasattr(alerts, "Alerter"):
-        return
-    alerter = alerts.Alerter(config)
+    from certkeeper.alerts import Alerter
+
+    alerter = Alerter(config)
     for outcome in report.outcomes:
         if outcome.status == "failed":
             _guard("alert", lambda o=outcome: alerter.renewal_failed(o.name, o.detail, _serving_until(config, o.name)))
@@ -187,9 +177,8 @@ def _serving_until(config: Config, name: str) -> datetime | None:
 
 
 def job_status(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
-    status = _optional("certkeeper.status")
-    if status is None:
-        return 0, None
+    from certkeeper import status
+
     doc = status.collect(config, args.get("names") or None)
     if args.get("json"):
         doc["daemon"] = args.get("daemon", {})
@@ -204,21 +193,20 @@ def job_status(config: Config, args: dict[str, Any], channel: Channel) -> tuple[
 def job_publish(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
     """Start-up and SIGHUP: publish each MTA-STS policy's id (the daemon serves the policy by then),
     and withdraw removed domains (RFC 8461 8.3); returns when a withdrawal can next progress."""
-    module = _optional("certkeeper.mtasts_publish")
-    if module is None:
-        return 0, None
-    _guard("MTA-STS publishing", lambda: module.publish_all(config, channel.line))
-    return 0, module.next_due(config)
+    from certkeeper import mtasts_publish, mtasts_state
+
+    _guard("MTA-STS publishing", lambda: mtasts_publish.publish_all(config, channel.line))
+    return 0, mtasts_state.next_due(config)
 
 
 def job_hourly(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
     """DKIM rotation steps that are due, and expiry warnings."""
-    rotation = _optional("certkeeper.rotation")
-    if rotation is not None and config.dkim:
+    from certkeeper import rotation
+    from certkeeper.alerts import Alerter
+
+    if config.dkim:
         _guard("DKIM rotation", lambda: rotation.run_due(config, datetime.now(UTC), channel.line))
-    alerts = _optional("certkeeper.alerts")
-    if alerts is not None and hasattr(alerts, "Alerter"):
-        _guard("expiry check", lambda: alerts.Alerter(config).check_expiry())
+    _guard("expiry check", lambda: Alerter(config).check_expiry())
     return 0, None
 
 

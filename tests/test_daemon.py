@@ -24,6 +24,7 @@ import pytest
 from certkeeper import certs, control
 from certkeeper.config import parse
 from certkeeper.errors import LocalError
+from tests.fixtures.bind import new_bind
 from tests.fixtures.peers import Process, free_port, wait_for_port
 
 NAMES = ("mail.example.com", "mta-sts.example.com")
@@ -36,6 +37,7 @@ max_age = 604800
 certificate = "mta-sts.example.com"
 """
 POLICY = b"version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmax_age: 604800\r\n"
+TLSRPT = '[tlsrpt]\nrua = ["mailto:tlsrpt@example.com"]\n'
 
 
 # ---------------------------------------------------------------------------
@@ -335,17 +337,24 @@ async def test_late_scheduled_runs_are_never_dropped(fake_daemon):
 class Daemon:
     """A running ``certkeeper run -d`` and what a test needs to talk to it."""
 
-    def __init__(self, tmp_path: Path, pebble) -> None:
+    def __init__(self, tmp_path: Path, pebble, bind) -> None:
         self.tmp_path = tmp_path
         self.https_port = free_port()
         self.metrics_port = free_port()
         self.http_port = pebble.http01_port
+        self.bind = bind
+        self.roots = pebble.issuer_roots()
+        roots_file = tmp_path / "pebble-roots.pem"
+        roots_file.write_bytes(b"".join(self.roots))
+        # The daemon publishes _mta-sts and _smtp._tls to a real BIND, after fetching its own policy at
+        # 127.0.0.1 (SNI mta-sts.example.com): nothing leaves loopback.
+        dns = bind.dns_toml(mta_sts_fetch_address=f"127.0.0.1:{self.https_port}", mta_sts_fetch_ca=str(roots_file))
         self.config_path = tmp_path / "certkeeper.toml"
-        self.config_text = pebble.config_text(tmp_path, NAMES, tls_listen=[f"127.0.0.1:{self.https_port}"],
-                                              extra=MTA_STS + f'[metrics]\nlisten = "127.0.0.1:{self.metrics_port}"\n')
+        self.config_text = pebble.config_text(
+            tmp_path, NAMES, tls_listen=[f"127.0.0.1:{self.https_port}"],
+            extra=MTA_STS + TLSRPT + dns + f'[metrics]\nlisten = "127.0.0.1:{self.metrics_port}"\n')
         self.config_path.write_text(self.config_text)
         self.config = parse(self.config_text, self.config_path)
-        self.roots = pebble.issuer_roots()
         self.log = tmp_path / "daemon.log"
         self.proc = Process("certkeeper", [sys.executable, "-m", "certkeeper", "-c", str(self.config_path),
                                            "run", "-d"], self.log, cwd=Path(__file__).parent.parent)
@@ -387,12 +396,16 @@ class Daemon:
 
 @pytest.fixture(scope="module")
 def daemon(pebble, tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("daemon"), pebble)
+    bind = new_bind(tmp_path_factory.mktemp("bind"), zone="example.com")
     try:
-        wait_for_port(d.https_port, proc=d.proc)
-        yield d
+        d = Daemon(tmp_path_factory.mktemp("daemon"), pebble, bind)
+        try:
+            wait_for_port(d.https_port, proc=d.proc)
+            yield d
+        finally:
+            d.proc.stop()
     finally:
-        d.proc.stop()
+        bind.stop()
 
 
 def test_obtains_both_certificates_at_start(daemon):
@@ -408,6 +421,21 @@ def test_serves_the_policy_over_https_with_pebbles_certificate(daemon):
     status, content_type, body, serial = daemon.fetch_policy()
     assert (status, content_type, body) == (200, "text/plain", POLICY)
     assert serial == daemon.serial_on_disk("mta-sts.example.com")
+
+
+def test_publishes_the_mta_sts_id_and_tlsrpt_after_serving_the_policy(daemon):
+    """Issue 5 at start-up: the daemon serves the policy, fetches it back, then publishes its id (RFC 8461 8.1)."""
+    from certkeeper.mtasts import Policy, render_txt
+
+    daemon.wait_for_log("mta-sts.example.com: serving the new certificate", timeout=60)
+    expected = render_txt(Policy.from_config(daemon.config.mta_sts[0]).policy_id())
+    deadline = time.monotonic() + 30
+    while daemon.bind.query("_mta-sts.example.com", "TXT") != [expected]:
+        assert time.monotonic() < deadline, daemon.proc.output()[-3000:]
+        time.sleep(0.1)
+    assert daemon.bind.query("_smtp._tls.example.com", "TXT") == ["v=TLSRPTv1; rua=mailto:tlsrpt@example.com"]
+    log = daemon.proc.output()
+    assert log.index("mta-sts.example.com: serving the new certificate") < log.index("_mta-sts.example.com")
 
 
 def test_http_redirects_configured_hosts_only(daemon):

@@ -435,7 +435,7 @@ def test_two_certificates_sharing_hooks_reload_each_service_once(mail_services_f
 def _cli(conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
     root = Path(__file__).resolve().parent.parent
     return subprocess.run([sys.executable, "-m", "certkeeper", "-v", "--config", str(conf), *args], cwd=root,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
 
 
 def _e2e_config(pebble, ms: MailServices, tmp_path: Path, cert: CertificateConfig,

@@ -29,7 +29,7 @@ NAMES = ["mail.example.com", "mta-sts.example.com"]
 def certkeeper(conf: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "certkeeper", "--config", str(conf), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env=dict(os.environ))
 
 
 def verify_chain(pebble: Pebble, fullchain: bytes, name: str) -> x509.Certificate:
