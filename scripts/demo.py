@@ -1,16 +1,19 @@
 """A demo of the main job on an embedded default, no root needed: high ports on 127.0.0.1.
 
-It starts a local ACME server (Pebble, as in the tests), writes a config and a
-state directory under ./demo-state/, runs the daemon (`certkeeper run -d`), waits
-until it has obtained the certificates for mail.example.com and
-mta-sts.example.com, shows `certkeeper status`, fetches mta-sts.txt over HTTPS
-(SNI, verified against Pebble's root), renews through the control socket, and
-stops everything. With --keep-running the daemon stays up until Ctrl-C.
+It starts a local ACME server (Pebble, as in the tests) and a local DNS server
+(BIND with the zone example.com, taking TSIG-signed updates), writes a config and
+a state directory under ./demo-state/, runs the daemon (`certkeeper run -d`),
+waits until it has obtained the certificates for mail.example.com and
+mta-sts.example.com and published the `_mta-sts` id and TLSRPT record, shows
+`certkeeper status`, fetches mta-sts.txt over HTTPS (SNI, verified against
+Pebble's root), renews through the control socket, and stops everything. With
+--keep-running the daemon stays up until Ctrl-C. Nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import os
 import shutil
@@ -20,12 +23,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from tests.fixtures.pebble import start_pebble  # noqa: E402
+# Loopback only, here and in every Python process started from here (see tests/loopback_only).
+os.environ["PYTHONPATH"] = os.pathsep.join((str(ROOT / "tests" / "loopback_only"), str(ROOT)))
+import tests.loopback_only.sitecustomize  # noqa: E402, F401
+from tests.fixtures.bind import BindServer, new_bind  # noqa: E402
+from tests.fixtures.pebble import Pebble, start_pebble  # noqa: E402
 from tests.fixtures.peers import free_port  # noqa: E402
 
 POLICY = """
@@ -35,6 +42,9 @@ mode = "testing"
 mx = ["mail.example.com"]
 max_age = 86400
 certificate = "mta-sts.example.com"
+
+[tlsrpt]
+rua = ["mailto:tlsrpt@example.com"]
 """
 
 
@@ -67,51 +77,77 @@ def main() -> int:
     base.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp, start_pebble(Path(tmp) / "pebble") as pebble:
         step(f"Pebble (a local ACME server) at {pebble.directory}; HTTP-01 on 127.0.0.1:{pebble.http01_port}")
-        https_port = free_port()
-        conf = base / "certkeeper.toml"
-        conf.write_text(pebble.config_text(base, ["mail.example.com", "mta-sts.example.com"],
-                                           tls_listen=[f"127.0.0.1:{https_port}"], extra=POLICY))
-        print(f"config: {conf}\nstate:  {base / 'state'}")
-        step("certkeeper check")
-        if certkeeper(conf, "check") != 0:
-            return 1
-        step("certkeeper run -d (the daemon: HTTP-01 listener, mta-sts.txt over HTTPS, scheduler)")
-        log = open(base / "daemon.log", "wb")  # noqa: SIM115 - closed below
+        bind = new_bind(Path(tmp) / "bind", zone="example.com")
+        try:
+            step(f"BIND (a local DNS server) with the zone example.com at {bind.server}")
+            conf, https_port = write_config(base, pebble, bind)
+            print(f"config: {conf}\nstate:  {base / 'state'}")
+            step("certkeeper check")
+            if certkeeper(conf, "check") != 0:
+                return 1
+            return run_daemon(base, conf, pebble, bind, https_port, args.keep_running)
+        finally:
+            bind.stop()
+
+
+def write_config(base: Path, pebble: Pebble, bind: BindServer) -> tuple[Path, int]:
+    """The two certificates, the policy, TLSRPT, and [dns] for the local BIND; returns (path, HTTPS port)."""
+    https_port = free_port()
+    roots = base / "pebble-roots.pem"
+    roots.write_bytes(b"".join(pebble.issuer_roots()))
+    # The daemon checks its own policy at 127.0.0.1 (SNI mta-sts.example.com) before publishing the id.
+    dns = bind.dns_toml(mta_sts_fetch_address=f"127.0.0.1:{https_port}", mta_sts_fetch_ca=str(roots))
+    conf = base / "certkeeper.toml"
+    conf.write_text(pebble.config_text(base, ["mail.example.com", "mta-sts.example.com"],
+                                       tls_listen=[f"127.0.0.1:{https_port}"], extra=POLICY + dns))
+    return conf, https_port
+
+
+def wait_until(done: Callable[[], bool], daemon: subprocess.Popen[bytes], timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def run_daemon(base: Path, conf: Path, pebble: Pebble, bind: BindServer, https_port: int, keep_running: bool) -> int:
+    step("certkeeper run -d (the daemon: HTTP-01 listener, mta-sts.txt over HTTPS, scheduler)")
+    log_path = base / "daemon.log"
+    with log_path.open("wb") as log:
         daemon = subprocess.Popen([sys.executable, "-m", "certkeeper", "--config", str(conf), "run", "-d"],
                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            fullchains = [base / "ssl" / f"{n}.fullchain.pem" for n in ("mail.example.com", "mta-sts.example.com")]
-            deadline = time.monotonic() + 60
-            while not all(p.exists() for p in fullchains) and time.monotonic() < deadline:
-                if daemon.poll() is not None:
-                    print((base / "daemon.log").read_text())
-                    return 1
-                time.sleep(0.1)
-            time.sleep(0.5)
-            print((base / "daemon.log").read_text().rstrip())
-            step("certkeeper status")
-            certkeeper(conf, "status")
-            step(f"GET https://mta-sts.example.com:{https_port}/.well-known/mta-sts.txt (trusting only Pebble's root)")
-            print(fetch_policy(https_port, b"".join(pebble.issuer_roots())))
-            step("certkeeper renew --force (carried out by the daemon through its control socket)")
-            certkeeper(conf, "renew", "--force")
-            if args.keep_running:
-                step("daemon running; Ctrl-C to stop")
-                try:
-                    daemon.wait()
-                except KeyboardInterrupt:
-                    pass
-        finally:
-            step("stopping the daemon (SIGTERM)")
-            if daemon.poll() is None:
-                daemon.send_signal(signal.SIGTERM)
-                try:
-                    daemon.wait(10)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
-                    daemon.wait()
-            log.close()
-            print(f"exit code {daemon.returncode}; files under {base}")
+    try:
+        fullchains = [base / "ssl" / f"{n}.fullchain.pem" for n in ("mail.example.com", "mta-sts.example.com")]
+        if not wait_until(lambda: all(p.exists() for p in fullchains), daemon):
+            print(log_path.read_text())
+            return 1
+        wait_until(lambda: bool(bind.query("_mta-sts.example.com", "TXT")), daemon, timeout=30)
+        print(log_path.read_text().rstrip())
+        step("certkeeper status")
+        certkeeper(conf, "status")
+        step("the records the daemon published, as BIND answers them")
+        for name in ("_mta-sts.example.com", "_smtp._tls.example.com"):
+            print(f"{name} TXT {bind.query(name, 'TXT')}")
+        step(f"GET https://mta-sts.example.com:{https_port}/.well-known/mta-sts.txt (trusting only Pebble's root)")
+        print(fetch_policy(https_port, b"".join(pebble.issuer_roots())))
+        step("certkeeper renew --force (carried out by the daemon through its control socket)")
+        certkeeper(conf, "renew", "--force")
+        if keep_running:
+            step("daemon running; Ctrl-C to stop")
+            with contextlib.suppress(KeyboardInterrupt):
+                daemon.wait()
+    finally:
+        step("stopping the daemon (SIGTERM)")
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+        print(f"exit code {daemon.returncode}; files under {base}")
     return 0 if daemon.returncode == 0 else 1
 
 
