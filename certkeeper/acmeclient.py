@@ -207,7 +207,7 @@ class _Lexer:
         self.pushback.extend([_DONE_EXPAND, *reversed(self.macros[name]), _START_EXPAND])
 
     def _quoted(self, quote: str, line: int) -> str:
-        buf = []
+        buf: list[str] = []
         while True:
             c = self._igetc()
             if c == _EOF:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from socketserver import ThreadingMixIn
 from threading import Thread
@@ -91,7 +91,8 @@ class StateCollector:
         yield self._gauge("certkeeper_uptime_seconds", "Seconds since the certkeeper daemon started.", [],
                           [((), (now - self.started_at).total_seconds())])
 
-    def _gauge(self, name: str, doc: str, labels: list[str], samples: list[tuple[tuple[str, ...], float]]) -> Any:
+    def _gauge(self, name: str, doc: str, labels: list[str],
+               samples: Sequence[tuple[Sequence[str], float]]) -> Any:
         family = self.core.GaugeMetricFamily(name, doc, labels=labels)
         for values, value in samples:
             family.add_metric(list(values), value)

@@ -86,7 +86,7 @@ def load_state(config: Config, domain: str) -> DomainState:
             domain=domain,
             policies=tuple(PublishedPolicy(
                 policy_id=p["policy_id"], mode=p["mode"], max_age=int(p["max_age"]), text=p["text"],
-                published_at=_time(p["published_at"]), superseded_at=_time(p.get("superseded_at")))
+                published_at=_required_time(p["published_at"]), superseded_at=_time(p.get("superseded_at")))
                 for p in data.get("policies", [])),
             removed_at=_time(data.get("removed_at")),
             tlsrpt=str(data.get("tlsrpt", "")),
@@ -119,6 +119,13 @@ def known_domains(config: Config) -> list[str]:
     if not directory.is_dir():
         return []
     return sorted(p.name[:-len(".json")] for p in directory.glob("*.json") if not p.name.startswith("."))
+
+
+def _required_time(value: str) -> datetime:
+    when = _time(value)
+    if when is None:
+        raise ValueError("published_at is empty")
+    return when
 
 
 def _time(value: str | None) -> datetime | None:

@@ -96,7 +96,7 @@ class KeyState:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> KeyState:
         times = {"created", "published", "visible", "activated", "retired", "revoked", "removed"}
-        values = {k: datetime.fromisoformat(v) if k in times and v else v for k, v in data.items()}
+        values: dict[str, Any] = {k: datetime.fromisoformat(v) if k in times and v else v for k, v in data.items()}
         return cls(**values)
 
 

@@ -49,6 +49,7 @@ import ssl
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
@@ -79,7 +80,7 @@ class Limits:
     handshake_timeout: float = 10.0  # seconds for the TLS handshake
     shutdown_timeout: float = 1.0  # seconds open requests get to finish at stop
 
-    def server_kwargs(self) -> dict[str, object]:
+    def server_kwargs(self) -> dict[str, Any]:
         return {
             "max_line_size": self.max_line_size, "max_field_size": self.max_field_size,
             "max_headers": self.max_headers, "keepalive_timeout": self.request_timeout,

@@ -26,6 +26,7 @@ place where the daemon's other work (``mtasts_publish``, ``rotation``,
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -160,9 +161,10 @@ def _alert(config: Config, report: Any) -> None:
     alerter = Alerter(config)
     for outcome in report.outcomes:
         if outcome.status == "failed":
-            _guard("alert", lambda o=outcome: alerter.renewal_failed(o.name, o.detail, _serving_until(config, o.name)))
+            serving = _serving_until(config, outcome.name)
+            _guard("alert", functools.partial(alerter.renewal_failed, outcome.name, outcome.detail, serving))
         else:
-            _guard("alert", lambda o=outcome: alerter.renewal_succeeded(o.name, o.not_after))
+            _guard("alert", functools.partial(alerter.renewal_succeeded, outcome.name, outcome.not_after))
 
 
 def _serving_until(config: Config, name: str) -> datetime | None:

@@ -3,5 +3,6 @@
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/install-deps.sh
-python3 -m ruff check certkeeper tests bench
+python3 -m ruff check certkeeper tests bench scripts
+python3 -m mypy certkeeper
 exec python3 -m pytest -q "$@"

@@ -151,7 +151,7 @@ class Rfc2136Backend(Backend):
         except ValueError:
             pass
         try:
-            return socket.getaddrinfo(self.host, self.port, proto=socket.IPPROTO_TCP)[0][4][0]
+            return str(socket.getaddrinfo(self.host, self.port, proto=socket.IPPROTO_TCP)[0][4][0])
         except OSError as exc:
             raise DNSError(f"[dns] server {self.host!r} does not resolve: {exc.strerror or exc}") from None
 
