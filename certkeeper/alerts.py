@@ -29,7 +29,7 @@ import logging
 import smtplib
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -39,8 +39,9 @@ from typing import Any
 
 from certkeeper import certs, state
 from certkeeper.config import AlertsConfig, Config
+from certkeeper.errors import CertkeeperError
+from certkeeper.files import write_json_atomic
 from certkeeper.hooks import run_command
-from certkeeper.state import write_json_atomic
 from certkeeper.store import CertificateStore
 
 log = logging.getLogger(__name__)
@@ -292,6 +293,23 @@ class Alerter:
         detail = f"Now serving:   a certificate valid until {_show(not_after, now)}" if not_after else ""
         return self.recovered(f"certificate:{name}", f"renewal of certificate {name}", detail, now)
 
+    def after_renewal(self, outcomes: Iterable[Any]) -> None:
+        """One renewal run's outcomes (``runner.Outcome``: name, status, detail, not_after), from
+        the daemon's workers and from ``certkeeper renew`` alike. An alert that cannot be sent is
+        logged; it never changes the run's result."""
+        if not self.enabled:
+            return
+        store = CertificateStore(self.config.state_dir)
+        for outcome in outcomes:
+            try:
+                if outcome.status == "failed":
+                    self.renewal_failed(outcome.name, outcome.detail, _not_after_on_disk(store, self.config,
+                                                                                            outcome.name))
+                else:
+                    self.renewal_succeeded(outcome.name, outcome.not_after)
+            except (CertkeeperError, OSError) as exc:
+                log.error("alert for %s failed: %s", outcome.name, exc)
+
     def check_expiry(self, now: datetime | None = None) -> list[str]:
         """Warn once per certificate (serial) that ends within ``expiry_warning_days``; the names warned.
 
@@ -351,3 +369,12 @@ def _parse(pem: bytes) -> certs.CertInfo | None:
 
 def state_path(state_dir: Path) -> Path:
     return state_dir / STATE_FILE
+
+
+def _not_after_on_disk(store: CertificateStore, config: Config, name: str) -> datetime | None:
+    """Until when the certificate still on disk is valid (what is still being served)."""
+    try:
+        on_disk = store.read(config.certificate(name))
+        return certs.parse_cert(on_disk.cert).not_after if on_disk else None
+    except (KeyError, ValueError):
+        return None

@@ -20,7 +20,7 @@ from certkeeper.errors import LocalError
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----\r?\n?", re.S)
+PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----\r?\n?", re.S)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def make_csr(key_pem: bytes, domains: tuple[str, ...] | list[str]) -> bytes:
 
 def split_pem_chain(fullchain: bytes) -> tuple[bytes, bytes]:
     """(leaf, rest of the chain) from a PEM bundle, each normalised to end in a newline."""
-    blocks = [b.strip() + b"\n" for b in _PEM_CERT.findall(fullchain)]
+    blocks = [b.strip() + b"\n" for b in PEM_CERT.findall(fullchain)]
     if not blocks:
         raise ValueError("no PEM certificate found")
     return blocks[0], b"".join(blocks[1:])

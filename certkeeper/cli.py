@@ -16,7 +16,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from certkeeper import __version__
 from certkeeper.config import DEFAULT_PATH, Config, load
@@ -42,15 +42,23 @@ COMMANDS: dict[str, str] = {
 NO_CONFIG = {"import-acme-client"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 1 (an error), not argparse's 2, which means "nothing was due" here."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"certkeeper: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --config is accepted before and after the subcommand.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="PATH",
                         help=f"configuration file (default {DEFAULT_PATH}, or $CERTKEEPER_CONFIG)")
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                         help="more log output (repeat for debug)")
 
-    parser = argparse.ArgumentParser(prog="certkeeper", parents=[common],
+    parser = _Parser(prog="certkeeper", parents=[common],
                                      description="Keeps TLS certificates, DKIM keys and MTA-STS alive.")
     parser.add_argument("--version", action="version", version=f"certkeeper {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

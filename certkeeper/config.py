@@ -341,14 +341,12 @@ class _Reader:
         value = self.get(data, where, key, (str, int), None)
         if value is None:
             return default
+        # A string only: the integer 600 is six hundred, and TOML's 0o600 arrives as 384; either would
+        # silently set another mode than the operator meant.
         if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3,4}", value):
-            mode = int(value, 8)
-        elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o7777:
-            mode = value  # a TOML integer such as 0o600
-        else:
-            self.error(_join(where, key), f"{_show(value)} is not a file mode such as \"0600\"")
-            return default
-        return mode
+            return int(value, 8)
+        self.error(_join(where, key), f"{_show(value)} is not a file mode in quotes, such as \"0600\"")
+        return default
 
     def duration(self, data: dict[str, Any], where: str, key: str, default: timedelta) -> timedelta:
         value = self.get(data, where, key, (str, int), None)
@@ -470,18 +468,18 @@ class _Reader:
                 "name", "domains", "key_type", "key", "cert", "chain", "fullchain", "key_owner", "key_group",
                 "key_mode", "cert_owner", "cert_group", "cert_mode", "reuse_key", "profile", "hooks",
             })
+            # A bad name is reported and the rest of the table still checked: every problem, one pass.
             name = self.string(item, w, "name")
+            valid_name = False
             if not name:
                 self.error(f"{w}.name", "is required")
-                continue
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
                 self.error(f"{w}.name", f"{name!r} may hold only letters, digits, '.', '_' and '-'")
-                continue
-            if name in seen:
+            elif name in seen:
                 self.error(f"{w}.name", f"{name!r} is already used by {seen[name]}")
-                continue
-            seen[name] = w
-            domains_raw = self.strings(item, w, "domains", (name,))
+            else:
+                seen[name], valid_name = w, True
+            domains_raw = self.strings(item, w, "domains", (name,) if name else ())
             if not domains_raw:
                 self.error(f"{w}.domains", "must list at least one domain")
             domains: list[str] = []
@@ -497,7 +495,7 @@ class _Reader:
                 self.error(f"{w}.key_mode", f"{key_mode:04o} lets others read or the group write the key; "
                                             "use 0600, 0640 or 0440")
             profile = self.string(item, w, "profile")
-            yield CertificateConfig(
+            cert = CertificateConfig(
                 name=name,
                 domains=tuple(domains),
                 key_type=self.choice(item, w, "key_type", KEY_TYPES, "ecdsa-p256"),
@@ -515,6 +513,8 @@ class _Reader:
                 profile=profile,
                 hooks=self.strings(item, w, "hooks"),
             )
+            if valid_name:
+                yield cert
 
     def hooks(self, data: dict[str, Any]) -> dict[str, HookConfig]:
         hooks: dict[str, HookConfig] = {}
@@ -545,30 +545,34 @@ class _Reader:
         seen: set[str] = set()
         for w, item in self.array_of_tables(data, "mta_sts"):
             self.table(item, w, {"domain", "mode", "mx", "max_age", "certificate"})
+            # A bad domain is reported and the rest of the table still checked.
             domain = self.domain(f"{w}.domain", self.string(item, w, "domain"))
-            if domain is None:
-                continue
-            if domain in seen:
+            if domain is not None and domain in seen:
                 self.error(f"{w}.domain", f"{domain!r} already has an [[mta_sts]] table")
-                continue
-            seen.add(domain)
-            mode = self.choice(item, w, "mode", MTA_STS_MODES, "testing")
+                domain = None
+            elif domain is not None:
+                seen.add(domain)
+            mode = self.string(item, w, "mode", "testing")
+            if mode not in MTA_STS_MODES:
+                self.error(f"{w}.mode", f"{mode!r} is not one of {', '.join(MTA_STS_MODES)}")
+            patterns = self.strings(item, w, "mx")
             mx: list[str] = []
-            for i, pattern in enumerate(self.strings(item, w, "mx")):
+            for i, pattern in enumerate(patterns):
                 # RFC 8461 3.2: mx patterns are A-label names, optionally with a leading "*." wildcard.
                 clean = self.domain(f"{w}.mx[{i + 1}]", pattern, wildcard=True)
                 if clean:
                     mx.append(clean)
-            if not mx and mode != "none":
+            if not patterns and mode in ("enforce", "testing"):
                 self.error(f"{w}.mx", f"is required when mode is {mode!r} (RFC 8461 3.2)")
             max_age = self.integer(item, w, "max_age", 604800, 0, RFC8461_MAX_AGE)
-            cert_name = self.string(item, w, "certificate", f"mta-sts.{domain}")
+            cert_name = self.string(item, w, "certificate", f"mta-sts.{domain}" if domain else "")
             cert = by_name.get(cert_name)
-            if cert is None:
+            if cert is None and cert_name:
                 self.error(f"{w}.certificate", f"{cert_name!r} is not the name of a [[certificate]]")
-            elif f"mta-sts.{domain}" not in cert.domains:
+            elif cert is not None and domain and f"mta-sts.{domain}" not in cert.domains:
                 self.error(f"{w}.certificate", f"{cert_name!r} does not cover mta-sts.{domain}")
-            yield MtaStsConfig(domain=domain, mode=mode, mx=tuple(mx), max_age=max_age, certificate=cert_name)
+            if domain is not None and mode in MTA_STS_MODES:
+                yield MtaStsConfig(domain=domain, mode=mode, mx=tuple(mx), max_age=max_age, certificate=cert_name)
 
     def dns(self, data: dict[str, Any]) -> DnsConfig:
         w = "dns"

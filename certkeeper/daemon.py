@@ -332,6 +332,7 @@ class Daemon:
     async def startup(self) -> None:
         await self.check("start-up")
         await self.background("publish")
+        await self.background("hourly")  # DKIM steps and expiry warnings due now wait for no hour
 
     async def stop(self) -> None:
         """No new work; workers get ``STOP_GRACE`` with the listeners still up (HTTP-01), then go."""

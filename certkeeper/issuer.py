@@ -248,8 +248,11 @@ class Issuer:
         progress = progress or (lambda line: None)
         client = self.client()
         deadline = time.monotonic() + self.config.order_timeout
-        if profile and self.profiles() and profile not in self.profiles():
-            raise AcmeError(f"the ACME server offers no profile {profile!r} (it has {', '.join(self.profiles())})")
+        offered = self.profiles() if profile else {}
+        if profile and not offered:  # draft-aaron-acme-profiles: only ask for what the directory lists
+            raise AcmeError(f"the ACME server offers no profiles; remove profile = {profile!r} from the configuration")
+        if profile and profile not in offered:
+            raise AcmeError(f"the ACME server offers no profile {profile!r} (it has {', '.join(offered)})")
         with _acme_errors("ordering a certificate"):
             orderr = self._new_order(client, certs.make_csr(key_pem, domains), profile, replaces)
         tokens: list[str] = []
@@ -461,6 +464,11 @@ def _acme_errors(doing: str) -> Iterator[None]:
     except acme_errors.ValidationError as error:
         details = "; ".join(_challenge_error(a.body) for a in error.failed_authzrs)
         raise AcmeError(f"{doing}: validation failed: {details}") from None
+    except acme_errors.ClientError as error:  # an HTTP error without a problem document
+        response = error.args[0] if error.args else None
+        if isinstance(response, requests.Response):
+            raise AcmeError(f"{doing}: HTTP {response.status_code} {response.reason} from {response.url}") from None
+        raise AcmeError(f"{doing}: {error}") from None
     except acme_errors.Error as error:
         raise AcmeError(f"{doing}: {error}") from None
     except requests.exceptions.SSLError as error:

@@ -14,7 +14,9 @@ The rules, first match wins:
 3. Missing, unreadable or mismatched files renew: no set on disk, a
    certificate that does not parse, a key that does not match the
    certificate, a certificate that does not cover the configured domains (or
-   covers ones no longer configured), a key of another type than configured.
+   covers ones no longer configured), a key of another type than configured,
+   chain or full-chain files that do not complete the set (``disk_problem``,
+   from ``CertificateStore.check``; the runner first tries to rebuild them).
 4. An expired certificate renews (and no ARI is asked, RFC 9773 4.3).
 5. ARI (RFC 9773): when the server gave a suggested window for this
    certificate, renew at a point inside it chosen from the serial (stable
@@ -49,8 +51,9 @@ class Decision:
 
 
 def plan(cert: CertificateConfig, on_disk: CertificateSet | None, state: CertState, now: datetime,
-         force: bool = False, settings: str = "") -> Decision:
-    """``settings`` is ``settings_digest`` of the configuration now (see rule 2)."""
+         force: bool = False, settings: str = "", disk_problem: str = "") -> Decision:
+    """``settings`` is ``settings_digest`` of the configuration now (rule 2); ``disk_problem`` what
+    ``CertificateStore.check`` found wrong with the chain files (rule 3)."""
     def due(reason: str, not_after: datetime | None = None) -> Decision:
         return Decision(cert.name, True, now, reason, not_after)
 
@@ -71,7 +74,7 @@ def plan(cert: CertificateConfig, on_disk: CertificateSet | None, state: CertSta
         return due("no certificate on disk")
     if info is None:
         return due("the certificate on disk does not parse")
-    problem = files_problem(cert, on_disk, info)
+    problem = files_problem(cert, on_disk, info) or disk_problem
     if problem:
         return due(problem, info.not_after)
     if info.not_after <= now:
@@ -99,7 +102,7 @@ def files_problem(cert: CertificateConfig, on_disk: CertificateSet, info: certs.
         key_type = certs.key_type_of(on_disk.key)
     except Exception:  # noqa: BLE001 - any parse failure means the key must be replaced
         return "the key on disk does not parse"
-    if key_type != cert.key_type and not cert.reuse_key:
+    if key_type != cert.key_type:  # reuse_key keeps a key only while it is of the configured type
         return f"the key is {key_type}, the configuration asks for {cert.key_type}"
     return ""
 

@@ -16,6 +16,7 @@ state with a backoff that survives restarts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import logging
 import os
@@ -77,7 +78,7 @@ class Renewer:
         self.clock = clock
         self.issuer = Issuer(config.acme, config.state_dir, self.challenges)
         self._locks: dict[str, threading.Lock] = {}
-        self._prior_success: dict[str, datetime | None] = {}
+        self._before: dict[str, CertState] = {}  # state before this run's attempt, for a rollback
         self._locks_guard = threading.Lock()
 
     # -- planning ----------------------------------------------------------------------
@@ -94,13 +95,15 @@ class Renewer:
     def decide(self, cert: CertificateConfig, force: bool = False) -> renewal.Decision:
         """Read disk and state, refresh ARI when it is time, and plan."""
         self.store.recover(cert)
+        self.store.repair(cert)  # a lost chain or full-chain file is rebuilt, not ordered again
         on_disk = self.store.read(cert)
         state = load_cert_state(self.config.state_dir, cert.name)
         now = self.clock()
         if on_disk is not None and not force:
             state = self._refresh_ari(cert, on_disk, state, now)
         return renewal.plan(cert, on_disk, state, now, force=force,
-                            settings=renewal.settings_digest(cert, self.config.acme))
+                            settings=renewal.settings_digest(cert, self.config.acme),
+                            disk_problem=self.store.check(cert))
 
     def _refresh_ari(self, cert: CertificateConfig, on_disk: CertificateSet, state: CertState,
                      now: datetime) -> CertState:
@@ -177,13 +180,13 @@ class Renewer:
         state = load_cert_state(self.config.state_dir, cert.name)
         now = self.clock()
         state.last_attempt = now
-        self._prior_success[cert.name] = state.last_success  # restored if a reload rolls back
+        self._before[cert.name] = dataclasses.replace(state)  # restored if a reload rolls back
         progress(f"{cert.name}: renewing ({decision.reason})")
         try:
             new_set = self._obtain(cert, progress)
             self.store.install(cert, new_set)
         except CertkeeperError as exc:
-            return self._failed(cert, state, exc, now, progress)
+            return self._failed(cert, state, exc, now)
         info = certs.parse_cert(new_set.cert)
         state.last_success, state.consecutive_failures, state.last_error = now, 0, ""
         state.retry_not_before, state.retry_by_server, state.failed_settings = None, False, ""
@@ -201,7 +204,7 @@ class Renewer:
 
     def _obtain(self, cert: CertificateConfig, progress: Progress) -> CertificateSet:
         current = self.store.read(cert)
-        if cert.reuse_key and current is not None:
+        if cert.reuse_key and current is not None and _key_type(current.key) == cert.key_type:
             key_pem = current.key
         else:
             key_pem = certs.generate_key(cert.key_type)
@@ -234,8 +237,7 @@ class Renewer:
             return False
         return True
 
-    def _failed(self, cert: CertificateConfig, state: CertState, exc: CertkeeperError, now: datetime,
-                progress: Progress) -> Outcome:
+    def _failed(self, cert: CertificateConfig, state: CertState, exc: CertkeeperError, now: datetime) -> Outcome:
         state.consecutive_failures += 1
         state.last_error = str(exc)
         retry_after = None
@@ -245,8 +247,7 @@ class Renewer:
         state.retry_by_server = retry_after is not None and retry_after >= state.retry_not_before
         state.failed_settings = renewal.settings_digest(cert, self.config.acme)
         save_cert_state(self.config.state_dir, state)
-        log.error("%s: renewal failed: %s", cert.name, exc)
-        progress(f"{cert.name}: failed: {exc}")
+        log.error("%s: renewal failed: %s", cert.name, exc)  # the outcome line tells the CLI user
         return Outcome(cert.name, "failed", str(exc), state.retry_not_before)
 
     def _reload(self, renewed: list[CertificateConfig], progress: Progress) -> dict[str, str]:
@@ -261,10 +262,11 @@ class Renewer:
             # The old set is back on disk: this renewal did not stick. Count it as a failed
             # attempt (with backoff) so the next check does not order again at once.
             state = load_cert_state(self.config.state_dir, name)
-            state.last_success = self._prior_success.get(name)
+            before = self._before.get(name)
+            if before is not None:  # the attempt counts on top of the failures before it
+                state.last_success, state.consecutive_failures = before.last_success, before.consecutive_failures
             self._failed(self.config.certificate(name), state,
-                         ServiceError(failed.get(name, "the new certificate was rolled back")), self.clock(),
-                         progress)
+                         ServiceError(failed.get(name, "the new certificate was rolled back")), self.clock())
         return failed
 
 
@@ -278,6 +280,13 @@ def _file_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _key_type(pem: bytes) -> str:
+    try:
+        return certs.key_type_of(pem)
+    except LocalError:
+        return ""
 
 
 def _not_due(decision: renewal.Decision) -> Outcome:
@@ -314,6 +323,9 @@ def command_renew(config: Config, args: argparse.Namespace, out: TextIO) -> int:
                            serve_challenges=lambda: standalone.serving(config, challenges))
     for outcome in report.outcomes:
         print(format_outcome(outcome), file=out, flush=True)
+    from certkeeper.alerts import Alerter  # [alerts] works without the daemon too
+
+    Alerter(config).after_renewal(report.outcomes)
     return report.exit_code
 
 

@@ -33,7 +33,9 @@ CERTIFICATE_KEYS = (
     "next_renewal_reason", "next_action", "last_attempt", "last_success", "consecutive_failures", "last_error",
     "endpoints",
 )
-DKIM_COLUMNS = (("DOMAIN", "domain"), ("SELECTOR", "selector"), ("ALGORITHM", "algorithm"), ("STATE", "state"))
+DKIM_COLUMNS = (("DOMAIN", "domain"), ("SELECTOR", "selector"), ("ALG", "algorithm"), ("STATE", "state"),
+                ("SINCE", "since"))
+DATE_KEYS = {"since"}  # ISO times shown as their date in the tables
 MTA_STS_COLUMNS = (("DOMAIN", "domain"), ("MODE", "mode"), ("POLICY ID", "policy_id"), ("STATUS", "status"))
 
 
@@ -112,7 +114,8 @@ def _plan(config: Config, cert: CertificateConfig, on_disk: CertificateSet | Non
           now: datetime) -> tuple[bool, datetime | None, str]:
     """(due now, next renewal time, why): the runner's own planner, with the same settings digest, so
     a backoff that a config change has lifted shows as lifted here too."""
-    decision = renewal.plan(cert, on_disk, st, now, settings=renewal.settings_digest(cert, config.acme))
+    decision = renewal.plan(cert, on_disk, st, now, settings=renewal.settings_digest(cert, config.acme),
+                            disk_problem=CertificateStore(config.state_dir).check(cert))
     return decision.due, decision.when, decision.reason
 
 
@@ -167,6 +170,7 @@ def dkim_rows(config: Config) -> list[dict[str, Any]]:
         }
         action, since, delay = steps.get(row.get("state", ""), ("create key", "", None))
         start = _parse_time(row.get(since)) if since else None
+        row["since"] = _iso(start)  # when the key entered its state
         row["next_action"] = action
         row["next_action_at"] = _iso(start + delay) if start and delay is not None else None
     return rows
@@ -261,10 +265,16 @@ def _generic_lines(title: str, columns: tuple[tuple[str, str], ...], rows: list[
         return [title, "  none configured"]
     cells, details = [], []
     for row in rows:
-        cells.append([str(row.get(key) if row.get(key) is not None else "-") for _, key in columns]
-                     + [_describe_next(row)])
+        cells.append([_column_value(row, key) for _, key in columns] + [_describe_next(row)])
         details.append([f"error: {row['error']}"] if row.get("error") else [])
     return table(title, [h for h, _ in columns] + ["NEXT ACTION"], cells, details)
+
+
+def _column_value(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    return str(value)[:10] if key in DATE_KEYS else str(value)
 
 
 def _describe_next(row: dict[str, Any]) -> str:

@@ -76,6 +76,42 @@ class CertificateStore:
     def read_previous(self, cert: CertificateConfig) -> CertificateSet | None:
         return _read_set(cert, suffix=PREV_SUFFIX)
 
+    def check(self, cert: CertificateConfig) -> str:
+        """Why the chain and full-chain files do not complete the key and certificate on disk, or "".
+
+        Read-only. A missing key or certificate is not reported here (``read`` returns None).
+        """
+        current = self.read(cert)
+        if current is None:
+            return ""
+        chain = _best_chain(cert, current.cert)
+        if chain is None:
+            return f"neither {cert.chain} nor {cert.fullchain} holds a chain for {cert.cert}"
+        for role in ("chain", "fullchain"):
+            path = getattr(cert, role)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                return f"{path}: {exc.strerror or exc}"
+            if data != CertificateSet(current.key, current.cert, chain).content(role):
+                return f"{path} does not match {cert.cert}"
+        return ""
+
+    def repair(self, cert: CertificateConfig) -> str:
+        """Rebuild a missing or damaged chain or full-chain file from the other one (no CA needed).
+
+        Returns what was done, or "" when nothing could or needed to be. Services are
+        not reloaded: they keep what they loaded; the next renewal reloads them.
+        """
+        problem = self.check(cert)
+        current = self.read(cert)
+        chain = _best_chain(cert, current.cert) if current is not None else None
+        if not problem or current is None or chain is None:
+            return ""
+        self.install(cert, CertificateSet(current.key, current.cert, chain), keep_previous=False)
+        log.warning("%s: %s; rebuilt the chain and full-chain files", cert.name, problem)
+        return f"rebuilt {cert.chain} and {cert.fullchain} ({problem})"
+
     # -- writing ---------------------------------------------------------------
 
     def install(self, cert: CertificateConfig, new: CertificateSet, keep_previous: bool = True) -> None:
@@ -160,6 +196,25 @@ def _read_set(cert: CertificateConfig, suffix: str) -> CertificateSet | None:
     except ValueError:
         return None
     return CertificateSet(key=key, cert=leaf, chain=chain or rest)
+
+
+def _best_chain(cert: CertificateConfig, leaf: bytes) -> bytes | None:
+    """The intermediates for ``leaf``: from the full chain if it starts with the leaf, else the chain
+    file, else what follows the leaf in the certificate file; None when no file holds any."""
+    def blocks(path: Path) -> list[bytes]:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return []
+        return [b.strip() + b"\n" for b in certs.PEM_CERT.findall(data)]
+
+    full = blocks(cert.fullchain)
+    if len(full) > 1 and full[0] == leaf:
+        return b"".join(full[1:])
+    for candidate in (blocks(cert.chain), blocks(cert.cert)[1:]):
+        if candidate:
+            return b"".join(candidate)
+    return None
 
 
 def _ownership(cert: CertificateConfig, role: str) -> tuple[int, int, int]:

@@ -26,14 +26,13 @@ place where the daemon's other work (``mtasts_publish``, ``rotation``,
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import sys
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
 from certkeeper import logs
@@ -42,6 +41,8 @@ from certkeeper.config import Config, parse
 from certkeeper.errors import CertkeeperError, ConfigError
 
 log = logging.getLogger(__name__)
+
+PUBLISH_RETRY = timedelta(minutes=10)  # after a failed MTA-STS/TLSRPT publication
 
 JOBS = ("renew", "status", "publish", "hourly")
 
@@ -150,32 +151,11 @@ def job_renew(config: Config, args: dict[str, Any], channel: Channel) -> tuple[i
     report = renewer.renew(args.get("names") or None, force=bool(args.get("force")), progress=channel.line)
     for outcome in report.outcomes:
         channel.line(format_outcome(outcome))
-    _alert(config, report)
-    times = [o.next_renewal for o in report.outcomes if o.next_renewal is not None]
-    return report.exit_code, min(times) if times else None
-
-
-def _alert(config: Config, report: Any) -> None:
     from certkeeper.alerts import Alerter
 
-    alerter = Alerter(config)
-    for outcome in report.outcomes:
-        if outcome.status == "failed":
-            serving = _serving_until(config, outcome.name)
-            _guard("alert", functools.partial(alerter.renewal_failed, outcome.name, outcome.detail, serving))
-        else:
-            _guard("alert", functools.partial(alerter.renewal_succeeded, outcome.name, outcome.not_after))
-
-
-def _serving_until(config: Config, name: str) -> datetime | None:
-    from certkeeper import certs
-    from certkeeper.store import CertificateStore
-
-    try:
-        on_disk = CertificateStore(config.state_dir).read(config.certificate(name))
-        return certs.parse_cert(on_disk.cert).not_after if on_disk else None
-    except (KeyError, ValueError):
-        return None
+    Alerter(config).after_renewal(report.outcomes)
+    times = [o.next_renewal for o in report.outcomes if o.next_renewal is not None]
+    return report.exit_code, min(times) if times else None
 
 
 def job_status(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
@@ -197,8 +177,12 @@ def job_publish(config: Config, args: dict[str, Any], channel: Channel) -> tuple
     and withdraw removed domains (RFC 8461 8.3); returns when a withdrawal can next progress."""
     from certkeeper import mtasts_publish, mtasts_state
 
-    _guard("MTA-STS publishing", lambda: mtasts_publish.publish_all(config, channel.line))
-    return 0, mtasts_state.next_due(config)
+    outcomes: list[mtasts_publish.Outcome] = []
+    _guard("MTA-STS publishing", lambda: outcomes.extend(mtasts_publish.publish_all(config, channel.line)))
+    times = [t for t in (mtasts_state.next_due(config),) if t is not None]
+    if not outcomes and (config.mta_sts or config.tlsrpt.rua) or any(o.status == "failed" for o in outcomes):
+        times.append(datetime.now(UTC) + PUBLISH_RETRY)  # a DNS server or the policy fetch failed: try again
+    return 0, min(times, default=None)
 
 
 def job_hourly(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:

@@ -226,3 +226,27 @@ def test_failing_command_and_disabled_alerts(tmp_path):
     alerter = Alerter(cfg, send=lambda a: seen.append(a) or True)
     assert alerter.enabled is False
     assert alerter.renewal_failed("mail.example.com", "x", None, now=NOW) is False and seen == []
+
+
+def test_certkeeper_renew_without_a_daemon_alerts_once_per_episode(tmp_path, smtp, pebble):
+    """The CLI alone (cron-style use): three failed runs, one mail; the first success, one more."""
+    import subprocess
+    import sys
+
+    inbox, port = smtp
+    alerts = f'[alerts]\nmail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{port}"\n'
+    broken = tmp_path / "broken.toml"  # the ACME server is unreachable
+    broken.write_text(pebble.config_text(tmp_path, ["mail.example.com"], directory=f"https://127.0.0.1:{free_port()}/dir",
+                                         extra=alerts))
+    fixed = tmp_path / "fixed.toml"
+    fixed.write_text(pebble.config_text(tmp_path, ["mail.example.com"], extra=alerts))
+    root = Path(__file__).resolve().parent.parent
+
+    def renew(conf: Path) -> int:
+        return subprocess.run([sys.executable, "-m", "certkeeper", "-c", str(conf), "renew", "--force"], cwd=root,
+                              capture_output=True, text=True, timeout=60).returncode
+
+    assert [renew(broken) for _ in range(3)] == [1, 1, 1]
+    assert len(inbox.messages) == 1 and "failed" in inbox.messages[0][2]["Subject"]
+    assert renew(fixed) == 0
+    assert len(inbox.messages) == 2 and "recovered" in inbox.messages[1][2]["Subject"]

@@ -142,3 +142,34 @@ def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1
     assert result.stderr.strip() == f"certkeeper: {tmp_path / 'nope.toml'}: cannot read: No such file or directory"
+
+
+def test_a_bad_table_still_has_its_other_keys_checked() -> None:
+    lines = errors_of('[[certificate]]\nname = "a.example.com"\n'
+                      '[[certificate]]\nname = "a.example.com"\ndomains = ["bad_name.example.com"]\nkey = "rel.key"\n'
+                      '[[mta_sts]]\ndomain = "bücher.example"\nmax_age = -1\nmx = ["x..example.com"]\n')
+    assert [line.split(": ")[1] for line in lines] == [
+        "certificate[2].name", "certificate[2].domains[1]", "certificate[2].key", "mta_sts[1].domain",
+        "mta_sts[1].mx[1]", "mta_sts[1].max_age"]
+
+
+def test_mx_is_required_only_when_none_was_given() -> None:
+    base = '[[certificate]]\nname = "mta-sts.example.com"\n[[mta_sts]]\ndomain = "example.com"\n'
+    assert errors_of(base + 'mode = "enforced"\nmx = ["mail.example.com"]\n') == [
+        "etc/certkeeper.toml: mta_sts[1].mode: 'enforced' is not one of enforce, testing, none"]
+    assert [line.split(": ")[1] for line in errors_of(base + 'mode = "enforce"\nmx = ["bad_mx.example.com"]\n')] \
+        == ["mta_sts[1].mx[1]"]
+
+
+@pytest.mark.parametrize("value", ["600", "0o600"])
+def test_a_file_mode_must_be_quoted(value: str) -> None:
+    assert errors_of(MINIMAL + f"key_mode = {value}\n") == [
+        f"etc/certkeeper.toml: certificate[1].key_mode: {int(value, 0)} is not a file mode in quotes, "
+        "such as \"0600\""]
+
+
+def test_usage_errors_exit_1_never_2_which_means_nothing_was_due() -> None:
+    result = subprocess.run([sys.executable, "-m", "certkeeper", "-c", str(EXAMPLE), "renew", "--bogus"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == "certkeeper: unrecognized arguments: --bogus"

@@ -429,11 +429,12 @@ def test_publishes_the_mta_sts_id_and_tlsrpt_after_serving_the_policy(daemon):
 
     daemon.wait_for_log("mta-sts.example.com: serving the new certificate", timeout=60)
     expected = render_txt(Policy.from_config(daemon.config.mta_sts[0]).policy_id())
+    tlsrpt = "v=TLSRPTv1; rua=mailto:tlsrpt@example.com"
     deadline = time.monotonic() + 30
-    while daemon.bind.query("_mta-sts.example.com", "TXT") != [expected]:
+    while (daemon.bind.query("_mta-sts.example.com", "TXT"), daemon.bind.query("_smtp._tls.example.com", "TXT")) \
+            != ([expected], [tlsrpt]):  # TLSRPT is published right after the id
         assert time.monotonic() < deadline, daemon.proc.output()[-3000:]
         time.sleep(0.1)
-    assert daemon.bind.query("_smtp._tls.example.com", "TXT") == ["v=TLSRPTv1; rua=mailto:tlsrpt@example.com"]
     log = daemon.proc.output()
     assert log.index("mta-sts.example.com: serving the new certificate") < log.index("_mta-sts.example.com")
 

@@ -252,3 +252,71 @@ def test_external_account_binding(tmp_path: Path) -> None:
         result = certkeeper(conf, "-vv", "renew")
         assert result.returncode == 0, result.stdout + result.stderr
         assert EAB_KEY not in result.stdout + result.stderr
+
+
+def test_lost_fullchain_is_rebuilt_without_an_order_and_lost_chains_are_renewed(pebble: Pebble,
+                                                                                 tmp_path: Path) -> None:
+    conf = write_config(pebble, tmp_path, names=["mail.example.com"])
+    assert certkeeper(conf, "renew").returncode == 0
+    cert_cfg = config.load(conf).certificates[0]
+    fullchain, serial = cert_cfg.fullchain.read_bytes(), certs.parse_cert(cert_cfg.cert.read_bytes()).serial
+    cert_cfg.fullchain.unlink()
+    repaired = certkeeper(conf, "renew")
+    assert repaired.returncode == 2, repaired.stdout + repaired.stderr  # nothing ordered
+    assert "rebuilt" in repaired.stderr and cert_cfg.fullchain.read_bytes() == fullchain
+    assert certs.parse_cert(cert_cfg.cert.read_bytes()).serial == serial
+    # With both chain files gone nothing can rebuild them: the certificate is ordered again.
+    cert_cfg.fullchain.unlink()
+    cert_cfg.chain.unlink()
+    renewed = certkeeper(conf, "renew")
+    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+    verify_chain(pebble, cert_cfg.fullchain.read_bytes(), "mail.example.com")
+
+
+def test_reuse_key_with_a_changed_key_type_gets_a_new_key(pebble: Pebble, tmp_path: Path) -> None:
+    conf = tmp_path / "certkeeper.toml"
+    text = pebble.config_text(tmp_path, ["mail.example.com"]).replace(
+        'key_type = "ecdsa-p256"', 'key_type = "ecdsa-p256"\nreuse_key = true')
+    conf.write_text(text)
+    assert certkeeper(conf, "renew").returncode == 0
+    conf.write_text(text.replace('key_type = "ecdsa-p256"', 'key_type = "rsa2048"'))
+    result = certkeeper(conf, "renew")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert certs.key_type_of(config.load(conf).certificates[0].key.read_bytes()) == "rsa2048"
+
+
+def test_a_reload_that_keeps_failing_backs_off_further_each_time(pebble: Pebble, tmp_path: Path) -> None:
+    """1 min, then 10 min: a broken service must not cost an order and a restart every minute."""
+    conf = write_config(pebble, tmp_path, names=["mail.example.com"])
+    assert certkeeper(conf, "renew").returncode == 0  # a working set to roll back to
+    conf.write_text(conf.read_text().replace('fullchain = ', 'hooks = ["broken"]\nfullchain = ', 1)
+                    + '[hooks.broken]\ncommand = ["/bin/false"]\n')
+    state_dir = config.load(conf).state_dir
+    delays = []
+    for _ in range(2):
+        result = certkeeper(conf, "renew", "--force")
+        assert result.returncode == 1 and "broken: " in result.stdout
+        assert len(result.stdout.splitlines()) == 1  # one line per certificate
+        state = load_cert_state(state_dir, "mail.example.com")
+        delays.append(round((state.retry_not_before - dt.datetime.now(dt.UTC)).total_seconds() / 60))
+    assert delays == [1, 10]
+    assert load_cert_state(state_dir, "mail.example.com").consecutive_failures == 2
+
+
+def test_a_profile_the_server_does_not_offer_is_refused_before_ordering(pebble: Pebble, tmp_path: Path) -> None:
+    """Debian's Pebble lists no profiles: asking for one is a one-line error, not a silent default."""
+    conf = write_config(pebble, tmp_path, names=["mail.example.com"])
+    conf.write_text(conf.read_text().replace("[http]", 'profile = "shortlived"\n[http]'))
+    result = certkeeper(conf, "renew")
+    assert result.returncode == 1
+    assert result.stdout == ("mail.example.com: failed: the ACME server offers no profiles; "
+                             "remove profile = 'shortlived' from the configuration\n")
+    assert not config.load(conf).certificates[0].key.exists()
+
+
+def test_a_directory_url_that_is_not_an_acme_server_is_one_clear_line(pebble: Pebble, tmp_path: Path) -> None:
+    wrong = pebble.directory.replace("/dir", "/no-such-directory")
+    conf = write_config(pebble, tmp_path, names=["mail.example.com"], directory=wrong)
+    result = certkeeper(conf, "renew")
+    assert result.returncode == 1
+    assert f"HTTP 404 Not Found from {wrong}" in result.stdout

@@ -142,3 +142,15 @@ def test_settings_digest_changes_with_what_decides_an_order() -> None:
     assert base == renewal.settings_digest(cfg(), AcmeConfig())
     assert base != renewal.settings_digest(cfg(("mail.example.com", "smtp.example.com")), AcmeConfig())
     assert base != renewal.settings_digest(cfg(), AcmeConfig(eab_kid="kid-1"))
+
+
+def test_a_problem_with_the_chain_files_is_due() -> None:
+    decision = renewal.plan(cfg(), make_set(not_before=T0), state(), T0, disk_problem="/x/chain.pem: missing")
+    assert decision.due and decision.reason == "/x/chain.pem: missing"
+
+
+def test_reuse_key_does_not_keep_a_key_of_another_type() -> None:
+    reuse = CertificateConfig(name="mail.example.com", domains=("mail.example.com",), key_type="rsa2048",
+                              key=Path("/k"), cert=Path("/c"), chain=Path("/ch"), fullchain=Path("/f"), reuse_key=True)
+    decision = renewal.plan(reuse, make_set(not_before=T0), state(), T0)
+    assert decision.due and "the configuration asks for rsa2048" in decision.reason

@@ -140,3 +140,33 @@ def test_a_missing_private_key_directory_is_created_0700(tmp_path: Path) -> None
     CertificateStore(tmp_path / "state").install(cfg, make_set())
     assert stat.S_IMODE(cfg.key.parent.stat().st_mode) == 0o700  # ssl/private
     assert stat.S_IMODE(cfg.cert.parent.stat().st_mode) == 0o755  # ssl
+
+
+@pytest.mark.parametrize("damage", ["delete-chain", "delete-fullchain", "garble-fullchain", "garble-chain"])
+def test_a_lost_or_damaged_chain_file_is_noticed_and_rebuilt_from_the_other(tmp_path: Path, damage: str) -> None:
+    cfg = cert_config(tmp_path)
+    store = CertificateStore(tmp_path / "state")
+    good = make_set()
+    store.install(cfg, good)
+    assert store.check(cfg) == ""
+    action, role = damage.split("-")
+    path = getattr(cfg, role)
+    if action == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(b"garbage\n")
+    assert store.check(cfg).startswith(str(path))
+    assert store.repair(cfg).startswith("rebuilt ")
+    assert store.check(cfg) == ""
+    assert store.read(cfg) == good and cfg.fullchain.read_bytes() == good.fullchain
+    assert store.read_previous(cfg) is None  # the damaged set is not kept as a rollback target
+
+
+def test_when_neither_chain_file_holds_a_chain_it_cannot_be_rebuilt(tmp_path: Path) -> None:
+    cfg = cert_config(tmp_path)
+    store = CertificateStore(tmp_path / "state")
+    store.install(cfg, make_set())
+    cfg.chain.unlink()
+    cfg.fullchain.unlink()
+    assert "holds a chain" in store.check(cfg)
+    assert store.repair(cfg) == ""  # the runner then orders a new certificate
