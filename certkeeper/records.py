@@ -37,6 +37,7 @@ import dns.reversename
 from certkeeper.config import Config
 from certkeeper.dns import RecordSet, from_rdata
 from certkeeper.dns.propagation import make_resolver
+from certkeeper.errors import DNSError
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +147,10 @@ def _address_records(config: Config, domain: str) -> list[Expected]:
 def _dkim_records(config: Config, domain: str) -> list[Expected]:
     if not any(d.domain == domain for d in config.dkim):
         return []
-    try:
-        from certkeeper import rotation
+    from certkeeper import rotation
 
-        rows = {r["selector"]: r for r in rotation.status_rows(config) if r["domain"] == domain and r["selector"]}
-        keys = rotation.load_state(config, domain).keys
-    except (ImportError, AttributeError):
-        return [Expected("DKIM (RFC 6376)", f"_domainkey.{domain}", "TXT", (), "none",
-                         "DKIM selectors: not available (certkeeper.rotation is missing)")]
+    rows = {r["selector"]: r for r in rotation.status_rows(config) if r["domain"] == domain and r["selector"]}
+    keys = rotation.load_state(config, domain).keys
     out = []
     for key in keys:
         if key.selector not in rows or key.published is None or key.state == "removed":
@@ -252,6 +249,10 @@ def resolver_lookup(config: Config) -> Lookup:
             answer = resolver.resolve(name.rstrip(".") + ".", rtype, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
             return ()
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+            # The resolver itself failed: that says nothing about the record, so it is not "missing".
+            where = config.dns.resolver or "the system's resolver"
+            raise DNSError(f"cannot look up {name} {rtype} through {where}: {' '.join(str(exc).split())}") from None
         except dns.exception.DNSException as exc:
             log.info("lookup %s %s failed: %s", name, rtype, exc)
             return ()

@@ -153,3 +153,16 @@ def test_check_against_bind_reports_exactly_the_wrong_and_the_missing(tmp_path, 
     assert cli.main(["-c", str(config.path), "dns", "--check", "example.test"], out) == 1
     assert problems(out.getvalue()) == {"example.test TXT": "wrong", "_dmarc.example.test TXT": "missing"}
     assert "v=spf1 a -all" in out.getvalue() and "google-site-verification" not in out.getvalue()
+
+
+def test_a_resolver_that_does_not_answer_is_one_line_not_a_table_of_missing_records(tmp_path, bind, capsys):
+    """Lookups that time out say nothing about the records: one error naming the resolver, exit 1."""
+    from tests.fixtures.peers import free_port
+
+    silent = f"127.0.0.1:{free_port(udp_too=True)}"  # nothing listens there
+    config = bind.config(EXTRA.format(tmp=tmp_path), state_dir=tmp_path / "state", resolver=silent)
+    out = io.StringIO()
+    assert cli.main(["-c", str(config.path), "dns", "--check", "example.test"], out) == 1
+    assert "missing" not in out.getvalue()
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("certkeeper: cannot look up ") and silent in error[0]
