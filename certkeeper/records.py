@@ -37,7 +37,7 @@ import dns.reversename
 from certkeeper.config import Config
 from certkeeper.dns import RecordSet, from_rdata
 from certkeeper.dns.propagation import make_resolver
-from certkeeper.errors import DNSError
+from certkeeper.errors import ConfigError, DNSError
 
 log = logging.getLogger(__name__)
 
@@ -416,11 +416,14 @@ def render_table(rows: list[Row], width: int = 60) -> str:
 def command_dns(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """``certkeeper dns [DOMAIN] [--check]``: print the records; with --check, 0 all ok, 1 otherwise."""
     domain = getattr(args, "domain", None)
-    domains = [domain.lower().rstrip(".")] if domain else mail_domains(config)
-    if not domains:
-        print("certkeeper dns: no mail domain configured ([[mta_sts]], [[dkim]], [tlsrpt] or [dns] zone)",
-              file=out)
-        return 1
+    configured = mail_domains(config)
+    if not configured:
+        raise ConfigError([f"{config.path}: no mail domain configured ([[mta_sts]], [[dkim]], [tlsrpt] or "
+                           "[dns] zone)"])
+    if domain and domain.lower().rstrip(".") not in configured:
+        raise ConfigError([f"{config.path}: {domain!r} is not a configured mail domain "
+                           f"(configured: {', '.join(configured)})"])
+    domains = [domain.lower().rstrip(".")] if domain else configured
     if not getattr(args, "check", False):
         out.write(render(config, domains))
         return 0

@@ -166,3 +166,10 @@ def test_a_resolver_that_does_not_answer_is_one_line_not_a_table_of_missing_reco
     assert "missing" not in out.getvalue()
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("certkeeper: cannot look up ") and silent in error[0]
+
+
+def test_a_domain_that_is_not_configured_is_refused(capsys):
+    example = Path(__file__).resolve().parent.parent / "etc" / "certkeeper.toml"
+    assert cli.main(["-c", str(example), "dns", "nosuch.test"], io.StringIO()) == 1
+    assert capsys.readouterr().err == (f"certkeeper: {example}: 'nosuch.test' is not a configured mail domain "
+                                       "(configured: example.com)\n")
