@@ -41,9 +41,17 @@ def _level(verbosity: int) -> int:
     return logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
 
 
+class _CliFormatter(logging.Formatter):
+    """'certkeeper: message' for errors, 'certkeeper: warning: message' for warnings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "warning: " if record.levelno == logging.WARNING else ""
+        return f"certkeeper: {prefix}{record.getMessage()}"
+
+
 def setup_cli(verbosity: int) -> None:
-    """CLI: warnings and errors to stderr as 'certkeeper: message'."""
-    _install(logging.StreamHandler(sys.stderr), "certkeeper: %(message)s", _level(verbosity))
+    """CLI: warnings and errors (and with -v, progress) to stderr, one line each."""
+    _install(logging.StreamHandler(sys.stderr), "certkeeper: %(message)s", _level(verbosity), _CliFormatter())
 
 
 def setup_daemon(foreground: bool, verbosity: int = 1) -> None:
@@ -60,8 +68,8 @@ def setup_daemon(foreground: bool, verbosity: int = 1) -> None:
     _install(handler, "certkeeper[%(process)d]: %(message)s", _level(max(verbosity, 1)))
 
 
-def _install(handler: logging.Handler, fmt: str, level: int) -> None:
-    handler.setFormatter(logging.Formatter(fmt))
+def _install(handler: logging.Handler, fmt: str, level: int, formatter: logging.Formatter | None = None) -> None:
+    handler.setFormatter(formatter or logging.Formatter(fmt))
     handler.addFilter(SecretFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
