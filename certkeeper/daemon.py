@@ -490,8 +490,8 @@ class Daemon:
         upcoming = [t for k, t in jobs.items() if k in ("check", "soonest") and t is not None]
         return {
             "pid": os.getpid(),
-            "started": self.started.isoformat(),
-            "next_check": min(upcoming).astimezone(UTC).isoformat() if upcoming else None,
+            "started": _iso(self.started),
+            "next_check": _iso(min(upcoming)) if upcoming else None,
             "serving": list(self.web.tls.names_loaded()),
             "workers": sorted(w.job for w in self.workers),
         }
@@ -545,3 +545,7 @@ def _log_task_failure(task: asyncio.Task[Any]) -> None:
         exc = task.exception()
         log.error("internal error: %s: %s", type(exc).__name__, " ".join(str(exc).split()))
 
+
+def _iso(when: datetime) -> str:
+    """UTC, whole seconds, "Z": the time format of ``status --json``."""
+    return when.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")

@@ -40,7 +40,22 @@ MTA_STS_COLUMNS = (("DOMAIN", "domain"), ("MODE", "mode"), ("POLICY ID", "policy
 
 
 def _iso(when: datetime | None) -> str | None:
-    return when.astimezone(UTC).isoformat().replace("+00:00", "Z") if when else None
+    """The one time format of the --json document: UTC, whole seconds, "Z"."""
+    return when.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z") if when else None
+
+
+TIME_KEYS = ("created", "published", "activated", "retired", "revoked", "published_at", "drain_until",
+             "next_action_at", "since")
+
+
+def _normalise(row: dict[str, Any]) -> dict[str, Any]:
+    """Rows from the DKIM and MTA-STS modules in the document's time format; "" means unknown (null)."""
+    for key, value in row.items():
+        if key in TIME_KEYS:
+            row[key] = _iso(_parse_time(value)) if value else None
+        elif value == "":
+            row[key] = None
+    return row
 
 
 def _short(when: datetime | None) -> str:
@@ -147,7 +162,7 @@ def _endpoints(config: Config, name: str) -> list[dict[str, Any]]:
 
 def _rows(config: Config, status_rows: Callable[[Config], list[dict[str, Any]]]) -> list[dict[str, Any]]:
     try:
-        return [dict(row) for row in status_rows(config)]
+        return [_normalise(dict(row)) for row in status_rows(config)]
     except CertkeeperError as exc:
         return [{"error": str(exc), "next_action": "see the error"}]
 

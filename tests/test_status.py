@@ -172,7 +172,7 @@ def test_human_output_fits_80_columns_with_every_table(setup, monkeypatch):
     doc = status.collect(config.load(path))
     assert doc["dkim"][0]["next_action"] == "rotate"
     assert doc["dkim"][0]["next_action_at"] == "2027-02-23T00:00:00Z"
-    assert doc["mta_sts"][1]["next_action_at"] == "2026-12-04T00:00:00+00:00"
+    assert doc["mta_sts"][1]["next_action_at"] == "2026-12-04T00:00:00Z"  # one time format throughout
 
 
 def test_empty_tables_say_so(tmp_path):
@@ -192,3 +192,16 @@ def test_next_action_is_the_runners_plan_when_a_config_change_lifts_the_backoff(
     assert long_row(cfg)["next_action"].startswith("retry ")
     changed = dataclasses.replace(cfg, acme=dataclasses.replace(cfg.acme, profile="shortlived"))
     assert long_row(changed)["next_action"] == "renew now"  # the settings that failed are gone: no wait
+
+
+def test_json_times_have_one_format_and_unknown_values_are_null(setup, monkeypatch):
+    from certkeeper import mtasts_publish
+
+    path, cfg = setup
+    monkeypatch.setattr(mtasts_publish, "status_rows", lambda config: [
+        {"domain": "example.com", "mode": "enforce", "max_age": 604800, "policy_id": "a" * 32,
+         "published_id": "a" * 32, "published_at": "2026-11-20T00:00:00.123456+00:00", "status": "published",
+         "drain_until": None, "tlsrpt": ""}])
+    row = status.collect(cfg)["mta_sts"][0]
+    assert row["published_at"] == "2026-11-20T00:00:00Z"
+    assert row["tlsrpt"] is None
