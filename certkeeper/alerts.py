@@ -375,6 +375,7 @@ def _not_after_on_disk(store: CertificateStore, config: Config, name: str) -> da
     """Until when the certificate still on disk is valid (what is still being served)."""
     try:
         on_disk = store.read(config.certificate(name))
-        return certs.parse_cert(on_disk.cert).not_after if on_disk else None
-    except (KeyError, ValueError):
+    except KeyError:
         return None
+    info = on_disk.info() if on_disk else None
+    return info.not_after if info else None

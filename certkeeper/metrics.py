@@ -37,7 +37,7 @@ from threading import Thread
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from certkeeper import certs, state, verification
+from certkeeper import state, verification
 from certkeeper.config import Config
 from certkeeper.errors import LocalError
 from certkeeper.store import CertificateStore
@@ -104,12 +104,7 @@ class StateCollector:
         for cert in self.config.certificates:
             label = (cert.name,)
             on_disk = store.read(cert)
-            info = None
-            if on_disk is not None:
-                try:
-                    info = certs.parse_cert(on_disk.cert)
-                except ValueError:
-                    info = None
+            info = on_disk.info() if on_disk else None
             rows["present"].append((label, 1.0 if info else 0.0))
             if info:
                 rows["not_after_seconds"].append((label, info.not_after.timestamp()))

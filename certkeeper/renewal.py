@@ -57,12 +57,7 @@ def plan(cert: CertificateConfig, on_disk: CertificateSet | None, state: CertSta
     def due(reason: str, not_after: datetime | None = None) -> Decision:
         return Decision(cert.name, True, now, reason, not_after)
 
-    info = None
-    if on_disk is not None:
-        try:
-            info = certs.parse_cert(on_disk.cert)
-        except ValueError:
-            info = None
+    info = on_disk.info() if on_disk else None
     not_after = info.not_after if info else None
     if force:
         return due("forced", not_after)

@@ -108,11 +108,8 @@ class Renewer:
     def _refresh_ari(self, cert: CertificateConfig, on_disk: CertificateSet, state: CertState,
                      now: datetime) -> CertState:
         """RFC 9773: ask for the suggested window when the last answer's Retry-After has passed."""
-        try:
-            info = certs.parse_cert(on_disk.cert)
-        except ValueError:
-            return state
-        if info.not_after <= now or (state.ari_cert == info.fingerprint and state.ari_next_check
+        info = on_disk.info()
+        if info is None or info.not_after <= now or (state.ari_cert == info.fingerprint and state.ari_next_check
                                      and state.ari_next_check > now):
             return state
         try:

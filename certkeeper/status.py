@@ -117,12 +117,7 @@ def certificate_status(config: Config, store: CertificateStore, cert: Certificat
 
 
 def _info(on_disk: CertificateSet | None) -> certs.CertInfo | None:
-    if on_disk is None:
-        return None
-    try:
-        return certs.parse_cert(on_disk.cert)
-    except ValueError:
-        return None
+    return on_disk.info() if on_disk else None
 
 
 def _plan(config: Config, cert: CertificateConfig, on_disk: CertificateSet | None, st: state.CertState,

@@ -52,6 +52,13 @@ class CertificateSet:
     def fullchain(self) -> bytes:
         return self.cert + self.chain
 
+    def info(self) -> certs.CertInfo | None:
+        """What the leaf says (serial, validity, names), or None when it does not parse."""
+        try:
+            return certs.parse_cert(self.cert)
+        except ValueError:
+            return None
+
     def content(self, role: str) -> bytes:
         return self.fullchain if role == "fullchain" else getattr(self, role)
 
