@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 # Loopback only, here and in every Python process started from here (see tests/loopback_only).
 os.environ["PYTHONPATH"] = os.pathsep.join((str(ROOT / "tests" / "loopback_only"), str(ROOT)))
 import tests.loopback_only.sitecustomize  # noqa: E402, F401
-from certkeeper import reload  # noqa: E402
-from certkeeper.config import Config, HookConfig  # noqa: E402
-from certkeeper.store import CertificateStore  # noqa: E402
+from certkeeper.core.config import Config, HookConfig  # noqa: E402
+from certkeeper.keeper.store import CertificateStore  # noqa: E402
+from certkeeper.network import reload  # noqa: E402
 from tests.certfactory import make_set  # noqa: E402
 from tests.fixtures.mailservices import MailServices  # noqa: E402
 

@@ -1,8 +1,8 @@
 """Command line: argv → subcommand → exit code. Nothing else lives here.
 
-Each subcommand is a function ``(config, args, out) -> int`` in the module that
-owns that work, imported only when that subcommand runs so that start-up stays
-fast. Exit codes follow acme-client(1) where they overlap:
+Each subcommand is ``main(config, args, out) -> int`` in its own module of
+``certkeeper.commands`` (those import the heavy domain code inside ``main``, so
+start-up stays fast). Exit codes follow acme-client(1) where they overlap:
 
     0  something changed (or, for check/status/verify, all is well)
     1  an error
@@ -12,34 +12,36 @@ fast. Exit codes follow acme-client(1) where they overlap:
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
 from certkeeper import __version__
-from certkeeper.config import DEFAULT_PATH, Config, load
-from certkeeper.errors import CertkeeperError, ConfigError
+from certkeeper.commands import check, dns, import_acme_client, mta_sts, renew, rotate_dkim, run, status, verify
+from certkeeper.core.config import DEFAULT_PATH, Config, load
+from certkeeper.core.errors import CertkeeperError, ConfigError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_UNCHANGED = 2
 
-# subcommand → "module:function"; the function takes (config, args, out) -> int.
-COMMANDS: dict[str, str] = {
-    "check": "certkeeper.cli:command_check",
-    "renew": "certkeeper.runner:command_renew",
-    "status": "certkeeper.status:command_status",
-    "run": "certkeeper.daemon:command_run",
-    "verify": "certkeeper.verification:command_verify",
-    "dns": "certkeeper.records:command_dns",
-    "mta-sts": "certkeeper.mtasts_publish:command_mta_sts",
-    "rotate-dkim": "certkeeper.rotation:command_rotate_dkim",
-    "import-acme-client": "certkeeper.acmeclient:command_import",
+Command = Callable[[Config, argparse.Namespace, TextIO], int]
+
+COMMANDS: dict[str, Command] = {
+    "check": check.main,
+    "renew": renew.main,
+    "status": status.main,
+    "run": run.main,
+    "verify": verify.main,
+    "dns": dns.main,
+    "mta-sts": mta_sts.main,
+    "rotate-dkim": rotate_dkim.main,
 }
 # Subcommands that do not read certkeeper.toml.
-NO_CONFIG = {"import-acme-client"}
+NO_CONFIG: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
+    "import-acme-client": import_acme_client.main,
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,28 +106,16 @@ def config_path(args: argparse.Namespace) -> str:
     return getattr(args, "config", None) or os.environ.get("CERTKEEPER_CONFIG") or str(DEFAULT_PATH)
 
 
-def command_check(config: Config, args: argparse.Namespace, out: TextIO) -> int:
-    print(f"{config.path}: configuration OK", file=out)
-    return EXIT_OK
-
-
-def _resolve(command: str) -> object:
-    module_name, _, func = COMMANDS[command].partition(":")
-    return getattr(importlib.import_module(module_name), func)
-
-
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
-    from certkeeper import logs
+    from certkeeper.core import logs
 
     logs.setup_cli(getattr(args, "verbose", 0) or 0)
     try:
-        config: Config | None = None
-        if args.command not in NO_CONFIG:
-            config = load(config_path(args))
-        handler = _resolve(args.command)
-        return int(handler(config, args, out))  # type: ignore[operator]
+        if args.command in NO_CONFIG:
+            return NO_CONFIG[args.command](args, out)
+        return COMMANDS[args.command](load(config_path(args)), args, out)
     except ConfigError as exc:
         for line in exc.lines:
             print(f"certkeeper: {line}", file=sys.stderr)

@@ -30,8 +30,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from certkeeper.config import Config
-from certkeeper.errors import CertkeeperError, LocalError
+from certkeeper.core.config import Config
+from certkeeper.core.errors import CertkeeperError, LocalError
 
 log = logging.getLogger(__name__)
 

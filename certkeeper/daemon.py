@@ -54,13 +54,12 @@ the process behaviour:
 The optional parts (MTA-STS publishing at start and SIGHUP, DKIM rotation and
 expiry alerts hourly, alerts after renewals) are composed in
 ``certkeeper.worker``. Metrics (``[metrics] listen``, off by default) are the
-one part served from this process: ``certkeeper.metrics.serve`` in a thread,
+one part served from this process: ``certkeeper.listener.metrics.serve`` in a thread,
 restarted on SIGHUP.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -72,18 +71,19 @@ import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from certkeeper import config as config_module
-from certkeeper import control, files, logs, worker
-from certkeeper.challenges import ChallengeTable
-from certkeeper.config import Config
-from certkeeper.errors import CertkeeperError, ConfigError, LocalError
-from certkeeper.web import Site, WebServer
+from certkeeper import control, worker
+from certkeeper.core import config as config_module
+from certkeeper.core import files
+from certkeeper.core.challenges import ChallengeTable
+from certkeeper.core.config import Config
+from certkeeper.core.errors import CertkeeperError, ConfigError, LocalError
+from certkeeper.listener.web import Site, WebServer
 
 log = logging.getLogger(__name__)
 
@@ -97,23 +97,6 @@ HOURLY = timedelta(hours=1)
 
 def _log_line(line: str) -> None:
     log.info("%s", line)
-
-
-def command_run(config: Config, args: argparse.Namespace, out: TextIO) -> int:
-    """``certkeeper run [-d]``."""
-    foreground = bool(getattr(args, "foreground", False))
-    verbosity = max(int(getattr(args, "verbose", 0) or 0), 1)
-    text, config = read_config(config.path)  # the exact text, handed to every worker
-    daemon = Daemon(config, text, foreground, verbosity)
-    daemon.bind()
-    if not foreground:
-        detach()
-    logs.setup_daemon(foreground, verbosity)
-    write_pid_file(config.pid_file)
-    try:
-        return run_loop(daemon.run())
-    finally:
-        remove_pid_file(config.pid_file)
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -353,11 +336,11 @@ class Daemon:
         log.info("stopped")
 
     async def _start_metrics(self) -> None:
-        """``[metrics] listen`` (off by default): certkeeper.metrics serves /metrics from a thread here."""
+        """``[metrics] listen`` (off by default): certkeeper.listener.metrics serves /metrics from a thread here."""
         self._stop_metrics: Callable[[], None] = lambda: None
         if not self.config.metrics.listen:
             return
-        from certkeeper import metrics
+        from certkeeper.listener import metrics
 
         try:
             self._stop_metrics = await asyncio.to_thread(metrics.serve, self.config, self.started)

@@ -35,10 +35,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
-from certkeeper import logs
-from certkeeper.challenges import ChallengeTable
-from certkeeper.config import Config, parse
-from certkeeper.errors import CertkeeperError, ConfigError
+from certkeeper.core import logs
+from certkeeper.core.challenges import ChallengeTable
+from certkeeper.core.config import Config, parse
+from certkeeper.core.errors import CertkeeperError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +144,14 @@ def _guard(what: str, work: Callable[[], object]) -> None:
 
 
 def job_renew(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
-    from certkeeper.runner import Renewer, format_outcome
+    from certkeeper.network.runner import Renewer, format_outcome
 
     renewer = Renewer(config, RelayedChallenges(channel),
                       on_installed=lambda cert: channel.send(installed=cert.name))
     report = renewer.renew(args.get("names") or None, force=bool(args.get("force")), progress=channel.line)
     for outcome in report.outcomes:
         channel.line(format_outcome(outcome))
-    from certkeeper.alerts import Alerter
+    from certkeeper.network.alerts import Alerter
 
     Alerter(config).after_renewal(report.outcomes)
     times = [o.next_renewal for o in report.outcomes if o.next_renewal is not None]
@@ -159,7 +159,7 @@ def job_renew(config: Config, args: dict[str, Any], channel: Channel) -> tuple[i
 
 
 def job_status(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
-    from certkeeper import status
+    from certkeeper.keeper import status
 
     doc = status.collect(config, args.get("names") or None)
     if args.get("json"):
@@ -175,7 +175,8 @@ def job_status(config: Config, args: dict[str, Any], channel: Channel) -> tuple[
 def job_publish(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
     """Start-up and SIGHUP: publish each MTA-STS policy's id (the daemon serves the policy by then),
     and withdraw removed domains (RFC 8461 8.3); returns when a withdrawal can next progress."""
-    from certkeeper import mtasts_publish, mtasts_state
+    from certkeeper.core import mtasts_state
+    from certkeeper.network import mtasts_publish
 
     outcomes: list[mtasts_publish.Outcome] = []
     _guard("MTA-STS publishing", lambda: outcomes.extend(mtasts_publish.publish_all(config, channel.line)))
@@ -187,8 +188,8 @@ def job_publish(config: Config, args: dict[str, Any], channel: Channel) -> tuple
 
 def job_hourly(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
     """DKIM rotation steps that are due, and expiry warnings."""
-    from certkeeper import rotation
-    from certkeeper.alerts import Alerter
+    from certkeeper.network import rotation
+    from certkeeper.network.alerts import Alerter
 
     if config.dkim:
         _guard("DKIM rotation", lambda: rotation.run_due(config, datetime.now(UTC), channel.line))

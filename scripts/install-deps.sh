@@ -4,7 +4,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="pebble bind9 bind9-dnsutils dovecot-core dovecot-imapd mandoc openssl"
+APT_PACKAGES="pebble bind9 bind9-dnsutils bind9-utils dovecot-core dovecot-imapd mandoc openssl rspamd etcd-server etcd-client unbound"
 # OpenSMTPD 7.4 from backports: bookworm's own 6.8 fails every TLS handshake with OpenSSL 3.
 BACKPORTS_PACKAGES="opensmtpd opensmtpd-filter-dkimsign"
 
@@ -20,11 +20,14 @@ if [ -n "$missing" ] || [ "$smtpd_ok" = no ]; then
         exit 1
     fi
     if [ -f /etc/debian_version ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        # Same mirror as the machine's own Debian source.
+        # The machine's own Debian mirror: none is written here.
         mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list \
                  2>/dev/null | grep -E '^(URIs:|deb )' | grep -oE 'https?://[^ ]+/debian/?' \
                  | grep -v -e security -e backports | head -n 1)
-        mirror=${mirror:-http://deb.debian.org/debian}
+        if [ -z "$mirror" ]; then
+            echo "install-deps: no Debian mirror in the apt sources; add bookworm-backports by hand" >&2
+            exit 1
+        fi
         printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
             "$mirror" > /etc/apt/sources.list.d/bookworm-backports.sources
     fi

@@ -9,8 +9,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from certkeeper import certs
-from certkeeper.store import CertificateSet
+from certkeeper.core import certs
+from certkeeper.keeper.store import CertificateSet
 
 _CA_KEY = ec.generate_private_key(ec.SECP256R1())
 _CA_NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unit test CA")])

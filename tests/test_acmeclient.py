@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from certkeeper import acmeclient, config
 from certkeeper.cli import main
-from certkeeper.errors import ConfigError
+from certkeeper.commands import import_acme_client
+from certkeeper.core import acmeclient, config
+from certkeeper.core.errors import ConfigError
 
 # The usual authority block from acme-client's /etc/examples/acme-client.conf plus the guide's
 # two domain blocks (mailserver-guide.txt sections C.2 and N.2.d), as written there.
@@ -224,7 +225,7 @@ def test_http_directory_is_refused(tmp_path):
 def test_missing_file_is_one_line(tmp_path):
     args = argparse.Namespace(file=str(tmp_path / "none.conf"))
     with pytest.raises(ConfigError, match="none.conf: cannot read: No such file"):
-        acmeclient.command_import(None, args, io.StringIO())
+        import_acme_client.main(args, io.StringIO())
 
 
 def test_output_is_valid_toml_with_odd_characters(tmp_path):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
-from certkeeper import config, state
-from certkeeper.alerts import Alert, Alerter
-from certkeeper.store import CertificateStore
+from certkeeper.core import config, state
+from certkeeper.keeper.store import CertificateStore
+from certkeeper.network.alerts import Alert, Alerter
 from tests.fixtures.peers import free_port
 from tests.fixtures.throwaway_ca import ThrowawayCA
 

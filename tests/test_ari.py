@@ -24,12 +24,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from certkeeper import config
-from certkeeper.challenges import ChallengeTable
-from certkeeper.issuer import ari_cert_id
-from certkeeper.runner import Renewer
-from certkeeper.standalone import serving
-from certkeeper.state import load_cert_state
+from certkeeper.core import config
+from certkeeper.core.challenges import ChallengeTable
+from certkeeper.core.state import load_cert_state
+from certkeeper.listener.standalone import serving
+from certkeeper.network.issuer import ari_cert_id
+from certkeeper.network.runner import Renewer
 from tests.fixtures.pebble import Pebble
 from tests.fixtures.peers import free_port
 

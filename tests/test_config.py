@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from certkeeper import cli, config
-from certkeeper.errors import ConfigError
+from certkeeper import cli
+from certkeeper.core import config
+from certkeeper.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "etc" / "certkeeper.toml"

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from certkeeper import certs, control
-from certkeeper.config import parse
-from certkeeper.errors import LocalError
+from certkeeper import control
+from certkeeper.core import certs
+from certkeeper.core.config import parse
+from certkeeper.core.errors import LocalError
 from tests.fixtures.bind import new_bind
 from tests.fixtures.peers import Process, free_port, wait_for_port
 
@@ -425,7 +426,7 @@ def test_serves_the_policy_over_https_with_pebbles_certificate(daemon):
 
 def test_publishes_the_mta_sts_id_and_tlsrpt_after_serving_the_policy(daemon):
     """Issue 5 at start-up: the daemon serves the policy, fetches it back, then publishes its id (RFC 8461 8.1)."""
-    from certkeeper.mtasts import Policy, render_txt
+    from certkeeper.core.mtasts import Policy, render_txt
 
     daemon.wait_for_log("mta-sts.example.com: serving the new certificate", timeout=60)
     expected = render_txt(Policy.from_config(daemon.config.mta_sts[0]).policy_id())
@@ -587,7 +588,7 @@ def test_failure_backs_off_and_the_state_survives(pebble, tmp_path):
     config_path = tmp_path / "certkeeper.toml"
     config_path.write_text(text)
     config = parse(text, config_path)
-    from certkeeper.state import load_cert_state
+    from certkeeper.core.state import load_cert_state
 
     def run_until_planned(log_name: str) -> str:
         proc = Process("certkeeper", [sys.executable, "-m", "certkeeper", "-c", str(config_path), "run", "-d"],

@@ -1,4 +1,4 @@
-"""certkeeper.dkim: keys, selectors and key records (render + parse side by side), and the
+"""certkeeper.core.dkim: keys, selectors and key records (render + parse side by side), and the
 selector_format config check. Signatures are made and checked with dkimpy."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from certkeeper import config as ck_config
-from certkeeper import dkim
-from certkeeper.errors import ConfigError
+from certkeeper.core import config as ck_config
+from certkeeper.core import dkim
+from certkeeper.core.errors import ConfigError
 
 WHEN = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
 MESSAGE = (b"From: alice@example.test\r\nTo: bob@example.org\r\nSubject: rotation\r\n"

@@ -1,4 +1,4 @@
-"""certkeeper.dns: record sets, TXT splitting, and the backends against a real BIND."""
+"""certkeeper.network.dns: record sets, TXT splitting, and the backends against a real BIND."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import subprocess
 
 import pytest
 
-from certkeeper.dns import RecordSet, backend_for, join_txt, split_txt
-from certkeeper.dns.propagation import wait_until_absent, wait_until_visible
-from certkeeper.dns.rfc2136 import read_tsig_secret
-from certkeeper.dns.zonefile import parse_include
-from certkeeper.errors import DNSError, LocalError
+from certkeeper.core.errors import DNSError, LocalError
+from certkeeper.network.dns import RecordSet, backend_for, join_txt, split_txt
+from certkeeper.network.dns.propagation import wait_until_absent, wait_until_visible
+from certkeeper.network.dns.rfc2136 import read_tsig_secret
+from certkeeper.network.dns.zonefile import parse_include
 
 LONG_DKIM = "v=DKIM1; k=rsa; p=" + "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA" * 9  # > 255 bytes
 
@@ -211,7 +211,7 @@ def test_real_secondary_catches_up(bind, bind_factory):
 
 
 def test_ns_lookup_finds_servers(bind):
-    from certkeeper.dns.propagation import authoritative_servers
+    from certkeeper.network.dns.propagation import authoritative_servers
 
     # the zone's NS is ns1.example.test → 127.0.0.1 (port 53, nothing to query there: only resolve)
     servers = authoritative_servers(bind.config(check_servers=[]), "example.test")
@@ -245,7 +245,7 @@ def test_zonefile_backend_with_rndc_reload(bind_factory, tmp_path):
 
 
 def test_zonefile_reload_failure_is_one_line(tmp_path):
-    from certkeeper import config as ck_config
+    from certkeeper.core import config as ck_config
 
     config = ck_config.parse(f'state_dir = "{tmp_path}"\n[dns]\nbackend = "zonefile"\nzone = "example.test"\n'
                              f'zonefile = "{tmp_path}/z.inc"\nreload_command = ["false"]\n')
@@ -273,7 +273,7 @@ def test_manual_backend_prints_records_then_waits(bind):
 def test_zonefile_concurrent_publishers_lose_nothing(tmp_path):
     import threading
 
-    from certkeeper import config as ck_config
+    from certkeeper.core import config as ck_config
 
     config = ck_config.parse(f'state_dir = "{tmp_path}"\n[dns]\nbackend = "zonefile"\nzone = "example.test"\n'
                              f'zonefile = "{tmp_path}/z.inc"\n')

@@ -23,13 +23,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from certkeeper import certs, reload, verification
-from certkeeper.config import HOOK_DEFAULT_COMMANDS, CertificateConfig, Config, HookConfig, parse
-from certkeeper.config import load as config_load
-from certkeeper.hooks import KINDS, hook_for, one_line, run_command
-from certkeeper.state import load_cert_state
-from certkeeper.store import CertificateSet, CertificateStore
-from certkeeper.verification import Observation, format_serial
+from certkeeper.core import certs
+from certkeeper.core.config import HOOK_DEFAULT_COMMANDS, CertificateConfig, Config, HookConfig, parse
+from certkeeper.core.config import load as config_load
+from certkeeper.core.state import load_cert_state
+from certkeeper.keeper.hooks import KINDS, hook_for, one_line, run_command
+from certkeeper.keeper.store import CertificateSet, CertificateStore
+from certkeeper.network import reload, verification
+from certkeeper.network.verification import Observation, format_serial
 from tests.certfactory import make_set
 from tests.fixtures.mailservices import MailServices
 

@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from certkeeper import certs, config
-from certkeeper.state import load_cert_state
-from certkeeper.store import CertificateStore
+from certkeeper.core import certs, config
+from certkeeper.core.state import load_cert_state
+from certkeeper.keeper.store import CertificateStore
 from tests.fixtures.pebble import Pebble, start_pebble
 from tests.fixtures.peers import free_port
 
@@ -199,9 +199,9 @@ def test_two_runs_never_renew_the_same_certificate_at_once(pebble: Pebble, tmp_p
     certificate: the file lock makes the second wait, re-plan, and find nothing due."""
     import threading
 
-    from certkeeper.challenges import ChallengeTable
-    from certkeeper.runner import Renewer
-    from certkeeper.standalone import serving
+    from certkeeper.core.challenges import ChallengeTable
+    from certkeeper.listener.standalone import serving
+    from certkeeper.network.runner import Renewer
 
     cfg = config.load(write_config(pebble, tmp_path, names=["mail.example.com"]))
     challenges = ChallengeTable()

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from certkeeper import config, state
-from certkeeper.errors import LocalError
-from certkeeper.metrics import start_metrics_server
-from certkeeper.store import CertificateStore
+from certkeeper.core import config, state
+from certkeeper.core.errors import LocalError
+from certkeeper.keeper.store import CertificateStore
+from certkeeper.listener.metrics import start_metrics_server
 from tests.fixtures.peers import free_port
 from tests.fixtures.throwaway_ca import ThrowawayCA
 
@@ -98,7 +98,7 @@ def test_scrape_reads_state_at_scrape_time(served):
 
 
 def test_verify_and_dkim_metrics(served, monkeypatch):
-    from certkeeper import verification
+    from certkeeper.network import verification
     cfg, listen, _ = served
     store = CertificateStore(cfg.state_dir)
     info = verification.on_disk(store, cfg.certificate("mail.example.com"))
@@ -109,7 +109,7 @@ def test_verify_and_dkim_metrics(served, monkeypatch):
                            verification.Observation("imaps://127.0.0.1:993", None, "connection refused", NOW)),
     ]
     verification.save_results(cfg, "mail.example.com", checks)
-    from certkeeper import rotation
+    from certkeeper.network import rotation
 
     monkeypatch.setattr(rotation, "status_rows", lambda config: [  # plain-data fake of the DKIM module's rows
         {"domain": "example.com", "selector": "s1", "algorithm": "ed25519", "state": "active",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from certkeeper.config import MtaStsConfig
-from certkeeper.mtasts import MtaStsError, Policy, parse_policy, parse_txt, render_txt
+from certkeeper.core.config import MtaStsConfig
+from certkeeper.core.mtasts import MtaStsError, Policy, parse_policy, parse_txt, render_txt
 
 
 def good_policy(text: str, want: Policy) -> None:

@@ -1,4 +1,4 @@
-"""certkeeper.mtasts_publish against a real BIND and a small local HTTPS policy server."""
+"""certkeeper.network.mtasts_publish against a real BIND and a small local HTTPS policy server."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import pytest
 import trustme
 
 from certkeeper import cli
-from certkeeper.dns import backend_for
-from certkeeper.errors import ServiceError
-from certkeeper.mtasts import Policy, parse_txt
-from certkeeper.mtasts_publish import (
+from certkeeper.core.errors import ServiceError
+from certkeeper.core.mtasts import Policy, parse_txt
+from certkeeper.core.mtasts_state import DomainState, domains_to_serve, load_state, next_due
+from certkeeper.network.dns import backend_for
+from certkeeper.network.mtasts_publish import (
     check_served,
     fetch_policy,
     parse_tlsrpt,
@@ -23,7 +24,6 @@ from certkeeper.mtasts_publish import (
     render_tlsrpt,
     status_rows,
 )
-from certkeeper.mtasts_state import DomainState, domains_to_serve, load_state, next_due
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -1,4 +1,4 @@
-"""certkeeper.records: `certkeeper dns` prints every mail record and `--check` finds what is wrong."""
+"""certkeeper.network.records: `certkeeper dns` prints every mail record and `--check` finds what is wrong."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import io
 from datetime import UTC, datetime
 from pathlib import Path
 
-from certkeeper import cli, records
-from certkeeper import config as ck_config
-from certkeeper.dns import RecordSet, backend_for
+from certkeeper import cli
+from certkeeper.core import config as ck_config
+from certkeeper.network import records
+from certkeeper.network.dns import RecordSet, backend_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +86,7 @@ def test_example_config_prints_the_guides_full_record_set():
 
 
 def test_dkim_selectors_come_from_the_rotation_state(tmp_path):
-    from certkeeper import rotation
+    from certkeeper.network import rotation
 
     config = parse(tmp_path, EXTRA + '\n[[dkim]]\ndomain = "example.test"\nalgorithms = ["ed25519"]\n'
                                'selector_format = "s%Y{{alg}}"\n')

@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from certkeeper import certs, renewal
-from certkeeper.config import CertificateConfig
-from certkeeper.state import CertState
-from certkeeper.store import CertificateSet
+from certkeeper.core import certs, renewal
+from certkeeper.core.config import CertificateConfig
+from certkeeper.core.state import CertState
+from certkeeper.keeper.store import CertificateSet
 from tests.certfactory import make_set
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -136,7 +136,7 @@ def test_our_backoff_is_lifted_when_the_failing_settings_changed() -> None:
 
 
 def test_settings_digest_changes_with_what_decides_an_order() -> None:
-    from certkeeper.config import AcmeConfig
+    from certkeeper.core.config import AcmeConfig
 
     base = renewal.settings_digest(cfg(), AcmeConfig())
     assert base == renewal.settings_digest(cfg(), AcmeConfig())

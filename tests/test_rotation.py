@@ -1,4 +1,4 @@
-"""certkeeper.rotation: the planner on plain data, then whole rotations against a real BIND
+"""certkeeper.network.rotation: the planner on plain data, then whole rotations against a real BIND
 (``tests/fixtures/bind.py``) with messages signed and verified by dkimpy through that BIND."""
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from pathlib import Path
 import dkim as dkimpy
 import pytest
 
-from certkeeper import cli, dkim, rotation, signers
-from certkeeper.config import DkimConfig
-from certkeeper.dns import backend_for
-from certkeeper.rotation import DomainState, KeyState, plan
+from certkeeper import cli
+from certkeeper.core import dkim
+from certkeeper.core.config import DkimConfig
+from certkeeper.keeper import signers
+from certkeeper.network import rotation
+from certkeeper.network.dns import backend_for
+from certkeeper.network.rotation import DomainState, KeyState, plan
 
 T0 = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -265,7 +268,8 @@ def test_switch_waits_for_every_authoritative_server(bind, bind_factory, tmp_pat
 
 def crash_run(config_path: Path, when: datetime, step: str) -> subprocess.CompletedProcess[str]:
     """run_due in a child process that SIGKILLs itself right after ``step``'s side effect."""
-    code = ("import sys; from datetime import datetime; from certkeeper import config, rotation; "
+    code = ("import sys; from datetime import datetime; from certkeeper.core import config; "
+            "from certkeeper.network import rotation; "
             "rotation.run_due(config.load(sys.argv[1]), datetime.fromisoformat(sys.argv[2]), print)")
     env = {**os.environ, rotation.CRASH_ENV: f"dkim-{step}"}
     return subprocess.run([sys.executable, "-c", code, str(config_path), when.isoformat()], env=env, cwd=ROOT,
@@ -423,7 +427,7 @@ def test_reveal_retired_publishes_the_old_private_key(bind, tmp_path):
 
 
 def test_status_rows_without_keys(tmp_path):
-    from certkeeper import config as ck_config
+    from certkeeper.core import config as ck_config
 
     config = ck_config.parse(f'state_dir = "{tmp_path}"\n' + dkim_toml(tmp_path), tmp_path / "c.toml")
     assert rotation.status_rows(config) == [{

@@ -1,4 +1,4 @@
-"""certkeeper.signers: the rspamd / filter-dkimsign files and their hook (content only; no
+"""certkeeper.keeper.signers: the rspamd / filter-dkimsign files and their hook (content only; no
 rspamd or smtpd is started here: the hooks engineer owns the one smtpd this machine runs)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from certkeeper import config as ck_config
-from certkeeper import signers
-from certkeeper.errors import ConfigError, LocalError, ServiceError
+from certkeeper.core import config as ck_config
+from certkeeper.core.errors import ConfigError, LocalError, ServiceError
+from certkeeper.keeper import signers
 
 RSA = signers.SigningKey("example.com", "20260304", "rsa2048", Path("/etc/mail/dkim/example.com.20260304.key"))
 ED = signers.SigningKey("example.com", "20260304-ed25519", "ed25519",

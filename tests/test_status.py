@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from certkeeper import config, renewal, state, status
 from certkeeper.cli import main
-from certkeeper.errors import ConfigError
-from certkeeper.store import CertificateStore
+from certkeeper.core import config, renewal, state
+from certkeeper.core.errors import ConfigError
+from certkeeper.keeper import status
+from certkeeper.keeper.store import CertificateStore
 from tests.fixtures.throwaway_ca import ThrowawayCA
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -116,7 +117,7 @@ def test_names_select_and_unknown_name_is_an_error(setup, capsys):
 
 
 def test_endpoints_from_the_last_verify(setup):
-    from certkeeper import verification
+    from certkeeper.network import verification
     path, cfg = setup
     store = CertificateStore(cfg.state_dir)
     info = verification.on_disk(store, cfg.certificate("mail.example.com"))
@@ -132,7 +133,7 @@ def test_endpoints_from_the_last_verify(setup):
 
 def test_human_output_fits_80_columns_with_every_table(setup, monkeypatch):
     path, cfg = setup
-    from certkeeper import mtasts_publish, rotation
+    from certkeeper.network import mtasts_publish, rotation
 
     monkeypatch.setattr(rotation, "status_rows", lambda config: [  # plain-data fakes of rotation.status_rows
         {"domain": "example.com", "selector": "20261125-rsa2048", "algorithm": "rsa2048", "state": "active",
@@ -195,7 +196,7 @@ def test_next_action_is_the_runners_plan_when_a_config_change_lifts_the_backoff(
 
 
 def test_json_times_have_one_format_and_unknown_values_are_null(setup, monkeypatch):
-    from certkeeper import mtasts_publish
+    from certkeeper.network import mtasts_publish
 
     path, cfg = setup
     monkeypatch.setattr(mtasts_publish, "status_rows", lambda config: [

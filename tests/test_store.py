@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from certkeeper import certs
-from certkeeper.config import CertificateConfig
-from certkeeper.store import CertificateSet, CertificateStore
+from certkeeper.core import certs
+from certkeeper.core.config import CertificateConfig
+from certkeeper.keeper.store import CertificateSet, CertificateStore
 from tests.certfactory import make_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def test_previous_set_is_kept_and_can_be_restored(tmp_path: Path) -> None:
 
 
 def test_unknown_owner_is_a_one_line_error_and_nothing_changes(tmp_path: Path) -> None:
-    from certkeeper.errors import LocalError
+    from certkeeper.core.errors import LocalError
 
     good = cert_config(tmp_path)
     store = CertificateStore(tmp_path / "state")
@@ -72,7 +72,7 @@ def test_unknown_owner_is_a_one_line_error_and_nothing_changes(tmp_path: Path) -
 CRASHER = """
 import os, signal, sys
 from pathlib import Path
-from certkeeper.store import CertificateSet, CertificateStore
+from certkeeper.keeper.store import CertificateSet, CertificateStore
 from tests.test_store import cert_config
 tmp = Path(sys.argv[1]); target = sys.argv[2]; nth = int(sys.argv[3])
 new = CertificateSet(key=Path(sys.argv[4]).read_bytes(), cert=Path(sys.argv[5]).read_bytes(), chain=b"")

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from certkeeper import certs, verification
-from certkeeper.config import Config, HookConfig, parse
-from certkeeper.errors import ConfigError
-from certkeeper.store import CertificateSet, CertificateStore
-from certkeeper.verification import (
+from certkeeper.commands import verify as verify_command
+from certkeeper.core import certs
+from certkeeper.core.config import Config, HookConfig, parse
+from certkeeper.core.errors import ConfigError
+from certkeeper.keeper.store import CertificateSet, CertificateStore
+from certkeeper.network import verification
+from certkeeper.network.verification import (
     Check,
     Endpoint,
     Observation,
     ProbeError,
-    command_verify,
     format_serial,
     imap_starttls,
     last_results,
@@ -273,14 +274,14 @@ def test_command_verify_exit_0_when_served_matches_disk_then_1_when_not(verified
     ms, config, store, cert, first = verified
     args = argparse.Namespace(names=[])
     out = io.StringIO()
-    assert command_verify(config, args, out) == 0
+    assert verify_command.main(config, args, out) == 0
     assert out.getvalue().count(": ok, serial ") == 4
     assert all(r["ok"] for r in last_results(config, NAME))
 
     second = make_set((NAME,))
     store.install(cert, second)  # on disk, not reloaded: the bug certkeeper exists to catch
     out = io.StringIO()
-    assert command_verify(config, argparse.Namespace(names=[NAME]), out) == 1
+    assert verify_command.main(config, argparse.Namespace(names=[NAME]), out) == 1
     old_hex = format_serial(certs.parse_cert(first.cert).serial)
     assert out.getvalue().count(f"FAILED, served serial {old_hex} instead of serial") == 4
     assert {r["serial"] for r in last_results(config, NAME)} == {old_hex}
@@ -292,7 +293,7 @@ def test_command_verify_exit_0_when_served_matches_disk_then_1_when_not(verified
 def test_command_verify_rejects_an_unknown_name(tmp_path):
     config = Config(path=Path("/etc/certkeeper.toml"), state_dir=tmp_path)
     with pytest.raises(ConfigError, match="no \\[\\[certificate\\]\\] named 'nope'"):
-        command_verify(config, argparse.Namespace(names=["nope"]), io.StringIO())
+        verify_command.main(config, argparse.Namespace(names=["nope"]), io.StringIO())
 
 
 def test_command_verify_suggests_endpoints_for_hooks_without_any(tmp_path):
@@ -313,7 +314,7 @@ chain = "{tmp_path}/ch2"
 fullchain = "{tmp_path}/f2"
 """, "t.toml")
     out = io.StringIO()
-    assert command_verify(config, argparse.Namespace(names=[]), out) == 0  # nothing to check is no failure
+    assert verify_command.main(config, argparse.Namespace(names=[]), out) == 0  # nothing to check is no failure
     mail, bare = out.getvalue().splitlines()
     assert mail == ('mail.example.com: no verify endpoints; add e.g. [hooks.smtpd] verify = '
                     '["smtp+starttls://127.0.0.1:25", "smtp+starttls://127.0.0.1:587", "smtps://127.0.0.1:465"]')

@@ -13,10 +13,10 @@ import trustme
 from aiohttp import ClientSession, TCPConnector
 from aiohttp.test_utils import RawTestServer, TestClient
 
-from certkeeper import certs
-from certkeeper.challenges import ChallengeTable
-from certkeeper.config import Config, parse
-from certkeeper.web import Handlers, Limits, Site, WebServer
+from certkeeper.core import certs
+from certkeeper.core.challenges import ChallengeTable
+from certkeeper.core.config import Config, parse
+from certkeeper.listener.web import Handlers, Limits, Site, WebServer
 from tests.fixtures.peers import free_port
 
 POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmax_age: 604800\r\n"
@@ -366,8 +366,8 @@ def test_a_withdrawn_domain_keeps_serving_mode_none_until_its_record_is_gone(tmp
     """RFC 8461 8.3: after [[mta_sts]] is removed, the history decides what is still served."""
     from datetime import UTC, datetime
 
-    from certkeeper.mtasts import Policy
-    from certkeeper.mtasts_state import DomainState, save_state
+    from certkeeper.core.mtasts import Policy
+    from certkeeper.core.mtasts_state import DomainState, save_state
 
     configured = make_config(tmp_path)
     published = DomainState("example.com").with_published(Policy.from_config(configured.mta_sts[0]),

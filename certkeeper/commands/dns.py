@@ -1,0 +1,33 @@
+"""``certkeeper dns [DOMAIN] [--check]``: print the records; with --check, 0 all ok, 1 otherwise."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TextIO
+
+from certkeeper.core.config import Config
+from certkeeper.core.errors import ConfigError
+
+
+def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    from certkeeper.network import records
+
+    domain = getattr(args, "domain", None)
+    configured = records.mail_domains(config)
+    if not configured:
+        raise ConfigError([f"{config.path}: no mail domain configured ([[mta_sts]], [[dkim]], [tlsrpt] or "
+                           "[dns] zone)"])
+    if domain and domain.lower().rstrip(".") not in configured:
+        raise ConfigError([f"{config.path}: {domain!r} is not a configured mail domain "
+                           f"(configured: {', '.join(configured)})"])
+    domains = [domain.lower().rstrip(".")] if domain else configured
+    if not getattr(args, "check", False):
+        out.write(records.render(config, domains))
+        return 0
+    lookup = records.resolver_lookup(config)
+    rows = [row for d in domains for row in records.check(config, d, lookup)]
+    print(records.render_table(rows), file=out)
+    bad = [r for r in rows if r.status != "ok"]
+    print(f"{len(rows) - len(bad)} ok, {sum(r.status == 'missing' for r in bad)} missing, "
+          f"{sum(r.status == 'wrong' for r in bad)} wrong", file=out)
+    return 0 if not bad else 1

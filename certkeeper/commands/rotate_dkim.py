@@ -1,0 +1,35 @@
+"""``certkeeper rotate-dkim [DOMAIN] [--now]``: start a rotation and run it as far as it is due."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import TextIO
+
+from certkeeper.core.config import Config
+from certkeeper.core.errors import CertkeeperError
+
+log = logging.getLogger(__name__)
+
+
+def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    from certkeeper.network import rotation
+
+    items = rotation.selected_items(config, getattr(args, "domain", None))
+    emergency = bool(getattr(args, "now", False))
+    now = datetime.now(UTC)
+
+    def progress(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    failed = False
+    for item in items:
+        try:
+            rotation.rotate_now(config, item, now, emergency, progress)
+        except CertkeeperError as exc:
+            log.debug("dkim %s: %s", item.domain, exc)  # the CLI's stderr shows it once, below
+            print(f"certkeeper: {item.domain}: {exc}", file=sys.stderr, flush=True)
+            failed = True
+    return 1 if failed else 0

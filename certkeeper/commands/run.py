@@ -1,0 +1,27 @@
+"""``certkeeper run [-d]``: the long-running service (certkeeper.daemon)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TextIO
+
+from certkeeper.core.config import Config
+
+
+def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    from certkeeper import daemon
+    from certkeeper.core import logs
+
+    foreground = bool(getattr(args, "foreground", False))
+    verbosity = max(int(getattr(args, "verbose", 0) or 0), 1)
+    text, config = daemon.read_config(config.path)  # the exact text, handed to every worker
+    service = daemon.Daemon(config, text, foreground, verbosity)
+    service.bind()
+    if not foreground:
+        daemon.detach()
+    logs.setup_daemon(foreground, verbosity)
+    daemon.write_pid_file(config.pid_file)
+    try:
+        return daemon.run_loop(service.run())
+    finally:
+        daemon.remove_pid_file(config.pid_file)

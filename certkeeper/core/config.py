@@ -1,0 +1,869 @@
+"""The configuration file: TOML in, frozen dataclasses out.
+
+This module owns every configuration key, its default and its validation.
+Nothing downstream re-checks a value that was accepted here. Every problem is
+reported as one line naming the file, the key and the value, e.g.::
+
+    certkeeper: etc/certkeeper.toml: certificate[1].key_type: 'rsa1024' is not one of ...
+
+Array-of-table entries are numbered from 1 (``certificate[1]`` is the first
+``[[certificate]]`` in the file), as a person counts them. Unknown keys are
+errors: a typo must never pass silently.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, timedelta
+from pathlib import Path
+from typing import Any
+
+from certkeeper.core.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/certkeeper.toml")
+
+KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "ecdsa-p256", "ecdsa-p384")
+DKIM_ALGORITHMS = ("rsa2048", "rsa3072", "rsa4096", "ed25519")
+DKIM_SIGNERS = ("rspamd", "filter-dkimsign", "none")
+MTA_STS_MODES = ("enforce", "testing", "none")
+DNS_BACKENDS = ("rfc2136", "zonefile", "manual")
+TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1", "hmac-md5")
+# Hook kinds with a built-in default command (OpenBSD rc.d / base tools).
+HOOK_DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
+    "smtpd": ("rcctl", "restart", "smtpd"),  # smtpd re-reads certificates only on restart
+    "dovecot": ("doveadm", "reload"),
+    "httpd": ("rcctl", "reload", "httpd"),
+    "rspamd": ("rcctl", "reload", "rspamd"),
+    "relayd": ("rcctl", "reload", "relayd"),
+}
+VERIFY_SCHEMES = ("smtp+starttls", "smtps", "imap+starttls", "imaps", "https")
+RFC8461_MAX_AGE = 31557600  # RFC 8461 3.2: max_age is at most 31557600 seconds
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+# ---------------------------------------------------------------------------
+# The values. Frozen: once built they are valid and never change.
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    contact: tuple[str, ...] = ()
+    account_key: Path = Path("/etc/acme/letsencrypt-privkey.pem")
+    account_key_type: str = "ecdsa-p256"  # only used when the key is created
+    ca_bundle: Path | None = None
+    profile: str = ""
+    concurrency: int = 4
+    eab_kid: str = ""
+    eab_hmac_key_file: Path | None = None  # base64url HMAC key; never logged
+    timeout: float = 30.0  # seconds per HTTP request to the ACME server
+    order_timeout: float = 300.0  # seconds for one whole order
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: tuple[str, ...] = ("0.0.0.0:80", "[::]:80")
+    tls_listen: tuple[str, ...] = ("0.0.0.0:443", "[::]:443")
+
+
+@dataclass(frozen=True)
+class CertificateConfig:
+    name: str
+    domains: tuple[str, ...]
+    key_type: str
+    key: Path
+    cert: Path
+    chain: Path
+    fullchain: Path
+    key_owner: str = ""  # "" keeps the owner of the process (root)
+    key_group: str = ""
+    key_mode: int = 0o600
+    cert_owner: str = ""
+    cert_group: str = ""
+    cert_mode: int = 0o644
+    reuse_key: bool = False
+    profile: str = ""  # overrides [acme] profile for this certificate
+    hooks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    name: str
+    command: tuple[str, ...]
+    verify: tuple[str, ...] = ()
+    timeout: float = 60.0  # seconds the command may run
+    verify_timeout: float = 30.0  # seconds to keep retrying the endpoints
+
+
+@dataclass(frozen=True)
+class MtaStsConfig:
+    domain: str
+    mode: str
+    mx: tuple[str, ...]
+    max_age: int
+    certificate: str
+
+    @property
+    def host(self) -> str:
+        return f"mta-sts.{self.domain}"
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    backend: str = "manual"
+    zone: str = ""
+    server: str = ""  # "host:port" of the primary that accepts RFC 2136 updates
+    tsig_key_name: str = ""
+    tsig_algorithm: str = "hmac-sha256"
+    tsig_secret_file: Path | None = None
+    ttl: int = 300
+    check_servers: tuple[str, ...] = ()
+    resolver: str = ""
+    zonefile: Path | None = None  # zonefile backend: the include file certkeeper owns
+    reload_command: tuple[str, ...] = ()  # zonefile backend: e.g. rndc reload ZONE
+    propagation_timeout: float = 600.0
+    propagation_interval: float = 2.0
+    # Where `mta-sts publish` fetches https://mta-sts.DOMAIN/... to check the policy is served before
+    # publishing its id: "addr:port" instead of resolving the name (SNI and Host stay the name), and a
+    # CA file to trust instead of the system's. Both for tests and split-horizon set-ups.
+    mta_sts_fetch_address: str = ""
+    mta_sts_fetch_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class TlsRptConfig:
+    rua: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()  # default: every [[mta_sts]] domain
+
+
+@dataclass(frozen=True)
+class DmarcConfig:
+    policy: str = "reject"
+    subdomain_policy: str = "reject"
+    rua: tuple[str, ...] = ()
+    ruf: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RecordsConfig:
+    """Facts about the host that only the operator knows, for ``certkeeper dns``."""
+
+    ipv4: tuple[str, ...] = ()
+    ipv6: tuple[str, ...] = ()
+    mx: tuple[str, ...] = ()  # default: the first [[certificate]]'s name
+    caa_issuer: str = ""  # default: derived from [acme] directory
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    domain: str
+    algorithms: tuple[str, ...] = ("rsa2048",)
+    selector_format: str = "%Y%m%d"
+    rotate_every: timedelta = timedelta(days=90)
+    publish_ahead: timedelta = timedelta(days=2)
+    retire_after: timedelta = timedelta(days=7)
+    remove_after: timedelta = timedelta(days=30)  # revoked record kept this long
+    key_dir: Path = Path("/etc/mail/dkim")
+    key_owner: str = "root"
+    key_group: str = "_rspamd"
+    key_mode: int = 0o440
+    signer: str = "rspamd"
+    signer_config: Path | None = None  # rspamd dkim_signing.conf / smtpd.conf fragment
+    signer_hook: str = ""  # hook run after the signer config changes
+    reveal_retired: bool = False
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    mail_to: tuple[str, ...] = ()
+    mail_from: str = ""
+    smtp: str = "127.0.0.1:25"
+    sendmail: tuple[str, ...] = ()  # e.g. ["/usr/sbin/sendmail", "-t"]; overrides smtp
+    command: tuple[str, ...] = ()
+    expiry_warning_days: int = 7
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # off unless set
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    state_dir: Path = Path("/var/db/certkeeper")
+    control_socket: Path = Path("/var/run/certkeeper.sock")
+    pid_file: Path = Path("/var/run/certkeeper.pid")
+    acme: AcmeConfig = field(default_factory=AcmeConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    certificates: tuple[CertificateConfig, ...] = ()
+    hooks: dict[str, HookConfig] = field(default_factory=dict)
+    mta_sts: tuple[MtaStsConfig, ...] = ()
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
+    dmarc: DmarcConfig = field(default_factory=DmarcConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    dkim: tuple[DkimConfig, ...] = ()
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def certificate(self, name: str) -> CertificateConfig:
+        for cert in self.certificates:
+            if cert.name == name:
+                return cert
+        raise KeyError(name)
+
+    def certificate_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.certificates)
+
+    def host_names(self) -> frozenset[str]:
+        """Every DNS name certkeeper answers HTTP(S) for: all certificate domains."""
+        return frozenset(d for c in self.certificates for d in c.domains)
+
+
+# ---------------------------------------------------------------------------
+# Reading and validating.
+
+
+def load(path: Path | str) -> Config:
+    """Read and validate the file; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    return parse(raw.decode("utf-8", errors="replace"), path)
+
+
+def parse(text: str, path: Path | str = "<config>") -> Config:
+    path = Path(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
+    reader = _Reader(str(path))
+    config = reader.config(data)
+    if reader.errors:
+        raise ConfigError(reader.errors)
+    assert config is not None
+    return config
+
+
+class _Reader:
+    """Walks the TOML document, collecting one error line per problem."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.errors: list[str] = []
+
+    def error(self, key: str, message: str) -> None:
+        self.errors.append(f"{self.filename}: {key}: {message}")
+
+    # -- generic typed getters ------------------------------------------------
+
+    def table(self, data: dict[str, Any], where: str, allowed: set[str]) -> None:
+        for key in data:
+            if key not in allowed:
+                self.error(_join(where, key), f"unknown key (expected one of {', '.join(sorted(allowed))})")
+
+    def get(self, data: dict[str, Any], where: str, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        if key not in data:
+            return default
+        value = data[key]
+        if kind is int and isinstance(value, bool):  # TOML true is not a number
+            self.error(_join(where, key), f"{value!r} is not an integer")
+            return default
+        if not isinstance(value, kind):
+            self.error(_join(where, key), f"{_show(value)} is not {_kind_name(kind)}")
+            return default
+        return value
+
+    def string(self, data: dict[str, Any], where: str, key: str, default: str = "") -> str:
+        return str(self.get(data, where, key, str, default))
+
+    def strings(self, data: dict[str, Any], where: str, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.get(data, where, key, list, None)
+        if value is None:
+            return default
+        out = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.error(f"{_join(where, key)}[{i + 1}]", f"{_show(item)} is not a string")
+            else:
+                out.append(item)
+        return tuple(out)
+
+    def choice(self, data: dict[str, Any], where: str, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.string(data, where, key, default)
+        if value not in choices:
+            self.error(_join(where, key), f"{value!r} is not one of {', '.join(choices)}")
+            return default
+        return value
+
+    def integer(self, data: dict[str, Any], where: str, key: str, default: int, lo: int, hi: int) -> int:
+        value = self.get(data, where, key, int, default)
+        if not lo <= value <= hi:
+            self.error(_join(where, key), f"{value} is out of range {lo}..{hi}")
+            return default
+        return int(value)
+
+    def number(self, data: dict[str, Any], where: str, key: str, default: float, lo: float, hi: float) -> float:
+        value = self.get(data, where, key, (int, float), default)
+        if isinstance(value, bool) or not lo <= value <= hi:
+            self.error(_join(where, key), f"{value!r} is out of range {lo:g}..{hi:g}")
+            return default
+        return float(value)
+
+    def boolean(self, data: dict[str, Any], where: str, key: str, default: bool) -> bool:
+        return bool(self.get(data, where, key, bool, default))
+
+    def path(self, data: dict[str, Any], where: str, key: str, default: Path | None) -> Path | None:
+        value = self.get(data, where, key, str, None)
+        if value is None or value == "":
+            return default
+        if not value.startswith("/"):
+            self.error(_join(where, key), f"{value!r} is a relative path; use an absolute one")
+            return default
+        return Path(value)
+
+    def required_path(self, data: dict[str, Any], where: str, key: str, default: Path) -> Path:
+        result = self.path(data, where, key, default)
+        return default if result is None else result
+
+    def mode(self, data: dict[str, Any], where: str, key: str, default: int) -> int:
+        value = self.get(data, where, key, (str, int), None)
+        if value is None:
+            return default
+        # A string only: the integer 600 is six hundred, and TOML's 0o600 arrives as 384; either would
+        # silently set another mode than the operator meant.
+        if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3,4}", value):
+            return int(value, 8)
+        self.error(_join(where, key), f"{_show(value)} is not a file mode in quotes, such as \"0600\"")
+        return default
+
+    def duration(self, data: dict[str, Any], where: str, key: str, default: timedelta) -> timedelta:
+        value = self.get(data, where, key, (str, int), None)
+        if value is None:
+            return default
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return timedelta(seconds=value)
+        match = _DURATION.match(value) if isinstance(value, str) else None
+        if not match:
+            self.error(_join(where, key), f"{_show(value)} is not a duration such as \"90d\", \"12h\" or \"30m\"")
+            return default
+        return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+    def domain(self, where: str, value: str, wildcard: bool = False) -> str | None:
+        problem = domain_problem(value, wildcard=wildcard)
+        if problem:
+            self.error(where, f"{value!r} {problem}")
+            return None
+        return value.lower().rstrip(".")
+
+    def address(self, where: str, value: str) -> None:
+        problem = address_problem(value)
+        if problem:
+            self.error(where, f"{value!r} {problem}")
+
+    # -- sections ------------------------------------------------------------
+
+    def config(self, data: dict[str, Any]) -> Config | None:
+        top = {
+            "state_dir", "control_socket", "pid_file", "acme", "http", "certificate", "hooks", "mta_sts",
+            "dns", "tlsrpt", "dmarc", "records", "dkim", "alerts", "metrics",
+        }
+        self.table(data, "", top)
+        state_dir = self.required_path(data, "", "state_dir", Config.state_dir)
+        control_socket = self.required_path(data, "", "control_socket", Config.control_socket)
+        pid_file = self.required_path(data, "", "pid_file", Config.pid_file)
+        acme = self.acme(self.section(data, "acme"))
+        http = self.http(self.section(data, "http"))
+        certificates = tuple(self.certificates(data))
+        hooks = self.hooks(self.section(data, "hooks"))
+        mta_sts = tuple(self.mta_sts_list(data, certificates))
+        dns = self.dns(self.section(data, "dns"))
+        tlsrpt = self.tlsrpt(self.section(data, "tlsrpt"))
+        dmarc = self.dmarc(self.section(data, "dmarc"))
+        records = self.records(self.section(data, "records"))
+        dkim = tuple(self.dkim_list(data))
+        alerts = self.alerts(self.section(data, "alerts"))
+        metrics = self.metrics(self.section(data, "metrics"))
+        self.cross_check(certificates, hooks, dkim)
+        return Config(
+            path=Path(self.filename), state_dir=state_dir, control_socket=control_socket, pid_file=pid_file,
+            acme=acme, http=http, certificates=certificates, hooks=hooks, mta_sts=mta_sts, dns=dns,
+            tlsrpt=tlsrpt, dmarc=dmarc, records=records, dkim=dkim, alerts=alerts, metrics=metrics,
+        )
+
+    def section(self, data: dict[str, Any], key: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            self.error(key, f"must be a table ([{key}]), not {_kind_name(type(value))}")
+            return {}
+        return value
+
+    def array_of_tables(self, data: dict[str, Any], key: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        value = data.get(key, [])
+        if not isinstance(value, list):
+            self.error(key, f"must be an array of tables ([[{key}]])")
+            return
+        for i, item in enumerate(value):
+            where = f"{key}[{i + 1}]"
+            if not isinstance(item, dict):
+                self.error(where, "must be a table")
+                continue
+            yield where, item
+
+    def acme(self, data: dict[str, Any]) -> AcmeConfig:
+        w = "acme"
+        self.table(data, w, {
+            "directory", "contact", "account_key", "account_key_type", "ca_bundle", "profile", "concurrency",
+            "eab_kid", "eab_hmac_key_file", "timeout", "order_timeout",
+        })
+        directory = self.string(data, w, "directory", AcmeConfig.directory)
+        if not re.match(r"^https://[^/\s]+", directory):
+            self.error(f"{w}.directory", f"{directory!r} is not an https:// URL")
+        contact = self.strings(data, w, "contact")
+        for i, item in enumerate(contact):
+            if not re.match(r"^mailto:[^@\s]+@[^@\s]+$", item):
+                self.error(f"{w}.contact[{i + 1}]", f"{item!r} is not a mailto: URL")
+        profile = self.string(data, w, "profile")
+        if profile and not re.fullmatch(r"[A-Za-z0-9._-]+", profile):
+            self.error(f"{w}.profile", f"{profile!r} is not a profile name")
+        return AcmeConfig(
+            directory=directory,
+            contact=contact,
+            account_key=self.required_path(data, w, "account_key", AcmeConfig.account_key),
+            account_key_type=self.choice(data, w, "account_key_type", KEY_TYPES, AcmeConfig.account_key_type),
+            ca_bundle=self.path(data, w, "ca_bundle", None),
+            profile=profile,
+            concurrency=self.integer(data, w, "concurrency", 4, 1, 64),
+            eab_kid=self.string(data, w, "eab_kid"),
+            eab_hmac_key_file=self.path(data, w, "eab_hmac_key_file", None),
+            timeout=self.number(data, w, "timeout", 30.0, 1, 600),
+            order_timeout=self.number(data, w, "order_timeout", 300.0, 5, 86400),
+        )
+
+    def http(self, data: dict[str, Any]) -> HttpConfig:
+        w = "http"
+        self.table(data, w, {"listen", "tls_listen"})
+        listen = self.strings(data, w, "listen", HttpConfig.listen)
+        tls_listen = self.strings(data, w, "tls_listen", HttpConfig.tls_listen)
+        for key, values in (("listen", listen), ("tls_listen", tls_listen)):
+            for i, value in enumerate(values):
+                self.address(f"{w}.{key}[{i + 1}]", value)
+        return HttpConfig(listen=listen, tls_listen=tls_listen)
+
+    def certificates(self, data: dict[str, Any]) -> Iterator[CertificateConfig]:
+        seen: dict[str, str] = {}
+        for w, item in self.array_of_tables(data, "certificate"):
+            self.table(item, w, {
+                "name", "domains", "key_type", "key", "cert", "chain", "fullchain", "key_owner", "key_group",
+                "key_mode", "cert_owner", "cert_group", "cert_mode", "reuse_key", "profile", "hooks",
+            })
+            # A bad name is reported and the rest of the table still checked: every problem, one pass.
+            name = self.string(item, w, "name")
+            valid_name = False
+            if not name:
+                self.error(f"{w}.name", "is required")
+            elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                self.error(f"{w}.name", f"{name!r} may hold only letters, digits, '.', '_' and '-'")
+            elif name in seen:
+                self.error(f"{w}.name", f"{name!r} is already used by {seen[name]}")
+            else:
+                seen[name], valid_name = w, True
+            domains_raw = self.strings(item, w, "domains", (name,) if name else ())
+            if not domains_raw:
+                self.error(f"{w}.domains", "must list at least one domain")
+            domains: list[str] = []
+            for i, d in enumerate(domains_raw):
+                clean = self.domain(f"{w}.domains[{i + 1}]", d)
+                if clean and clean in domains:
+                    self.error(f"{w}.domains[{i + 1}]", f"{d!r} is listed twice")
+                elif clean:
+                    domains.append(clean)
+            key_mode = self.mode(item, w, "key_mode", 0o600)
+            if key_mode & 0o037:
+                # smtpd refuses group-writable keys; nobody else may read a private key.
+                self.error(f"{w}.key_mode", f"{key_mode:04o} lets others read or the group write the key; "
+                                            "use 0600, 0640 or 0440")
+            profile = self.string(item, w, "profile")
+            cert = CertificateConfig(
+                name=name,
+                domains=tuple(domains),
+                key_type=self.choice(item, w, "key_type", KEY_TYPES, "ecdsa-p256"),
+                key=self.required_path(item, w, "key", Path(f"/etc/ssl/private/{name}.key")),
+                cert=self.required_path(item, w, "cert", Path(f"/etc/ssl/{name}.crt")),
+                chain=self.required_path(item, w, "chain", Path(f"/etc/ssl/{name}.chain.pem")),
+                fullchain=self.required_path(item, w, "fullchain", Path(f"/etc/ssl/{name}.fullchain.pem")),
+                key_owner=self.string(item, w, "key_owner"),
+                key_group=self.string(item, w, "key_group"),
+                key_mode=key_mode,
+                cert_owner=self.string(item, w, "cert_owner"),
+                cert_group=self.string(item, w, "cert_group"),
+                cert_mode=self.mode(item, w, "cert_mode", 0o644),
+                reuse_key=self.boolean(item, w, "reuse_key", False),
+                profile=profile,
+                hooks=self.strings(item, w, "hooks"),
+            )
+            if valid_name:
+                yield cert
+
+    def hooks(self, data: dict[str, Any]) -> dict[str, HookConfig]:
+        hooks: dict[str, HookConfig] = {}
+        for name, item in data.items():
+            w = f"hooks.{name}"
+            if not isinstance(item, dict):
+                self.error(w, "must be a table ([hooks.NAME])")
+                continue
+            self.table(item, w, {"command", "verify", "timeout", "verify_timeout"})
+            command = self.strings(item, w, "command", HOOK_DEFAULT_COMMANDS.get(name, ()))
+            if not command:
+                known = ", ".join(HOOK_DEFAULT_COMMANDS)
+                self.error(f"{w}.command", f"is required for a hook that is not one of {known}")
+            verify = self.strings(item, w, "verify")
+            for i, url in enumerate(verify):
+                problem = verify_url_problem(url)
+                if problem:
+                    self.error(f"{w}.verify[{i + 1}]", f"{url!r} {problem}")
+            hooks[name] = HookConfig(
+                name=name, command=command, verify=verify,
+                timeout=self.number(item, w, "timeout", 60.0, 1, 3600),
+                verify_timeout=self.number(item, w, "verify_timeout", 30.0, 0, 3600),
+            )
+        return hooks
+
+    def mta_sts_list(self, data: dict[str, Any], certificates: tuple[CertificateConfig, ...]) -> Iterator[MtaStsConfig]:
+        by_name = {c.name: c for c in certificates}
+        seen: set[str] = set()
+        for w, item in self.array_of_tables(data, "mta_sts"):
+            self.table(item, w, {"domain", "mode", "mx", "max_age", "certificate"})
+            # A bad domain is reported and the rest of the table still checked.
+            domain = self.domain(f"{w}.domain", self.string(item, w, "domain"))
+            if domain is not None and domain in seen:
+                self.error(f"{w}.domain", f"{domain!r} already has an [[mta_sts]] table")
+                domain = None
+            elif domain is not None:
+                seen.add(domain)
+            mode = self.string(item, w, "mode", "testing")
+            if mode not in MTA_STS_MODES:
+                self.error(f"{w}.mode", f"{mode!r} is not one of {', '.join(MTA_STS_MODES)}")
+            patterns = self.strings(item, w, "mx")
+            mx: list[str] = []
+            for i, pattern in enumerate(patterns):
+                # RFC 8461 3.2: mx patterns are A-label names, optionally with a leading "*." wildcard.
+                clean = self.domain(f"{w}.mx[{i + 1}]", pattern, wildcard=True)
+                if clean:
+                    mx.append(clean)
+            if not patterns and mode in ("enforce", "testing"):
+                self.error(f"{w}.mx", f"is required when mode is {mode!r} (RFC 8461 3.2)")
+            max_age = self.integer(item, w, "max_age", 604800, 0, RFC8461_MAX_AGE)
+            cert_name = self.string(item, w, "certificate", f"mta-sts.{domain}" if domain else "")
+            cert = by_name.get(cert_name)
+            if cert is None and cert_name:
+                self.error(f"{w}.certificate", f"{cert_name!r} is not the name of a [[certificate]]")
+            elif cert is not None and domain and f"mta-sts.{domain}" not in cert.domains:
+                self.error(f"{w}.certificate", f"{cert_name!r} does not cover mta-sts.{domain}")
+            if domain is not None and mode in MTA_STS_MODES:
+                yield MtaStsConfig(domain=domain, mode=mode, mx=tuple(mx), max_age=max_age, certificate=cert_name)
+
+    def dns(self, data: dict[str, Any]) -> DnsConfig:
+        w = "dns"
+        self.table(data, w, {
+            "backend", "zone", "server", "tsig_key_name", "tsig_algorithm", "tsig_secret_file", "ttl",
+            "check_servers", "resolver", "zonefile", "reload_command", "propagation_timeout",
+            "propagation_interval", "mta_sts_fetch_address", "mta_sts_fetch_ca",
+        })
+        backend = self.choice(data, w, "backend", DNS_BACKENDS, "manual")
+        zone = self.string(data, w, "zone")
+        if zone:
+            zone = self.domain(f"{w}.zone", zone) or ""
+        server = self.string(data, w, "server")
+        if server:
+            self.host_port(f"{w}.server", server)
+        check_servers = self.strings(data, w, "check_servers")
+        for i, item in enumerate(check_servers):
+            self.host_port(f"{w}.check_servers[{i + 1}]", item)
+        resolver = self.string(data, w, "resolver")
+        if resolver:
+            self.host_port(f"{w}.resolver", resolver)
+        config = DnsConfig(
+            backend=backend, zone=zone, server=server,
+            tsig_key_name=self.string(data, w, "tsig_key_name"),
+            tsig_algorithm=self.choice(data, w, "tsig_algorithm", TSIG_ALGORITHMS, "hmac-sha256"),
+            tsig_secret_file=self.path(data, w, "tsig_secret_file", None),
+            ttl=self.integer(data, w, "ttl", 300, 1, 604800),
+            check_servers=check_servers, resolver=resolver,
+            zonefile=self.path(data, w, "zonefile", None),
+            reload_command=self.strings(data, w, "reload_command"),
+            propagation_timeout=self.number(data, w, "propagation_timeout", 600.0, 0, 86400),
+            propagation_interval=self.number(data, w, "propagation_interval", 2.0, 0.05, 3600),
+            mta_sts_fetch_address=self.string(data, w, "mta_sts_fetch_address"),
+            mta_sts_fetch_ca=self.path(data, w, "mta_sts_fetch_ca", None),
+        )
+        if config.mta_sts_fetch_address:
+            self.host_port(f"{w}.mta_sts_fetch_address", config.mta_sts_fetch_address)
+        if backend == "rfc2136":
+            for key in ("zone", "server"):
+                if not getattr(config, key):
+                    self.error(f"{w}.{key}", "is required with backend 'rfc2136'")
+            if config.tsig_key_name and config.tsig_secret_file is None:
+                self.error(f"{w}.tsig_secret_file", "is required when tsig_key_name is set")
+        if backend == "zonefile" and config.zonefile is None:
+            self.error(f"{w}.zonefile", "is required with backend 'zonefile'")
+        return config
+
+    def host_port(self, where: str, value: str) -> None:
+        problem = host_port_problem(value)
+        if problem:
+            self.error(where, f"{value!r} {problem}")
+
+    def tlsrpt(self, data: dict[str, Any]) -> TlsRptConfig:
+        w = "tlsrpt"
+        self.table(data, w, {"rua", "domains"})
+        rua = self.strings(data, w, "rua")
+        for i, uri in enumerate(rua):
+            # RFC 8460 3: rua is a mailto: or https: URI.
+            if not re.match(r"^(mailto:[^@\s;,]+@[^@\s;,]+|https://[^\s;,]+)$", uri):
+                self.error(f"{w}.rua[{i + 1}]", f"{uri!r} is not a mailto: or https: URI")
+        domains = [d for i, d in enumerate(self.strings(data, w, "domains"))
+                   if self.domain(f"{w}.domains[{i + 1}]", d)]
+        return TlsRptConfig(rua=rua, domains=tuple(d.lower().rstrip(".") for d in domains))
+
+    def dmarc(self, data: dict[str, Any]) -> DmarcConfig:
+        w = "dmarc"
+        self.table(data, w, {"policy", "subdomain_policy", "rua", "ruf"})
+        policies = ("none", "quarantine", "reject")
+        return DmarcConfig(
+            policy=self.choice(data, w, "policy", policies, "reject"),
+            subdomain_policy=self.choice(data, w, "subdomain_policy", policies, "reject"),
+            rua=self.strings(data, w, "rua"),
+            ruf=self.strings(data, w, "ruf"),
+        )
+
+    def records(self, data: dict[str, Any]) -> RecordsConfig:
+        w = "records"
+        self.table(data, w, {"ipv4", "ipv6", "mx", "caa_issuer"})
+        ipv4 = self.strings(data, w, "ipv4")
+        ipv6 = self.strings(data, w, "ipv6")
+        for key, values, version in (("ipv4", ipv4, 4), ("ipv6", ipv6, 6)):
+            for i, value in enumerate(values):
+                try:
+                    if ipaddress.ip_address(value).version != version:
+                        raise ValueError
+                except ValueError:
+                    self.error(f"{w}.{key}[{i + 1}]", f"{value!r} is not an IPv{version} address")
+        mx = [m for i, m in enumerate(self.strings(data, w, "mx")) if self.domain(f"{w}.mx[{i + 1}]", m)]
+        return RecordsConfig(ipv4=ipv4, ipv6=ipv6, mx=tuple(m.lower().rstrip(".") for m in mx),
+                             caa_issuer=self.string(data, w, "caa_issuer"))
+
+    def dkim_list(self, data: dict[str, Any]) -> Iterator[DkimConfig]:
+        seen: set[str] = set()
+        dkimsign_files: dict[str, str] = {}  # filter-dkimsign fragment -> the domain it signs for
+        for w, item in self.array_of_tables(data, "dkim"):
+            self.table(item, w, {
+                "domain", "algorithms", "selector_format", "rotate_every", "publish_ahead", "retire_after",
+                "remove_after", "key_dir", "key_owner", "key_group", "key_mode", "signer", "signer_config",
+                "signer_hook", "reveal_retired",
+            })
+            domain = self.domain(f"{w}.domain", self.string(item, w, "domain"))
+            if domain is None:
+                continue
+            if domain in seen:
+                self.error(f"{w}.domain", f"{domain!r} already has a [[dkim]] table")
+                continue
+            seen.add(domain)
+            algorithms = self.strings(item, w, "algorithms", ("rsa2048",))
+            for i, alg in enumerate(algorithms):
+                if alg not in DKIM_ALGORITHMS:
+                    self.error(f"{w}.algorithms[{i + 1}]", f"{alg!r} is not one of {', '.join(DKIM_ALGORITHMS)}")
+            if not algorithms:
+                self.error(f"{w}.algorithms", "must list at least one algorithm")
+            if len(set(algorithms)) != len(algorithms):
+                self.error(f"{w}.algorithms", "lists an algorithm twice")
+            selector_format = self.string(item, w, "selector_format", "%Y%m%d")
+            problem = selector_format_problem(selector_format, algorithms)
+            if problem:
+                self.error(f"{w}.selector_format", f"{selector_format!r} {problem}")
+            key_mode = self.mode(item, w, "key_mode", 0o440)
+            if key_mode & 0o037:
+                self.error(f"{w}.key_mode", f"{key_mode:04o} lets others read or the group write the key")
+            signer_config = self.path(item, w, "signer_config", None)
+            if item.get("signer") == "filter-dkimsign":
+                # filter-dkimsign(8) takes one -k and one -s: one smtpd.conf fragment signs for one domain.
+                other = dkimsign_files.setdefault(str(signer_config), domain)
+                if other != domain:
+                    self.error(f"{w}.signer_config", f"filter-dkimsign signs with one key and selector, so "
+                               f"{str(signer_config or 'the default fragment')!r} cannot serve both {other!r} "
+                               f"and {domain!r}; give each domain its own signer_config, or use rspamd")
+            yield DkimConfig(
+                domain=domain,
+                algorithms=algorithms,
+                selector_format=selector_format,
+                rotate_every=self.duration(item, w, "rotate_every", timedelta(days=90)),
+                publish_ahead=self.duration(item, w, "publish_ahead", timedelta(days=2)),
+                retire_after=self.duration(item, w, "retire_after", timedelta(days=7)),
+                remove_after=self.duration(item, w, "remove_after", timedelta(days=30)),
+                key_dir=self.required_path(item, w, "key_dir", Path("/etc/mail/dkim")),
+                key_owner=self.string(item, w, "key_owner", "root"),
+                key_group=self.string(item, w, "key_group", "_rspamd"),
+                key_mode=key_mode,
+                signer=self.choice(item, w, "signer", DKIM_SIGNERS, "rspamd"),
+                signer_config=signer_config,
+                signer_hook=self.string(item, w, "signer_hook"),
+                reveal_retired=self.boolean(item, w, "reveal_retired", False),
+            )
+
+    def alerts(self, data: dict[str, Any]) -> AlertsConfig:
+        w = "alerts"
+        self.table(data, w, {"mail_to", "mail_from", "smtp", "sendmail", "command", "expiry_warning_days"})
+        mail_to = self.strings(data, w, "mail_to")
+        for i, addr in enumerate(mail_to):
+            if not re.fullmatch(r"[^@\s]+@[^@\s]+", addr):
+                self.error(f"{w}.mail_to[{i + 1}]", f"{addr!r} is not a mail address")
+        smtp = self.string(data, w, "smtp", "127.0.0.1:25")
+        self.host_port(f"{w}.smtp", smtp)
+        return AlertsConfig(
+            mail_to=mail_to,
+            mail_from=self.string(data, w, "mail_from"),
+            smtp=smtp,
+            sendmail=self.strings(data, w, "sendmail"),
+            command=self.strings(data, w, "command"),
+            expiry_warning_days=self.integer(data, w, "expiry_warning_days", 7, 0, 365),
+        )
+
+    def metrics(self, data: dict[str, Any]) -> MetricsConfig:
+        w = "metrics"
+        self.table(data, w, {"listen"})
+        listen = self.string(data, w, "listen")
+        if listen:
+            self.address(f"{w}.listen", listen)
+        return MetricsConfig(listen=listen)
+
+    def cross_check(self, certificates: tuple[CertificateConfig, ...], hooks: dict[str, HookConfig],
+                    dkim: tuple[DkimConfig, ...]) -> None:
+        for i, cert in enumerate(certificates):
+            for j, hook in enumerate(cert.hooks):
+                if hook not in hooks and hook not in HOOK_DEFAULT_COMMANDS:
+                    known = ", ".join(HOOK_DEFAULT_COMMANDS)
+                    self.error(f"certificate[{i + 1}].hooks[{j + 1}]",
+                               f"{hook!r} is neither a [hooks.{hook}] table nor one of {known}")
+        for i, item in enumerate(dkim):
+            if item.signer_hook and item.signer_hook not in hooks and item.signer_hook not in HOOK_DEFAULT_COMMANDS:
+                self.error(f"dkim[{i + 1}].signer_hook", f"{item.signer_hook!r} is not a configured hook")
+
+
+def hook_config(config: Config, name: str) -> HookConfig:
+    """The hook's table, or the built-in default for a known kind without one."""
+    if name in config.hooks:
+        return config.hooks[name]
+    return HookConfig(name=name, command=HOOK_DEFAULT_COMMANDS[name])
+
+
+# ---------------------------------------------------------------------------
+# Checks shared with other modules (pure functions returning a problem or "").
+
+
+def domain_problem(value: str, wildcard: bool = False) -> str:
+    """Why ``value`` is not a valid A-label host name, or "" when it is."""
+    name = value.rstrip(".")
+    if wildcard and name.startswith("*."):
+        name = name[2:]
+    if not name:
+        return "is not a domain name"
+    if not name.isascii():
+        try:
+            alabel = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "is not a valid internationalised domain name"
+        return f"is not in A-label form; write {alabel!r}"
+    if "*" in name:
+        return "may not contain '*'" if not wildcard else "may use '*' only as the whole first label"
+    if len(name) > 253:
+        return "is longer than 253 characters"
+    labels = name.lower().split(".")
+    if len(labels) < 2:
+        return "is not a fully qualified domain name"
+    for label in labels:
+        if not _LABEL.match(label):
+            return f"has an invalid label {label!r}"
+    return ""
+
+
+def host_port_problem(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return "is not HOST:PORT"
+    host = host.strip("[]")
+    if not host:
+        return "is not HOST:PORT"
+    return ""
+
+
+def address_problem(value: str) -> str:
+    """Why ``value`` is not ``ADDR:PORT`` / ``[V6ADDR]:PORT``, or ""."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return "is not ADDRESS:PORT (e.g. \"0.0.0.0:80\" or \"[::]:80\")"
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        return "needs brackets around an IPv6 address, e.g. \"[::1]:80\""
+    if host in ("", "localhost"):
+        return ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "is not a numeric IP address and port"
+    return ""
+
+
+def verify_url_problem(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in VERIFY_SCHEMES:
+        return f"does not start with one of {', '.join(s + '://' for s in VERIFY_SCHEMES)}"
+    problem = host_port_problem(rest.rstrip("/"))
+    return "needs HOST:PORT after the scheme" if problem else ""
+
+
+def selector_format_problem(fmt: str, algorithms: tuple[str, ...]) -> str:
+    """RFC 6376 3.1: a selector is one or more DNS labels; check a sample of each."""
+    from datetime import datetime
+
+    samples = [datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2031, 12, 31, 23, 59, 59, tzinfo=UTC)]
+    for alg in algorithms or ("rsa2048",):
+        for when in samples:
+            try:
+                selector = when.strftime(fmt.replace("{alg}", alg))
+            except ValueError:
+                return "is not a valid strftime format"
+            labels = selector.lower().split(".")
+            if not all(_LABEL.match(label) for label in labels):
+                return f"makes {selector!r}, which is not a valid DNS label"
+    if len(algorithms) > 1 and "{alg}" not in fmt:
+        return "must contain {alg} when more than one algorithm is listed"
+    return ""
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _show(value: Any) -> str:
+    return repr(value) if not isinstance(value, (dict, list)) else _kind_name(type(value))
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "an array",
+             dict: "a table", Path: "a path"}
+    if isinstance(kind, tuple):
+        return " or ".join(names.get(k, k.__name__) for k in kind)
+    return names.get(kind, kind.__name__)
+

@@ -1,0 +1,80 @@
+"""Atomic file writes: the one implementation every module uses.
+
+acme-client's way: a temp file in the same directory, created with its final
+owner and mode before any data goes in, fsynced, renamed over the target, and
+the directory fsynced. A reader sees the old file or the new one, never a
+half-written one, and a crash leaves at most a ``.NAME.certkeeper-new`` temp
+file that the next write replaces.
+
+``store`` builds certificate *sets* on top of ``write_temp`` (four files, one
+journal); everything else calls ``write_atomic`` or ``write_json_atomic``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from certkeeper.core.errors import LocalError
+
+TEMP_SUFFIX = ".certkeeper-new"
+
+
+def temp_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}{TEMP_SUFFIX}")
+
+
+def write_temp(final: Path, data: bytes, uid: int = -1, gid: int = -1, mode: int = 0o600) -> Path:
+    """Write ``data`` to the temp name beside ``final`` (owner and mode set first, fsynced); return it.
+
+    A missing directory is created 0755, or 0700 when the file itself is private
+    (nobody but its owner may read it): /etc/ssl/private is 0700 on OpenBSD.
+    """
+    temp = temp_path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if mode & 0o077 == 0 else 0o755)
+        temp.unlink(missing_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise LocalError(f"{final}: cannot write: {exc.strerror}") from None
+    try:
+        if uid != -1 or gid != -1:
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise LocalError(f"{final}: cannot write: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return temp
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, uid: int = -1, gid: int = -1) -> None:
+    """Replace ``path`` with ``data`` atomically, with the given mode and owner."""
+    temp = write_temp(path, data, uid, gid, mode)
+    try:
+        os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise LocalError(f"{path}: cannot write: {exc.strerror}") from None
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
+    """State files: JSON, private to certkeeper by default; the directory is created 0700."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode() + b"\n", mode)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

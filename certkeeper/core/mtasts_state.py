@@ -1,0 +1,172 @@
+"""MTA-STS publishing history and what the daemon must serve (RFC 8461 8.1, 8.3).
+
+This module owns ``STATE/mta-sts/DOMAIN.json``: every policy id published for
+a domain, its ``max_age``, when it was published and when a newer one replaced
+it. From that history alone (no DNS, no network) it answers what the daemon
+must serve, including domains being withdrawn with their ``mode: none``
+policy, and when a withdrawal may finish. ``mtasts_publish`` changes DNS and
+writes the history; the daemon's web listener only reads it, so the daemon
+process never loads the DNS libraries.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from certkeeper.core.config import Config
+from certkeeper.core.errors import LocalError
+from certkeeper.core.files import write_json_atomic
+from certkeeper.core.mtasts import Policy, parse_policy
+
+# RFC 8461 8.3: withdraw with "mode: none" and a short max_age; one day.
+DRAIN_MAX_AGE = 86400
+
+
+# ---------------------------------------------------------------------------
+# Per-domain history.
+
+
+@dataclass(frozen=True)
+class PublishedPolicy:
+    policy_id: str
+    mode: str
+    max_age: int
+    text: str  # the policy as served, so a draining domain serves exactly what was published
+    published_at: datetime
+    superseded_at: datetime | None = None  # when a newer id replaced it
+
+
+@dataclass(frozen=True)
+class DomainState:
+    domain: str
+    policies: tuple[PublishedPolicy, ...] = ()
+    removed_at: datetime | None = None  # the _mta-sts record was removed (RFC 8461 8.3 done)
+    tlsrpt: str = ""  # the TLSRPT value in DNS, "" when none
+
+    @property
+    def current(self) -> PublishedPolicy | None:
+        return self.policies[-1] if self.policies and self.removed_at is None else None
+
+    def with_published(self, policy: Policy, now: datetime) -> DomainState:
+        policy_id = policy.policy_id()
+        current = self.current
+        if current is not None and current.policy_id == policy_id:
+            return self
+        earlier = tuple(p if p.superseded_at else replace(p, superseded_at=now) for p in self.policies)
+        # A policy whose max_age ran out after it was replaced can no longer be cached anywhere.
+        earlier = tuple(p for p in earlier if p.superseded_at and p.superseded_at + _age(p) > now)
+        new = PublishedPolicy(policy_id, policy.mode, policy.max_age, policy.render(), now)
+        return replace(self, policies=(*earlier, new), removed_at=None)
+
+    def drain_until(self) -> datetime | None:
+        """RFC 8461 8.3: when every policy before the final ``mode: none`` one has expired from caches."""
+        current = self.current
+        if current is None or current.mode != "none":
+            return None
+        ends = [p.superseded_at + _age(p) for p in self.policies[:-1] if p.superseded_at]
+        return max(ends, default=current.published_at)
+
+
+def _age(p: PublishedPolicy) -> timedelta:
+    return timedelta(seconds=p.max_age)
+
+
+def state_path(config: Config, domain: str) -> Path:
+    return config.state_dir / "mta-sts" / f"{domain}.json"
+
+
+def load_state(config: Config, domain: str) -> DomainState:
+    path = state_path(config, domain)
+    try:
+        data = json.loads(path.read_text())
+        return DomainState(
+            domain=domain,
+            policies=tuple(PublishedPolicy(
+                policy_id=p["policy_id"], mode=p["mode"], max_age=int(p["max_age"]), text=p["text"],
+                published_at=_required_time(p["published_at"]), superseded_at=_time(p.get("superseded_at")))
+                for p in data.get("policies", [])),
+            removed_at=_time(data.get("removed_at")),
+            tlsrpt=str(data.get("tlsrpt", "")),
+        )
+    except FileNotFoundError:
+        return DomainState(domain=domain)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LocalError(f"{path}: unreadable MTA-STS state ({exc}); fix or remove it") from None
+
+
+def save_state(config: Config, st: DomainState) -> None:
+    data = {
+        "domain": st.domain,
+        "policies": [{"policy_id": p.policy_id, "mode": p.mode, "max_age": p.max_age, "text": p.text,
+                      "published_at": p.published_at.isoformat(),
+                      "superseded_at": p.superseded_at.isoformat() if p.superseded_at else None}
+                     for p in st.policies],
+        "removed_at": st.removed_at.isoformat() if st.removed_at else None,
+        "tlsrpt": st.tlsrpt,
+    }
+    try:
+        write_json_atomic(state_path(config, st.domain), data)
+    except OSError as exc:
+        raise LocalError(f"{state_path(config, st.domain)}: cannot write: {exc.strerror}") from None
+
+
+def known_domains(config: Config) -> list[str]:
+    """Domains with a state file (published once), sorted."""
+    directory = config.state_dir / "mta-sts"
+    if not directory.is_dir():
+        return []
+    return sorted(p.name[:-len(".json")] for p in directory.glob("*.json") if not p.name.startswith("."))
+
+
+def _required_time(value: str) -> datetime:
+    when = _time(value)
+    if when is None:
+        raise ValueError("published_at is empty")
+    return when
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value).astimezone(UTC) if value else None
+
+
+# ---------------------------------------------------------------------------
+# What must be served.
+
+
+def drain_policy(st: DomainState) -> Policy:
+    """The policy a domain being withdrawn serves (RFC 8461 8.3): its last one if already mode none,
+    else a new ``mode: none`` policy with a short max_age."""
+    current = st.current
+    if current is not None and current.mode == "none":
+        return parse_policy(current.text)
+    longest = max((p.max_age for p in st.policies), default=DRAIN_MAX_AGE)
+    return Policy(mode="none", mx=(), max_age=min(DRAIN_MAX_AGE, longest))
+
+
+def domains_to_serve(config: Config, now: datetime | None = None) -> dict[str, Policy]:
+    """Domain → the policy the daemon must serve at ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt``.
+
+    Every ``[[mta_sts]]`` domain with its configured policy, plus each domain whose table was removed
+    but whose ``_mta-sts`` record is still published (RFC 8461 8.3), with its ``mode: none`` policy.
+    Depends only on the configuration and the state files (``now`` is accepted for symmetry and
+    future use), so the daemon can serve the drain policy before ``publish_all`` publishes its id.
+    """
+    serve = {m.domain: Policy.from_config(m) for m in config.mta_sts}
+    for domain in known_domains(config):
+        if domain in serve:
+            continue
+        st = load_state(config, domain)
+        if st.current is not None:
+            serve[domain] = drain_policy(st)
+    return serve
+
+
+def next_due(config: Config) -> datetime | None:
+    """When ``publish_all`` next has work without a configuration change: the earliest end of a
+    drain (RFC 8461 8.3), so the daemon's scheduler can run it then. None when nothing drains."""
+    configured = {m.domain for m in config.mta_sts}
+    ends = [load_state(config, d).drain_until() for d in known_domains(config) if d not in configured]
+    return min((e for e in ends if e is not None), default=None)

@@ -1,0 +1,131 @@
+"""The renewal planner: a pure function of (configuration, files on disk, state, now).
+
+It decides, per certificate, whether to renew now and, if not, when. No I/O and
+no clock: ``now`` is passed in, so every rule is tested without sleeping.
+
+The rules, first match wins:
+
+1. ``--force`` renews.
+2. A failure backoff (1 min, 10 min, 100 min, then daily; never sooner than
+   the server's Retry-After) postpones everything below it: retrying sooner
+   would fail the same way and count against the CA's rate limits. Our own
+   backoff (not the server's Retry-After) is lifted when the settings that
+   failed were changed since: the operator fixed something.
+3. Missing, unreadable or mismatched files renew: no set on disk, a
+   certificate that does not parse, a key that does not match the
+   certificate, a certificate that does not cover the configured domains (or
+   covers ones no longer configured), a key of another type than configured,
+   chain or full-chain files that do not complete the set (``disk_problem``,
+   from ``CertificateStore.check``; the runner first tries to rebuild them).
+4. An expired certificate renews (and no ARI is asked, RFC 9773 4.3).
+5. ARI (RFC 9773): when the server gave a suggested window for this
+   certificate, renew at a point inside it chosen from the serial (stable
+   across restarts, spread across hosts).
+6. Otherwise renew when less than a third of the lifetime remains (half when
+   the lifetime is under 10 days: short-lived certificates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from certkeeper.core import certs
+from certkeeper.core.config import AcmeConfig, CertificateConfig
+from certkeeper.core.state import CertState
+from certkeeper.keeper.store import CertificateSet
+
+# Let's Encrypt's integration guide: retry after about 1 min, 10 min, 100 min, then daily.
+BACKOFF = (timedelta(minutes=1), timedelta(minutes=10), timedelta(minutes=100), timedelta(days=1))
+SHORT_LIVED = timedelta(days=10)
+
+
+@dataclass(frozen=True)
+class Decision:
+    name: str
+    due: bool
+    when: datetime  # now when due; else the next renewal time
+    reason: str
+    not_after: datetime | None = None  # of the certificate on disk, if any
+
+
+def plan(cert: CertificateConfig, on_disk: CertificateSet | None, state: CertState, now: datetime,
+         force: bool = False, settings: str = "", disk_problem: str = "") -> Decision:
+    """``settings`` is ``settings_digest`` of the configuration now (rule 2); ``disk_problem`` what
+    ``CertificateStore.check`` found wrong with the chain files (rule 3)."""
+    def due(reason: str, not_after: datetime | None = None) -> Decision:
+        return Decision(cert.name, True, now, reason, not_after)
+
+    info = on_disk.info() if on_disk else None
+    not_after = info.not_after if info else None
+    if force:
+        return due("forced", not_after)
+    if state.retry_not_before and state.retry_not_before > now and (
+            state.retry_by_server or not settings or state.failed_settings == settings):
+        return Decision(cert.name, False, state.retry_not_before,
+                        f"retrying after {state.consecutive_failures} failure(s): {state.last_error}", not_after)
+    if on_disk is None:
+        return due("no certificate on disk")
+    if info is None:
+        return due("the certificate on disk does not parse")
+    problem = files_problem(cert, on_disk, info) or disk_problem
+    if problem:
+        return due(problem, info.not_after)
+    if info.not_after <= now:
+        return due(f"expired at {_fmt(info.not_after)}", info.not_after)
+    when, why = renewal_time(info, state)
+    if when <= now:
+        return due(why, info.not_after)
+    return Decision(cert.name, False, when, why, info.not_after)
+
+
+def settings_digest(cert: CertificateConfig, acme: AcmeConfig) -> str:
+    """A digest of everything that decides whether an order can succeed."""
+    relevant = (cert.domains, cert.key_type, cert.profile, acme.directory, acme.profile, acme.eab_kid,
+                str(acme.eab_hmac_key_file), str(acme.account_key), acme.contact)
+    return hashlib.sha256(repr(relevant).encode()).hexdigest()[:16]
+
+
+def files_problem(cert: CertificateConfig, on_disk: CertificateSet, info: certs.CertInfo) -> str:
+    """Why the set on disk cannot stay as it is, or ""."""
+    if not certs.key_matches_cert(on_disk.key, on_disk.cert):
+        return "the key on disk does not match the certificate"
+    if set(info.domains) != set(cert.domains):
+        return f"the certificate covers {', '.join(info.domains) or 'no names'}, not {', '.join(cert.domains)}"
+    try:
+        key_type = certs.key_type_of(on_disk.key)
+    except Exception:  # noqa: BLE001 - any parse failure means the key must be replaced
+        return "the key on disk does not parse"
+    if key_type != cert.key_type:  # reuse_key keeps a key only while it is of the configured type
+        return f"the key is {key_type}, the configuration asks for {cert.key_type}"
+    return ""
+
+
+def renewal_time(info: certs.CertInfo, state: CertState) -> tuple[datetime, str]:
+    """When to renew a healthy certificate, and why then."""
+    if state.ari_renewal_time and state.ari_cert == info.fingerprint:
+        return state.ari_renewal_time, "in the ACME server's suggested renewal window (ARI)"
+    lifetime = info.not_after - info.not_before
+    fraction = 2 if lifetime < SHORT_LIVED else 3
+    when = info.not_after - lifetime / fraction
+    share = "half" if fraction == 2 else "a third"
+    return when, f"{share} of its lifetime left then"
+
+
+def point_in_window(start: datetime, end: datetime, serial: int) -> datetime:
+    """RFC 9773 4.2: a time in [start, end], fixed per certificate so restarts do not move it."""
+    digest = hashlib.sha256(str(serial).encode()).digest()
+    fraction = int.from_bytes(digest[:8], "big") / 2**64
+    return start + (end - start) * fraction
+
+
+def backoff(failures: int, retry_after: datetime | None, now: datetime) -> datetime:
+    """When to try again after ``failures`` consecutive failures (>= 1)."""
+    delay = BACKOFF[min(max(failures, 1), len(BACKOFF)) - 1]
+    when = now + delay
+    return max(when, retry_after) if retry_after else when
+
+
+def _fmt(when: datetime) -> str:
+    return when.strftime("%Y-%m-%d %H:%M UTC")

@@ -1,0 +1,305 @@
+"""``certkeeper status [--json] [NAME...]``: what is served, what happens next, and why.
+
+This module owns the status *document* (``collect``: a plain dict with stable
+keys, the ``--json`` output, documented in certkeeper(8)) and its rendering for
+a terminal (``render_text``: one table per kind, each with a NEXT ACTION
+column, never wider than 80 columns). It reads only: the files on disk, the
+per-certificate state, the last verify results, and the DKIM and MTA-STS
+modules' ``status_rows``. When a daemon listens on the control socket the
+request goes to it instead (``certkeeper.control.forward``), so both show the
+same thing.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from certkeeper.core import certs, renewal, state
+from certkeeper.core.config import CertificateConfig, Config
+from certkeeper.core.errors import CertkeeperError, ConfigError
+from certkeeper.keeper.store import CertificateSet, CertificateStore
+from certkeeper.network import verification
+
+SCHEMA_VERSION = 1
+WIDTH = 80
+LAST_COLUMN = 26  # the NEXT ACTION column gets at least this much when a row is too wide
+# Keys of one certificate in the --json document; the order is the documented order.
+CERTIFICATE_KEYS = (
+    "name", "domains", "status", "serial", "not_before", "not_after", "days_left", "next_renewal",
+    "next_renewal_reason", "next_action", "last_attempt", "last_success", "consecutive_failures", "last_error",
+    "endpoints",
+)
+DKIM_COLUMNS = (("DOMAIN", "domain"), ("SELECTOR", "selector"), ("ALG", "algorithm"), ("STATE", "state"),
+                ("SINCE", "since"))
+DATE_KEYS = {"since"}  # ISO times shown as their date in the tables
+MTA_STS_COLUMNS = (("DOMAIN", "domain"), ("MODE", "mode"), ("POLICY ID", "policy_id"), ("STATUS", "status"))
+
+
+def _iso(when: datetime | None) -> str | None:
+    """The one time format of the --json document: UTC, whole seconds, "Z"."""
+    return when.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z") if when else None
+
+
+TIME_KEYS = ("created", "published", "activated", "retired", "revoked", "published_at", "drain_until",
+             "next_action_at", "since")
+
+
+def _normalise(row: dict[str, Any]) -> dict[str, Any]:
+    """Rows from the DKIM and MTA-STS modules in the document's time format; "" means unknown (null)."""
+    for key, value in row.items():
+        if key in TIME_KEYS:
+            row[key] = _iso(_parse_time(value)) if value else None
+        elif value == "":
+            row[key] = None
+    return row
+
+
+def _short(when: datetime | None) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if when else "-"
+
+
+# ---------------------------------------------------------------------------
+# The document.
+
+
+def collect(config: Config, names: list[str] | None = None, now: datetime | None = None) -> dict[str, Any]:
+    """The status document (``--json``); ``names`` limits the certificates listed."""
+    now = now or datetime.now(UTC)
+    store = CertificateStore(config.state_dir)
+    return {
+        "version": SCHEMA_VERSION,
+        "generated_at": _iso(now),
+        "config": str(config.path),
+        "certificates": [certificate_status(config, store, cert, now) for cert in select(config, names)],
+        "dkim": dkim_rows(config),
+        "mta_sts": mta_sts_rows(config),
+    }
+
+
+def select(config: Config, names: list[str] | None) -> list[CertificateConfig]:
+    if not names:
+        return list(config.certificates)
+    unknown = [n for n in names if n not in config.certificate_names()]
+    if unknown:
+        raise ConfigError([f"{config.path}: no [[certificate]] named {n!r}" for n in unknown])
+    return [config.certificate(n) for n in names]
+
+
+def certificate_status(config: Config, store: CertificateStore, cert: CertificateConfig,
+                       now: datetime) -> dict[str, Any]:
+    on_disk = store.read(cert)
+    info = _info(on_disk)
+    st = state.load_cert_state(config.state_dir, cert.name)
+    due, when, why = _plan(config, cert, on_disk, st, now)
+    status = _status(on_disk, info, st, due, now)
+    row: dict[str, Any] = {
+        "name": cert.name,
+        "domains": list(cert.domains),
+        "status": status,
+        "serial": f"{info.serial:X}" if info else None,
+        "not_before": _iso(info.not_before) if info else None,
+        "not_after": _iso(info.not_after) if info else None,
+        "days_left": round((info.not_after - now).total_seconds() / 86400, 2) if info else None,
+        "next_renewal": _iso(when),
+        "next_renewal_reason": why,
+        "next_action": _next_action(status, due, when, st),
+        "last_attempt": _iso(st.last_attempt),
+        "last_success": _iso(st.last_success),
+        "consecutive_failures": st.consecutive_failures,
+        "last_error": st.last_error or None,
+        "endpoints": _endpoints(config, cert.name),
+    }
+    return {key: row[key] for key in CERTIFICATE_KEYS}
+
+
+def _info(on_disk: CertificateSet | None) -> certs.CertInfo | None:
+    return on_disk.info() if on_disk else None
+
+
+def _plan(config: Config, cert: CertificateConfig, on_disk: CertificateSet | None, st: state.CertState,
+          now: datetime) -> tuple[bool, datetime | None, str]:
+    """(due now, next renewal time, why): the runner's own planner, with the same settings digest, so
+    a backoff that a config change has lifted shows as lifted here too."""
+    decision = renewal.plan(cert, on_disk, st, now, settings=renewal.settings_digest(cert, config.acme),
+                            disk_problem=CertificateStore(config.state_dir).check(cert))
+    return decision.due, decision.when, decision.reason
+
+
+def _status(on_disk: CertificateSet | None, info: certs.CertInfo | None, st: state.CertState, due: bool,
+            now: datetime) -> str:
+    """missing | expired | failing | due | ok."""
+    if on_disk is None or info is None:
+        return "missing"
+    if info.not_after <= now:
+        return "expired"
+    if st.consecutive_failures:
+        return "failing"
+    return "due" if due else "ok"
+
+
+def _next_action(status: str, due: bool, when: datetime | None, st: state.CertState) -> str:
+    if status == "missing":
+        return "obtain now"
+    if st.consecutive_failures and st.retry_not_before and not due:
+        return f"retry {_short(st.retry_not_before)}"
+    if due:
+        return "renew now"
+    return f"renew {_short(when)}"
+
+
+def _endpoints(config: Config, name: str) -> list[dict[str, Any]]:
+    return verification.last_results(config, name)
+
+
+def _rows(config: Config, status_rows: Callable[[Config], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    try:
+        return [_normalise(dict(row)) for row in status_rows(config)]
+    except CertkeeperError as exc:
+        return [{"error": str(exc), "next_action": "see the error"}]
+
+
+def dkim_rows(config: Config) -> list[dict[str, Any]]:
+    """``rotation.status_rows`` plus ``next_action`` and ``next_action_at`` from the [[dkim]] timings."""
+    from certkeeper.network import rotation  # loads the DNS libraries: only when asked
+
+    rows = _rows(config, rotation.status_rows)
+    timing = {item.domain: item for item in config.dkim}
+    for row in rows:
+        if "next_action" in row or row.get("domain") not in timing:
+            continue
+        item = timing[row["domain"]]
+        steps = {  # state → (what happens next, the time it is counted from, the delay)
+            "pending": ("activate", "created", item.publish_ahead),  # once DNS answers, publish_ahead later
+            "active": ("rotate", "activated", item.rotate_every),
+            "retiring": ("revoke", "retired", item.retire_after),
+            "revoked": ("remove record", "revoked", item.remove_after),
+        }
+        action, since, delay = steps.get(row.get("state", ""), ("create key", "", None))
+        start = _parse_time(row.get(since)) if since else None
+        row["since"] = _iso(start)  # when the key entered its state
+        row["next_action"] = action
+        row["next_action_at"] = _iso(start + delay) if start and delay is not None else None
+    return rows
+
+
+def mta_sts_rows(config: Config) -> list[dict[str, Any]]:
+    """``mtasts_publish.status_rows`` plus ``next_action`` and ``next_action_at``."""
+    from certkeeper.network import mtasts_publish
+
+    rows = _rows(config, mtasts_publish.status_rows)
+    for row in rows:
+        if "next_action" in row:
+            continue
+        status = row.get("status")
+        row["next_action"] = {"pending": "publish id", "draining": "remove record"}.get(str(status), "none")
+        row["next_action_at"] = row.get("drain_until") if status == "draining" else None
+    return rows
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+# ---------------------------------------------------------------------------
+# Human output: one table per kind, at most 80 columns.
+
+
+def _cell(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "~"
+
+
+def table(title: str, headers: list[str], rows: list[list[str]], details: list[list[str]] | None = None) -> list[str]:
+    """Columns sized to their content, the widest cut first until the row fits 80 columns with the last
+    (NEXT ACTION) column. A cell cut short to fit is repeated in full on a line of its own under its
+    row, so nothing is lost."""
+    last = min(max(len(r[-1]) for r in [headers, *rows]), LAST_COLUMN)
+    widths = _fit([max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers) - 1)],
+                  [len(h) for h in headers[:-1]], WIDTH - last - 2 * (len(headers) - 1))
+    last = WIDTH - sum(widths) - 2 * len(widths)
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(headers[:-1], widths, strict=True)) + "  " + headers[-1]]
+    for i, row in enumerate(rows):
+        cells = [_cell(c, w).ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        lines.append(("  ".join(cells) + "  " + _cell(row[-1], last)).rstrip()[:WIDTH])
+        overflow = [f"{header.lower()}: {cell}" for header, cell, width in zip(headers, row, [*widths, last],
+                                                                                 strict=True) if len(cell) > width]
+        for detail in overflow + (details[i] if details else []):
+            lines += textwrap.wrap(detail, WIDTH, initial_indent="  ", subsequent_indent="      ",
+                                   break_on_hyphens=False)
+    return lines
+
+
+def _fit(widths: list[int], floors: list[int], budget: int) -> list[int]:
+    """Narrow the widest column (never below its header) one character at a time until they fit ``budget``."""
+    widths = list(widths)
+    while sum(widths) > budget:
+        narrowable = [j for j in range(len(widths)) if widths[j] > floors[j]]
+        if not narrowable:
+            break
+        i = max(narrowable, key=lambda j: widths[j])
+        widths[i] -= 1
+    return widths
+
+
+def _certificate_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["Certificates", "  none configured"]
+    cells, details = [], []
+    for row in rows:
+        days = f"{row['days_left']:.1f}" if row["days_left"] is not None else "-"
+        not_after = row["not_after"][:10] if row["not_after"] else "-"
+        cells.append([row["name"], row["status"], not_after, days, row["next_action"]])
+        extra = [f"domains: {', '.join(row['domains'])}", f"why: {row['next_renewal_reason']}"]
+        if row["last_error"] and row["last_error"] not in row["next_renewal_reason"]:
+            extra.append(f"last error ({row['consecutive_failures']} failures): {row['last_error']}")
+        for ep in row["endpoints"]:
+            seen = f"serial {ep.get('serial')}" if ep.get("serial") else "nothing"
+            verdict = "ok" if ep.get("ok") else f"MISMATCH ({ep.get('error') or 'differs from disk'})"
+            extra.append(f"{ep.get('hook', '')} {ep.get('endpoint', '')}: served {seen}, {verdict}, "
+                         f"checked {str(ep.get('checked_at') or '-')[:16].replace('T', ' ')}")
+        details.append(extra)
+    return table("Certificates", ["NAME", "STATUS", "NOT AFTER", "DAYS", "NEXT ACTION (UTC)"], cells, details)
+
+
+def _generic_lines(title: str, columns: tuple[tuple[str, str], ...], rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return [title, "  none configured"]
+    cells, details = [], []
+    for row in rows:
+        cells.append([_column_value(row, key) for _, key in columns] + [_describe_next(row)])
+        details.append([f"error: {row['error']}"] if row.get("error") else [])
+    return table(title, [h for h, _ in columns] + ["NEXT ACTION"], cells, details)
+
+
+def _column_value(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    return str(value)[:10] if key in DATE_KEYS else str(value)
+
+
+def _describe_next(row: dict[str, Any]) -> str:
+    action = str(row.get("next_action") or "-")
+    at = row.get("next_action_at")
+    return f"{action} {str(at)[:10]}" if at else action
+
+
+def render_text(doc: dict[str, Any]) -> str:
+    lines = _certificate_lines(doc["certificates"])
+    lines += [""] + _generic_lines("DKIM selectors", DKIM_COLUMNS, doc["dkim"])
+    lines += [""] + _generic_lines("MTA-STS domains", MTA_STS_COLUMNS, doc["mta_sts"])
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# The command.
+
+

@@ -1,0 +1,381 @@
+"""Alerts: tell the operator once when something breaks, once when it heals.
+
+This module owns the ``[alerts]`` section's behaviour: failure *episodes*
+(the first failure of a run of failures sends one mail; retries send nothing;
+the first success after it sends one recovery mail), expiry warnings (a
+certificate on disk within ``expiry_warning_days`` of its end, for any
+reason, once per certificate serial), and delivery: SMTP to ``[alerts] smtp``
+(the local MTA), or ``[alerts] sendmail`` (e.g. ``sendmail -t``), and the
+``[alerts] command`` program with the same text on stdin.
+
+Episode state lives in ``STATE/alerts.json`` so that a restart neither
+re-sends an alert nor forgets to send the recovery. An alert that could not
+be delivered (the MTA is down) stays pending and is tried again at the next
+event of its episode and hourly with the expiry check.
+
+The daemon and the runner call :class:`Alerter`::
+
+    alerter = Alerter(config)
+    alerter.renewal_failed(name, error, serving_not_after)   # every failed attempt
+    alerter.renewal_succeeded(name)                          # every success
+    alerter.check_expiry(now)                                # e.g. hourly
+    alerter.failed(key, what, error) / alerter.recovered(key, what)   # DKIM, hooks, ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import smtplib
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import Any
+
+from certkeeper.core import certs, state
+from certkeeper.core.config import AlertsConfig, Config
+from certkeeper.core.errors import CertkeeperError
+from certkeeper.core.files import write_json_atomic
+from certkeeper.keeper.hooks import run_command
+from certkeeper.keeper.store import CertificateStore
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "alerts.json"
+SEND_TIMEOUT = 30.0  # seconds for one SMTP session or one program run
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One message: a subject line and a plain-text body."""
+
+    subject: str
+    body: str
+
+    def text(self) -> str:
+        """What ``[alerts] command`` reads on stdin: the subject, a blank line, the body."""
+        return f"{self.subject}\n\n{self.body}"
+
+
+# ---------------------------------------------------------------------------
+# Delivery.
+
+
+def render_mail(alert: Alert, alerts: AlertsConfig, now: datetime) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = alerts.mail_from or f"certkeeper@{socket.getfqdn()}"
+    msg["To"] = ", ".join(alerts.mail_to)
+    msg["Subject"] = alert.subject
+    msg["Date"] = format_datetime(now)
+    msg["Message-ID"] = make_msgid(domain=socket.getfqdn())
+    msg["Auto-Submitted"] = "auto-generated"  # RFC 3834 5: no auto-replies to this
+    msg.set_content(alert.body)
+    return msg
+
+
+def deliver(alert: Alert, alerts: AlertsConfig, now: datetime) -> bool:
+    """Send through every configured channel; True when at least one took it."""
+    delivered = False
+    if alerts.mail_to:
+        delivered |= _mail(alert, alerts, now)
+    if alerts.command:
+        delivered |= _run(alerts.command, alert.text().encode(), "[alerts] command")
+    return delivered
+
+
+def _mail(alert: Alert, alerts: AlertsConfig, now: datetime) -> bool:
+    msg = render_mail(alert, alerts, now)
+    if alerts.sendmail:
+        return _run(alerts.sendmail, msg.as_bytes(), "[alerts] sendmail")
+    host, _, port = alerts.smtp.rpartition(":")
+    try:
+        with smtplib.SMTP(host.strip("[]"), int(port), timeout=SEND_TIMEOUT) as smtp:
+            smtp.send_message(msg)
+    except (OSError, smtplib.SMTPException) as exc:
+        log.warning("alert mail to %s via %s failed: %s", ", ".join(alerts.mail_to), alerts.smtp,
+                    " ".join(str(exc).split()))
+        return False
+    return True
+
+
+def _run(argv: tuple[str, ...], data: bytes, what: str) -> bool:
+    """Run the program with ``data`` on stdin (certkeeper.keeper.hooks.run_command: no shell, no pipes, a timeout)."""
+    result = run_command(argv, SEND_TIMEOUT, stdin=data, what=what)
+    if not result.ok:
+        log.warning("%s failed: %s", what, result.describe())
+    return result.ok
+
+
+# ---------------------------------------------------------------------------
+# Episodes.
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.astimezone(UTC).isoformat() if when else None
+
+
+def _show(when: datetime | None, now: datetime) -> str:
+    if when is None:
+        return "unknown"
+    days = (when - now).total_seconds() / 86400
+    rel = f"in {days:.1f} days" if days >= 0 else f"{-days:.1f} days ago"
+    return f"{when.astimezone(UTC):%Y-%m-%d %H:%M} UTC ({rel})"
+
+
+class Alerter:
+    """Decides when to alert and remembers it in ``STATE/alerts.json``. Thread-safe.
+
+    ``send`` defaults to :func:`deliver`; it returns True once an alert is handed over.
+    An alert whose delivery failed is tried again at the next event of its episode.
+    """
+
+    def __init__(self, config: Config, send: Callable[[Alert], bool] | None = None) -> None:
+        self.config = config
+        self.path = config.state_dir / STATE_FILE
+        self._send = send or (lambda alert: deliver(alert, config.alerts, datetime.now(UTC)))
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.config.alerts.mail_to or self.config.alerts.command)
+
+    # -- state ---------------------------------------------------------------
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
+        data.setdefault("failures", {})
+        data.setdefault("expiry", {})
+        return data
+
+    def _save(self, data: dict[str, Any]) -> None:
+        write_json_atomic(self.path, data)
+
+    def _notify(self, alert: Alert) -> bool:
+        if not self.enabled:
+            return False
+        try:
+            return bool(self._send(alert))
+        except Exception as exc:  # noqa: BLE001 - an alert must never break a renewal
+            log.warning("alert %r not sent: %s", alert.subject, exc)
+            return False
+
+    # -- generic episodes ------------------------------------------------------
+
+    def failed(self, key: str, what: str, error: str, detail: str = "", now: datetime | None = None) -> bool:
+        """A failed attempt of ``key``; alerts at the first of an episode. True when an alert went out."""
+        now = now or datetime.now(UTC)
+        with self._lock:
+            data = self._load()
+            episode = data["failures"].get(key)
+            if episode is None:
+                episode = {"what": what, "since": _iso(now), "attempts": 0, "notified": False}
+                data["failures"][key] = episode
+            # It failed again before its recovery mail got out: the same episode goes on.
+            episode.pop("recovered_at", None)
+            episode["attempts"] += 1
+            episode["error"] = error
+            episode["detail"] = detail
+            sent = False
+            if not episode["notified"]:
+                sent = self._notify(self._failure_alert(episode, detail, now))
+                episode["notified"] = sent
+            self._save(data)
+            return sent
+
+    def recovered(self, key: str, what: str, detail: str = "", now: datetime | None = None) -> bool:
+        """A success of ``key``; ends its episode with one recovery alert (if the failure was reported).
+
+        When the recovery alert cannot be delivered (the MTA is down), the episode stays open as
+        recovered and the alert is tried again at the next success of ``key``.
+        """
+        now = now or datetime.now(UTC)
+        with self._lock:
+            data = self._load()
+            episode = data["failures"].get(key)
+            if episode is None:
+                return False
+            episode.setdefault("recovered_at", _iso(now))
+            episode["recovery"] = {"what": what, "detail": detail}
+            sent = bool(episode.get("notified")) and self._notify(self._recovery_alert(episode, what, detail, now))
+            if sent or not episode.get("notified"):
+                del data["failures"][key]
+            self._save(data)
+            return sent
+
+    def resend_undelivered(self, now: datetime | None = None) -> list[str]:
+        """Try again the alerts that could not be delivered (the MTA was down); the keys sent.
+
+        Called hourly with the expiry check, so an alert waits for the mail server, not for
+        the next retry of what failed (a day apart in the backoff).
+        """
+        now = now or datetime.now(UTC)
+        sent: list[str] = []
+        with self._lock:
+            data = self._load()
+            for key, episode in list(data["failures"].items()):
+                if "recovered_at" in episode and episode.get("notified"):
+                    again = episode.get("recovery") or {"what": episode["what"], "detail": ""}
+                    if self._notify(self._recovery_alert(episode, again["what"], again["detail"], now)):
+                        del data["failures"][key]
+                        sent.append(key)
+                elif not episode.get("notified"):
+                    episode["notified"] = self._notify(self._failure_alert(episode, episode.get("detail", ""), now))
+                    sent += [key] if episode["notified"] else []
+            self._save(data)
+        return sent
+
+    def _failure_alert(self, episode: dict[str, Any], detail: str, now: datetime) -> Alert:
+        host = socket.getfqdn()
+        body = [
+            f"certkeeper on {host}: {episode['what']} failed.",
+            "",
+            f"What failed:   {episode['what']}",
+            f"Error:         {episode['error']}",
+            f"First failure: {_show(datetime.fromisoformat(episode['since']), now)}",
+        ]
+        if detail:
+            body.append(detail)
+        body += [
+            "",
+            "certkeeper keeps retrying with backoff and sends no more mail about this",
+            "until it works again; then you get one recovery mail.",
+            "See `certkeeper status` for the current state.",
+        ]
+        return Alert(f"certkeeper: {episode['what']} failed on {host}", "\n".join(body) + "\n")
+
+    def _recovery_alert(self, episode: dict[str, Any], what: str, detail: str, now: datetime) -> Alert:
+        host = socket.getfqdn()
+        body = [
+            f"certkeeper on {host}: {what} works again.",
+            "",
+            f"Failing since: {_show(datetime.fromisoformat(episode['since']), now)}",
+            f"Working since: {_show(datetime.fromisoformat(episode['recovered_at']), now)}",
+            f"Attempts:      {episode['attempts']} failed",
+            f"Last error:    {episode.get('error', '')}",
+        ]
+        if detail:
+            body.append(detail)
+        return Alert(f"certkeeper: {what} recovered on {host}", "\n".join(body) + "\n")
+
+    # -- certificates ------------------------------------------------------------
+
+    def renewal_failed(self, name: str, error: str, serving_not_after: datetime | None,
+                       now: datetime | None = None) -> bool:
+        """Call after every failed renewal attempt of certificate ``name``."""
+        now = now or datetime.now(UTC)
+        if serving_not_after is None:
+            serving = "Still serving: nothing (no valid certificate is on disk)"
+        else:
+            serving = f"Still serving: the certificate on disk, valid until {_show(serving_not_after, now)}"
+        domains = self._domains(name)
+        what = f"renewal of certificate {name}" + (f" ({', '.join(domains)})" if domains else "")
+        return self.failed(f"certificate:{name}", what, error, serving, now)
+
+    def renewal_succeeded(self, name: str, not_after: datetime | None = None, now: datetime | None = None) -> bool:
+        """Call after every successful renewal (or a check that found nothing due).
+
+        A "not due" while ``STATE/certificates/NAME.json`` still counts failures is a
+        backoff wait, not a recovery: the episode stays open.
+        """
+        now = now or datetime.now(UTC)
+        if state.load_cert_state(self.config.state_dir, name).consecutive_failures:
+            return False
+        detail = f"Now serving:   a certificate valid until {_show(not_after, now)}" if not_after else ""
+        return self.recovered(f"certificate:{name}", f"renewal of certificate {name}", detail, now)
+
+    def after_renewal(self, outcomes: Iterable[Any]) -> None:
+        """One renewal run's outcomes (``runner.Outcome``: name, status, detail, not_after), from
+        the daemon's workers and from ``certkeeper renew`` alike. An alert that cannot be sent is
+        logged; it never changes the run's result."""
+        if not self.enabled:
+            return
+        store = CertificateStore(self.config.state_dir)
+        for outcome in outcomes:
+            try:
+                if outcome.status == "failed":
+                    self.renewal_failed(outcome.name, outcome.detail, _not_after_on_disk(store, self.config,
+                                                                                            outcome.name))
+                else:
+                    self.renewal_succeeded(outcome.name, outcome.not_after)
+            except (CertkeeperError, OSError) as exc:
+                log.error("alert for %s failed: %s", outcome.name, exc)
+
+    def check_expiry(self, now: datetime | None = None) -> list[str]:
+        """Warn once per certificate (serial) that ends within ``expiry_warning_days``; the names warned.
+
+        Hourly in the daemon, so it also sends what could not be delivered before.
+        """
+        now = now or datetime.now(UTC)
+        self.resend_undelivered(now)
+        window = timedelta(days=self.config.alerts.expiry_warning_days)
+        store = CertificateStore(self.config.state_dir)
+        warned: list[str] = []
+        with self._lock:
+            data = self._load()
+            for cert in self.config.certificates:
+                found = store.read(cert)
+                info = _parse(found.cert) if found else None
+                if info is None or info.not_after - now > window:
+                    data["expiry"].pop(cert.name, None)
+                    continue
+                serial = str(info.serial)
+                if data["expiry"].get(cert.name) == serial:
+                    continue
+                if self._notify(self._expiry_alert(cert.name, info, now)):
+                    data["expiry"][cert.name] = serial
+                    warned.append(cert.name)
+            self._save(data)
+        return warned
+
+    def _expiry_alert(self, name: str, info: certs.CertInfo, now: datetime) -> Alert:
+        host = socket.getfqdn()
+        left = info.not_after - now
+        state = "HAS EXPIRED" if left.total_seconds() <= 0 else f"expires in {left.total_seconds() / 86400:.1f} days"
+        body = [
+            f"certkeeper on {host}: certificate {name} {state}.",
+            "",
+            f"Domains:   {', '.join(info.domains)}",
+            f"Serial:    {info.serial:x}",
+            f"Not after: {_show(info.not_after, now)}",
+            "",
+            "It should have been renewed long before this. Run `certkeeper status`",
+            f"and `certkeeper renew {name}` to see why it was not.",
+        ]
+        return Alert(f"certkeeper: certificate {name} {state} on {host}", "\n".join(body) + "\n")
+
+    def _domains(self, name: str) -> tuple[str, ...]:
+        try:
+            return self.config.certificate(name).domains
+        except KeyError:
+            return ()
+
+
+def _parse(pem: bytes) -> certs.CertInfo | None:
+    try:
+        return certs.parse_cert(pem)
+    except ValueError:
+        return None
+
+
+def state_path(state_dir: Path) -> Path:
+    return state_dir / STATE_FILE
+
+
+def _not_after_on_disk(store: CertificateStore, config: Config, name: str) -> datetime | None:
+    """Until when the certificate still on disk is valid (what is still being served)."""
+    try:
+        on_disk = store.read(config.certificate(name))
+    except KeyError:
+        return None
+    info = on_disk.info() if on_disk else None
+    return info.not_after if info else None

@@ -1,0 +1,300 @@
+"""One renewal run: plan → order → files on disk → hooks → verification.
+
+``Renewer.renew`` is what both ``certkeeper renew`` and the daemon call. It is
+blocking (run it in a worker thread from asyncio) and safe to call from
+several threads and processes: two renewals of the same certificate never run
+at once (a per-name lock, in-process and ``flock`` on ``STATE/locks/NAME.lock``;
+the second one re-plans after the first and finds nothing due).
+Due certificates are ordered concurrently, at most ``[acme] concurrency`` at a
+time, so one slow order does not hold up the rest.
+
+A failed order or install never touches the working set on disk (the store
+writes new sets crash-safely); failures are recorded in the per-certificate
+state with a backoff that survives restarts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from certkeeper.core import certs, renewal
+from certkeeper.core.challenges import ChallengeTable
+from certkeeper.core.config import CertificateConfig, Config
+from certkeeper.core.errors import AcmeError, CertkeeperError, LocalError, RemoteError, ServiceError
+from certkeeper.core.state import CertState, load_cert_state, save_cert_state
+from certkeeper.keeper.store import CertificateSet, CertificateStore
+from certkeeper.network.issuer import Issuer, ari_cert_id
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+EXIT_RENEWED, EXIT_ERROR, EXIT_UNCHANGED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    status: str  # "renewed" | "not-due" | "failed"
+    detail: str
+    next_renewal: datetime | None = None
+    not_after: datetime | None = None
+
+
+@dataclass
+class RenewReport:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """acme-client's codes: 0 something renewed, 2 nothing was due, 1 an error."""
+        if any(o.status == "failed" for o in self.outcomes):
+            return EXIT_ERROR
+        if any(o.status == "renewed" for o in self.outcomes):
+            return EXIT_RENEWED
+        return EXIT_UNCHANGED
+
+
+class Renewer:
+    def __init__(self, config: Config, challenges: ChallengeTable | None = None,
+                 store: CertificateStore | None = None,
+                 on_installed: Callable[[CertificateConfig], None] | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.config = config
+        self.challenges = challenges if challenges is not None else ChallengeTable()
+        self.store = store if store is not None else CertificateStore(config.state_dir)
+        self.on_installed = on_installed
+        self.clock = clock
+        self.issuer = Issuer(config.acme, config.state_dir, self.challenges)
+        self._locks: dict[str, threading.Lock] = {}
+        self._before: dict[str, CertState] = {}  # state before this run's attempt, for a rollback
+        self._locks_guard = threading.Lock()
+
+    # -- planning ----------------------------------------------------------------------
+
+    def select(self, names: Sequence[str] | None) -> list[CertificateConfig]:
+        if not names:
+            return list(self.config.certificates)
+        known = {c.name: c for c in self.config.certificates}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise LocalError(f"no [[certificate]] named {', '.join(repr(n) for n in unknown)} in {self.config.path}")
+        return [known[n] for n in dict.fromkeys(names)]
+
+    def decide(self, cert: CertificateConfig, force: bool = False) -> renewal.Decision:
+        """Read disk and state, refresh ARI when it is time, and plan."""
+        self.store.recover(cert)
+        self.store.repair(cert)  # a lost chain or full-chain file is rebuilt, not ordered again
+        on_disk = self.store.read(cert)
+        state = load_cert_state(self.config.state_dir, cert.name)
+        now = self.clock()
+        if on_disk is not None and not force:
+            state = self._refresh_ari(cert, on_disk, state, now)
+        return renewal.plan(cert, on_disk, state, now, force=force,
+                            settings=renewal.settings_digest(cert, self.config.acme),
+                            disk_problem=self.store.check(cert))
+
+    def _refresh_ari(self, cert: CertificateConfig, on_disk: CertificateSet, state: CertState,
+                     now: datetime) -> CertState:
+        """RFC 9773: ask for the suggested window when the last answer's Retry-After has passed."""
+        info = on_disk.info()
+        if info is None or info.not_after <= now or (state.ari_cert == info.fingerprint and state.ari_next_check
+                                     and state.ari_next_check > now):
+            return state
+        try:
+            window = self.issuer.renewal_window(on_disk.cert)
+        except (RemoteError, LocalError) as exc:
+            log.warning("%s: renewal information unavailable: %s", cert.name, exc)
+            state.ari_next_check = now + timedelta(hours=1)  # do not ask again on every run
+            state.ari_cert = info.fingerprint
+            save_cert_state(self.config.state_dir, state)
+            return state
+        if window is None:  # the server has no ARI: ask again in a day in case it gains it
+            state.ari_cert, state.ari_renewal_time = info.fingerprint, None
+            state.ari_next_check = now + timedelta(days=1)
+        else:
+            state.ari_cert = info.fingerprint
+            state.ari_renewal_time = renewal.point_in_window(window.start, window.end, info.serial)
+            state.ari_next_check = now + timedelta(seconds=window.retry_after)
+        state.ari_checked = now
+        save_cert_state(self.config.state_dir, state)
+        return state
+
+    # -- renewing ----------------------------------------------------------------------
+
+    def renew(self, names: Sequence[str] | None = None, force: bool = False, progress: Progress | None = None,
+              serve_challenges: Callable[[], AbstractContextManager[object]] | None = None) -> RenewReport:
+        """Renew what is due (everything selected, with ``force``); one outcome per certificate.
+
+        ``serve_challenges`` starts an HTTP-01 listener for the duration of the
+        orders (the CLI's; the daemon's listener is always up and passes None).
+        """
+        progress = progress or (lambda line: None)
+        selected = self.select(names)
+        decisions = {c.name: self.decide(c, force) for c in selected}
+        due = [c for c in selected if decisions[c.name].due]
+        report = RenewReport()
+        if due:
+            with (serve_challenges or nullcontext)():
+                workers = min(self.config.acme.concurrency, len(due))
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="renew") as pool:
+                    outcomes = dict(zip([c.name for c in due],
+                                        pool.map(lambda c: self._renew_locked(c, force, progress), due), strict=True))
+        else:
+            outcomes = {}
+        renewed = [c for c in due if outcomes[c.name].status == "renewed"]
+        failures = self._reload(renewed, progress)
+        for cert in selected:
+            outcome = outcomes.get(cert.name) or _not_due(decisions[cert.name])
+            if cert.name in failures:
+                outcome = Outcome(cert.name, "failed", failures[cert.name], outcome.next_renewal, outcome.not_after)
+            report.outcomes.append(outcome)
+        return report
+
+    def _lock(self, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def _renew_locked(self, cert: CertificateConfig, force: bool, progress: Progress) -> Outcome:
+        with self._lock(cert.name), _file_lock(self.config.state_dir / "locks" / f"{cert.name}.lock"):
+            decision = self.decide(cert, force)  # another run may have renewed it meanwhile
+            if not decision.due:
+                return _not_due(decision)
+            return self._renew_one(cert, decision, progress)
+
+    def _renew_one(self, cert: CertificateConfig, decision: renewal.Decision, progress: Progress) -> Outcome:
+        state = load_cert_state(self.config.state_dir, cert.name)
+        now = self.clock()
+        state.last_attempt = now
+        self._before[cert.name] = dataclasses.replace(state)  # restored if a reload rolls back
+        progress(f"{cert.name}: renewing ({decision.reason})")
+        try:
+            new_set = self._obtain(cert, progress)
+            self.store.install(cert, new_set)
+        except CertkeeperError as exc:
+            return self._failed(cert, state, exc, now)
+        info = certs.parse_cert(new_set.cert)
+        state.last_success, state.consecutive_failures, state.last_error = now, 0, ""
+        state.retry_not_before, state.retry_by_server, state.failed_settings = None, False, ""
+        # RFC 9773: ask for the new certificate's window a few hours from now, not at once.
+        state.ari_cert, state.ari_renewal_time = info.fingerprint, None
+        state.ari_next_check = now + timedelta(hours=6)
+        next_time, why = renewal.renewal_time(info, state)
+        state.next_renewal, state.next_renewal_reason = next_time, why
+        save_cert_state(self.config.state_dir, state)
+        log.info("%s: new certificate serial %x, valid until %s", cert.name, info.serial, info.not_after)
+        if self.on_installed is not None:
+            self.on_installed(cert)
+        return Outcome(cert.name, "renewed", f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC", next_time,
+                       info.not_after)
+
+    def _obtain(self, cert: CertificateConfig, progress: Progress) -> CertificateSet:
+        current = self.store.read(cert)
+        if cert.reuse_key and current is not None and _key_type(current.key) == cert.key_type:
+            key_pem = current.key
+        else:
+            key_pem = certs.generate_key(cert.key_type)
+        replaces = ""
+        if current is not None:
+            try:
+                replaces = ari_cert_id(current.cert) if self._server_has_ari() else ""
+            except ValueError:
+                replaces = ""
+        profile = cert.profile or self.config.acme.profile
+        try:
+            issued = self.issuer.issue(cert.domains, key_pem, profile=profile, replaces=replaces, progress=progress)
+        except AcmeError as exc:
+            if not replaces or "alreadyReplaced" not in str(exc):
+                raise
+            issued = self.issuer.issue(cert.domains, key_pem, profile=profile, progress=progress)
+        try:
+            new_set = CertificateSet.from_fullchain(key_pem, issued.fullchain)
+        except ValueError:
+            raise AcmeError("the ACME server sent no PEM certificate") from None
+        problem = renewal.files_problem(cert, new_set, certs.parse_cert(new_set.cert))
+        if problem:
+            raise AcmeError(f"the issued certificate is unusable: {problem}")
+        return new_set
+
+    def _server_has_ari(self) -> bool:
+        try:
+            self.issuer.client().directory["renewalInfo"]
+        except KeyError:
+            return False
+        return True
+
+    def _failed(self, cert: CertificateConfig, state: CertState, exc: CertkeeperError, now: datetime) -> Outcome:
+        state.consecutive_failures += 1
+        state.last_error = str(exc)
+        retry_after = None
+        if isinstance(exc, RemoteError) and exc.retry_after:
+            retry_after = now + timedelta(seconds=exc.retry_after)
+        state.retry_not_before = renewal.backoff(state.consecutive_failures, retry_after, now)
+        state.retry_by_server = retry_after is not None and retry_after >= state.retry_not_before
+        state.failed_settings = renewal.settings_digest(cert, self.config.acme)
+        save_cert_state(self.config.state_dir, state)
+        log.error("%s: renewal failed: %s", cert.name, exc)  # the outcome line tells the CLI user
+        return Outcome(cert.name, "failed", str(exc), state.retry_not_before)
+
+    def _reload(self, renewed: list[CertificateConfig], progress: Progress) -> dict[str, str]:
+        """Run each hook once for the renewed certificates; name → failure."""
+        if not renewed or not any(c.hooks for c in renewed):
+            return {}
+        from certkeeper.network import reload
+
+        result = reload.reload_and_verify(self.config, self.store, renewed, progress)
+        failed = {name: "; ".join(lines) for name, lines in result.by_certificate.items() if lines}
+        for name in result.rolled_back:
+            # The old set is back on disk: this renewal did not stick. Count it as a failed
+            # attempt (with backoff) so the next check does not order again at once.
+            state = load_cert_state(self.config.state_dir, name)
+            before = self._before.get(name)
+            if before is not None:  # the attempt counts on top of the failures before it
+                state.last_success, state.consecutive_failures = before.last_success, before.consecutive_failures
+            self._failed(self.config.certificate(name), state,
+                         ServiceError(failed.get(name, "the new certificate was rolled back")), self.clock())
+        return failed
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` across processes (the daemon's workers, a CLI run)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _key_type(pem: bytes) -> str:
+    try:
+        return certs.key_type_of(pem)
+    except LocalError:
+        return ""
+
+
+def _not_due(decision: renewal.Decision) -> Outcome:
+    return Outcome(decision.name, "not-due", decision.reason, decision.when, decision.not_after)
+
+
+def format_outcome(outcome: Outcome) -> str:
+    """The one line per certificate that ``renew`` prints."""
+    if outcome.status == "renewed":
+        return f"{outcome.name}: renewed, {outcome.detail}"
+    if outcome.status == "failed":
+        return f"{outcome.name}: failed: {outcome.detail}"
+    when = f"{outcome.next_renewal:%Y-%m-%d %H:%M} UTC" if outcome.next_renewal else "unknown"
+    return f"{outcome.name}: not due until {when} ({outcome.detail})"
+
+
