@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join((str(ROOT / "tests" / "loopback_only"), str(ROOT)))
 import tests.loopback_only.sitecustomize  # noqa: E402, F401
 from certkeeper.core.config import Config, HookConfig  # noqa: E402
+from certkeeper.keeper.service import LocalKeeper  # noqa: E402
 from certkeeper.keeper.store import CertificateStore  # noqa: E402
 from certkeeper.network import reload  # noqa: E402
 from tests.certfactory import make_set  # noqa: E402
@@ -63,7 +64,7 @@ def run_rounds(services: MailServices, root: Path, rounds: int) -> int:
         store.install(cert, make_set((NAME,)))
         marks = Marks()
         written = time.perf_counter()  # files written: install has returned
-        result = reload.reload_and_verify(config, store, [cert], marks.add)
+        result = reload.reload_and_verify(config, LocalKeeper(config, store=store), [cert], marks.add)
         done = time.perf_counter()
         smtpd, dovecot = marks.first("smtpd: reloading", done), marks.first("dovecot: reloading", done)
         totals.append(done - written)

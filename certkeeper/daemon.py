@@ -1,61 +1,59 @@
 """``certkeeper run [-d]``: the long-running service (rc.d ``certkeeper``).
 
-This module is composition only: it binds the listeners (``web``) and the
-control socket (``control``), detaches, schedules, and hands every piece of
-heavy work (ACME, crypto, DNS, mail) to a short-lived worker process
-(``certkeeper.worker``, which runs the same ``Renewer`` the CLI uses). The
-long-running process thus never loads acme, josepy, requests or dnspython,
-stays small, and a job that crashes cannot take the listeners with it. It owns
-the process behaviour:
+This process is the **keeper** (certkeeper(8), PRIVILEGE SEPARATION): it runs
+as root, holds every key and file, runs the hooks, and never opens an INET
+socket nor imports aiohttp, acme, requests or dnspython's resolver. What talks
+to the Internet runs in two unprivileged kinds of process it starts
+(``certkeeper.privsep``): the **listener** (ports 80/443 and metrics, bound as
+root, then dropped to ``user``) and a **network worker** per job (ACME, DNS,
+probes, mail), which asks this process for anything that needs root and is
+answered by ``certkeeper.keeper.service``. This module is composition only. It
+owns the process behaviour:
 
-- **Start**: sockets are bound before detaching, so "address in use" or a
-  daemon already running (``control`` holds an ``flock`` on ``SOCKET.lock``)
-  reaches the terminal (exit 1). Without ``-d`` the
-  process detaches (double fork, setsid, stdio to /dev/null) and logs to syslog
-  (facility daemon); with ``-d`` it stays in the foreground and logs to stderr.
-  The pid file is written once the final pid is known and removed at exit.
-  The event loop is uvloop's when it is installed (less CPU per HTTPS request),
-  else asyncio's.
+- **Start**: the control socket and the listener's sockets are bound before the
+  parent returns, so "address in use" or a daemon already running (``control``
+  holds an ``flock`` on ``SOCKET.lock``) reaches the terminal (exit 1): without
+  ``-d`` the process detaches (double fork, setsid, stdio to /dev/null) and the
+  original process exits only once the daemon says it is ready (or why not);
+  it then logs to syslog (facility daemon); with ``-d`` it stays in the
+  foreground and logs to stderr. The pid file is written once the final pid is
+  known and removed at exit. The state directory's owners and modes are set for
+  the roles (``core.layout``), converting a directory of an older version.
 - **Schedule** (APScheduler ``AsyncIOScheduler``): a renewal check at start-up
   (missing or due certificates are obtained at once), then twice a day at a
   random second, plus one extra check at the soonest time an outcome names (a
   planned renewal, an ARI window, or the end of a failure backoff: 1 min,
-  10 min, 100 min, then daily, never before Retry-After; the runner keeps that
-  state on disk, so it survives a restart). Checks never overlap. Certificates
-  due together are ordered concurrently, at most ``[acme] concurrency`` at a
-  time (the Renewer bounds it inside the worker).
-- **HTTP-01**: the worker relays each challenge to the daemon's table and waits
-  for the daemon's acknowledgement before the ACME server validates; after an
-  install the daemon swaps that certificate's TLS context.
-- **Workers that misbehave**: a line that is not a protocol message is logged
-  and skipped; a worker that exits without a result, or stays silent longer
-  than ``idle_timeout`` (one order + one DNS propagation wait + the slowest
-  hook, plus a minute), is an error for that job (a check is retried in
-  10 minutes); whatever the end, the process is killed if still running and
-  its challenges leave the table.
-- **Control socket**: ``renew [--force] [NAME...]`` and ``status`` from the CLI
-  run here, with progress lines streamed back. The daemon holds one lock per
-  certificate name around each renew worker, so two renewals of one
-  certificate never run at once.
-- **SIGHUP** re-reads the configuration (one reload at a time): a bad one (or
-  an unreadable MTA-STS state file) is logged as one line and the running one
-  kept (workers get the text the daemon runs with, never the broken file); a
-  good one updates host names, policies and TLS contexts
-  (certificates added or removed), then runs a check so new certificates are
-  obtained at once, then publishes MTA-STS ids. Listen addresses need a restart.
+  10 min, 100 min, then daily, never before Retry-After; the state is on disk,
+  so it survives a restart). Checks never overlap. Certificates due together
+  are ordered concurrently, at most ``[acme] concurrency`` at a time.
+- **HTTP-01**: the worker sends each challenge here; the keeper has the
+  listener answer it and acknowledges only then, before the ACME server is
+  told to validate. After an install of an [[mta_sts]] host's certificate, the
+  listener is handed the new set; it never gets the mail host's.
+- **Workers that misbehave**: a refused request (a path, certificate, hook or
+  selector the configuration does not name), a malformed frame, a worker that
+  exits without a result or stays silent longer than ``idle_timeout`` (one
+  order + one DNS propagation wait + the slowest hook, plus a minute) ends the
+  job as an error (a check is retried in 10 minutes); the process is killed if
+  still running and its challenges leave the listener.
+- **Control socket**: ``renew [--force] [NAME...]`` runs a worker, with progress
+  lines streamed back; ``status`` is read here (no worker, no network). The
+  keeper holds one lock per certificate name around each renew worker.
+- **Metrics** (``[metrics] listen``): rendered here from the state on disk and
+  handed to the listener, which serves them (every ``METRICS_EVERY`` and after
+  each job).
+- **SIGHUP** re-reads the configuration (one reload at a time): a bad one is
+  logged as one line and the running one kept (workers get the text the
+  keeper runs with, never the broken file); a good one is sent to the listener
+  (host names, policies), then its certificates; then a check runs so new
+  certificates are obtained at once, then MTA-STS ids are published. Listen
+  addresses and ``user`` need a restart.
 - **SIGTERM/SIGINT** stop within 5 s: the scheduler and the control socket
   stop taking work; workers in progress get ``STOP_GRACE`` seconds to finish
-  (the listeners still answer their challenges) and are killed after that;
-  then the listeners close, giving open requests ``Limits.shutdown_timeout``.
-  The store makes installs crash-safe (temp files + journal, finished or
-  discarded by ``recover`` at the next start), so no half-written certificate
-  set is ever left behind.
-
-The optional parts (MTA-STS publishing at start and SIGHUP, DKIM rotation and
-expiry alerts hourly, alerts after renewals) are composed in
-``certkeeper.worker``. Metrics (``[metrics] listen``, off by default) are the
-one part served from this process: ``certkeeper.listener.metrics.serve`` in a thread,
-restarted on SIGHUP.
+  (the listener still answers their challenges) and are killed after that;
+  then the listener stops. The store makes installs crash-safe (temp files +
+  journal, finished or discarded by ``recover`` at the next start), so no
+  half-written certificate set is ever left behind.
 """
 
 from __future__ import annotations
@@ -77,22 +75,21 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from certkeeper import control, worker
+from certkeeper import control, privsep, protocol
 from certkeeper.core import config as config_module
-from certkeeper.core import files
-from certkeeper.core.challenges import ChallengeTable
-from certkeeper.core.config import Config
+from certkeeper.core import files, layout
+from certkeeper.core.config import CertificateConfig, Config
 from certkeeper.core.errors import CertkeeperError, ConfigError, LocalError
-from certkeeper.listener.web import Site, WebServer
+from certkeeper.keeper.service import LocalKeeper
+from certkeeper.keeper.store import CertificateStore
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = timedelta(hours=12)  # twice a day
 MIN_DELAY = timedelta(seconds=30)  # an extra check is never sooner than this
 STOP_GRACE = 2.5  # seconds workers in progress get at SIGTERM (the whole stop stays under 5 s)
-EXIT_GRACE = 5.0  # seconds a worker that sent its result gets to exit before it is killed
-MAX_MESSAGE = 1 << 20  # bytes of one worker message line
 HOURLY = timedelta(hours=1)
+METRICS_EVERY = timedelta(seconds=15)  # how stale /metrics may be at most
 
 
 def _log_line(line: str) -> None:
@@ -116,12 +113,25 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
 # Process set-up.
 
 
-def detach() -> None:
-    """Become a daemon: double fork, new session, cwd /, stdio on /dev/null."""
+def detach() -> Callable[[str], None]:
+    """Become a daemon: double fork, new session, cwd /, stdio on /dev/null.
+
+    The original process waits until the daemon calls the returned function:
+    with "" it exits 0; with an error it prints it and exits 1 (so "address in
+    use" still reaches the terminal, though the listener binds after the fork).
+    """
     sys.stdout.flush()
     sys.stderr.flush()
+    readfd, writefd = os.pipe()
     if os.fork() > 0:
-        os._exit(0)
+        os.close(writefd)
+        with os.fdopen(readfd, "rb") as pipe:
+            word = pipe.read().decode("utf-8", errors="replace")
+        if word == "ok":
+            os._exit(0)
+        print(word.strip() or "certkeeper: the daemon ended before it was ready", file=sys.stderr)
+        os._exit(1)
+    os.close(readfd)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
@@ -131,6 +141,13 @@ def detach() -> None:
         os.dup2(devnull, fd)
     if devnull > 2:
         os.close(devnull)
+
+    def ready(error: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(writefd, (error or "ok").encode())
+            os.close(writefd)
+
+    return ready
 
 
 def write_pid_file(path: Path) -> None:
@@ -145,121 +162,6 @@ def remove_pid_file(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Worker processes (certkeeper.worker): the heavy work, one job per process.
-
-
-class Worker:
-    """One ``python -m certkeeper.worker`` job, relayed to the daemon's challenge table and TLS contexts.
-
-    Whatever way the job ends (a result, a crash, garbage on the pipe, silence for
-    longer than ``idle_timeout``, cancellation at SIGTERM), the process is killed if
-    still running and its pending challenges leave the table.
-    """
-
-    command: tuple[str, ...] = (sys.executable, "-m", "certkeeper.worker")
-
-    def __init__(self, daemon: Daemon, job: str, args: dict[str, Any], emit: Callable[[str], None]) -> None:
-        self.daemon = daemon
-        self.job = job
-        self.args = args
-        self.emit = emit
-        self.tokens: set[str] = set()
-        self.proc: asyncio.subprocess.Process | None = None
-        self.idle_timeout = idle_timeout(daemon.config)
-
-    async def run(self) -> tuple[int, datetime | None]:
-        if self.daemon.stopping.is_set():
-            raise LocalError(f"not starting a {self.job} worker: the daemon is stopping")
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            limit=MAX_MESSAGE, env=_worker_env())
-        self.daemon.workers.add(self)
-        try:
-            self._send(json.dumps({
-                "config_path": str(self.daemon.config.path), "config_text": self.daemon.config_text,
-                "job": self.job, "args": self.args, "foreground": self.daemon.foreground,
-                "verbosity": self.daemon.verbosity}).encode() + b"\n")
-            result = await self._relay()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), EXIT_GRACE)  # else killed below; the result stands
-            return result
-        finally:
-            self.kill()
-            for token in self.tokens:
-                self.daemon.challenges.remove(token)
-            self.daemon.workers.discard(self)
-
-    async def _relay(self) -> tuple[int, datetime | None]:
-        while True:
-            kind, value = await self._next_message()
-            if kind == "exit":
-                return value
-            await self._handle(kind, value)
-
-    async def _next_message(self) -> tuple[str, Any]:
-        """The next well-formed message; an unreadable line is logged and skipped."""
-        assert self.proc is not None and self.proc.stdout is not None
-        while True:
-            try:
-                raw = await asyncio.wait_for(self.proc.stdout.readline(), self.idle_timeout)
-            except TimeoutError:
-                raise LocalError(f"the {self.job} worker sent nothing for {self.idle_timeout:g} s; "
-                                 "stopped it") from None
-            except ValueError:  # longer than MAX_MESSAGE
-                raise LocalError(f"the {self.job} worker sent a line over {MAX_MESSAGE} bytes; stopped it") from None
-            if not raw:
-                code = await self.proc.wait()
-                raise LocalError(f"the {self.job} worker ended without a result (exit status {code})")
-            try:
-                return worker.parse_message(raw)
-            except ValueError as exc:
-                log.warning("%s worker: %s", self.job, exc)
-
-    async def _handle(self, kind: str, value: Any) -> None:
-        if kind == "challenge":
-            token, key_authorization = value
-            try:
-                self.daemon.challenges.add(token, key_authorization)
-            except ValueError as exc:
-                log.warning("%s worker: %s", self.job, exc)
-                self._send(b"no\n")
-                return
-            self.tokens.add(token)
-            self._send(b"ok\n")
-        elif kind == "unchallenge":
-            self.daemon.challenges.remove(value)
-            self.tokens.discard(value)
-        elif kind == "installed":
-            await asyncio.to_thread(self.daemon.installed, value)
-        elif kind == "line":
-            self.emit(value)
-
-    def _send(self, data: bytes) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
-        if not self.proc.stdin.is_closing():
-            self.proc.stdin.write(data)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-
-
-def idle_timeout(config: Config) -> float:
-    """How long a healthy worker may stay silent: one whole order, one DNS propagation wait
-    and the slowest hook with its verification, plus a minute. Longer means it hangs."""
-    hooks = max((h.timeout + h.verify_timeout for h in config.hooks.values()), default=0.0)
-    return config.acme.order_timeout + config.dns.propagation_timeout + hooks + 60.0
-
-
-def _worker_env() -> dict[str, str]:
-    """The daemon's environment, with this certkeeper package first on the path (cwd is / once detached)."""
-    here = str(Path(__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": f"{here}{os.pathsep}{path}" if path else here}
-
-
-# ---------------------------------------------------------------------------
 # The daemon.
 
 
@@ -269,10 +171,10 @@ class Daemon:
         self.config_text = config_text
         self.foreground = foreground
         self.verbosity = verbosity
-        self.challenges = ChallengeTable()
-        self.web = WebServer(config, self.challenges)
+        self.listener = privsep.ListenerLink(config, config_text, foreground, verbosity)
+        self.store = CertificateStore(config.state_dir)
         self.started = datetime.now(UTC)
-        self.workers: set[Worker] = set()
+        self.workers: set[privsep.WorkerProcess] = set()
         self.name_locks: dict[str, asyncio.Lock] = {}
         self.job_locks: dict[str, asyncio.Lock] = {}  # one run of each background job at a time
         self.control: control.ControlServer | None = None
@@ -281,14 +183,18 @@ class Daemon:
     # -- life cycle ----------------------------------------------------------------
 
     def bind(self) -> None:
-        """Listeners and control socket, before detaching (errors reach the terminal)."""
+        """Control socket and listener (errors reach the terminal), the state directory set for the roles."""
+        layout.prepare(self.config, privsep.identity(self.config))
         path = self.config.control_socket
         self.control = control.ControlServer.bind(path, {"renew": self.command_renew, "status": self.command_status})
         try:
-            self.web.bind()
-        except LocalError:
+            for address in self.listener.start():
+                log.info("listening on %s", address)
+            self.listener.serve_certificates(self.config, self.store)
+        except (LocalError, OSError) as exc:
+            self.listener.stop()
             self.control.close()  # removes the socket file only if it is still ours
-            raise
+            raise LocalError(str(exc)) from None
 
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
@@ -301,9 +207,7 @@ class Daemon:
         if self.control is None:
             self.bind()
         assert self.control is not None
-        await self.web.start()
         await self.control.start()
-        await self._start_metrics()
         self.scheduler = self._start_scheduler()
         log.info("started (pid %d): %d certificate(s), control socket %s", os.getpid(),
                  len(self.config.certificates), self.config.control_socket)
@@ -313,39 +217,30 @@ class Daemon:
         return 0
 
     async def startup(self) -> None:
+        await self.push_metrics()
         await self.check("start-up")
         await self.background("publish")
         await self.background("hourly")  # DKIM steps and expiry warnings due now wait for no hour
 
     async def stop(self) -> None:
-        """No new work; workers get ``STOP_GRACE`` with the listeners still up (HTTP-01), then go."""
+        """No new work; workers get ``STOP_GRACE`` with the listener still up (HTTP-01), then go."""
         log.info("stopping")
         self.scheduler.shutdown(wait=False)
         if self.control is not None:
             await self.control.stop()
-        running = [w.proc for w in self.workers if w.proc is not None]
+        running = [w for w in self.workers if w.proc is not None]
         if running:
-            _, still = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in running], timeout=STOP_GRACE)
+            deadline = self.loop.time() + STOP_GRACE
+            while any(w.proc is not None and w.proc.poll() is None for w in running) and self.loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            still = [w for w in running if w.proc is not None and w.proc.poll() is None]
             if still:
                 log.warning("stopping %d worker(s) in progress; an interrupted install is finished or discarded "
                             "at the next start", len(still))
-                for w in list(self.workers):
+                for w in still:
                     w.kill()
-                await asyncio.wait(still, timeout=0.5)
-        await asyncio.gather(self.web.stop(), asyncio.to_thread(self._stop_metrics))
+        await asyncio.to_thread(self.listener.stop)
         log.info("stopped")
-
-    async def _start_metrics(self) -> None:
-        """``[metrics] listen`` (off by default): certkeeper.listener.metrics serves /metrics from a thread here."""
-        self._stop_metrics: Callable[[], None] = lambda: None
-        if not self.config.metrics.listen:
-            return
-        from certkeeper.listener import metrics
-
-        try:
-            self._stop_metrics = await asyncio.to_thread(metrics.serve, self.config, self.started)
-        except LocalError as exc:
-            log.error("%s", exc)
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -365,6 +260,9 @@ class Daemon:
                           args=["twice-daily check"], id="check", coalesce=True, max_instances=1)
         scheduler.add_job(self.background, IntervalTrigger(seconds=HOURLY.total_seconds()), args=["hourly"],
                           id="hourly", coalesce=True, max_instances=1)
+        if self.config.metrics.listen:
+            scheduler.add_job(self.push_metrics, IntervalTrigger(seconds=METRICS_EVERY.total_seconds()),
+                              id="metrics", coalesce=True, max_instances=1)
         scheduler.start()
         return scheduler
 
@@ -392,10 +290,10 @@ class Daemon:
             if self.stopping.is_set():
                 return
             try:
-                _, soonest = await Worker(self, job, {}, _log_line).run()
+                _, soonest = await self.run_worker(job, {}, _log_line)
                 if job == "publish":
                     # The history may have changed what is served (a withdrawal finished): rebuild it.
-                    self.web.handlers.site = await asyncio.to_thread(Site.from_config, self.config)
+                    await asyncio.to_thread(self._reconfigure_listener, self.config_text)
             except Exception as exc:  # noqa: BLE001 - logged; the next run tries again
                 log.error("%s failed: %s", job, " ".join(str(exc).split()))
                 return
@@ -418,6 +316,26 @@ class Daemon:
 
     # -- work -----------------------------------------------------------------------
 
+    async def run_worker(self, job: str, args: dict[str, Any],
+                         emit: Callable[[str], None]) -> tuple[int, datetime | None]:
+        """One network worker for ``job``, answered by a keeper of this configuration, in a thread."""
+        if self.stopping.is_set():
+            raise LocalError(f"not starting a {job} worker: the daemon is stopping")
+        config, text = self.config, self.config_text
+        worker = privsep.WorkerProcess(config, text, job, args, self.foreground, self.verbosity)
+        challenges = privsep.ListenerChallenges(self.listener)
+        keeper = LocalKeeper(config, challenges, self.installed, self.store)
+        self.workers.add(worker)
+        try:
+            await asyncio.to_thread(worker.start)
+            result = await asyncio.to_thread(worker.serve, keeper, emit, privsep.idle_timeout(config))
+            return result.code, result.soonest
+        finally:
+            worker.kill()
+            self.workers.discard(worker)
+            await asyncio.to_thread(challenges.clear)
+            self._spawn(self.push_metrics())
+
     async def renew(self, args: dict[str, Any], emit: Callable[[str], None]) -> tuple[int, datetime | None]:
         """A renew worker, holding the daemon's lock of every certificate it may touch.
 
@@ -429,14 +347,29 @@ class Daemon:
         async with contextlib.AsyncExitStack() as held:
             for lock in locks:  # always in name order, so two requests cannot deadlock
                 await held.enter_async_context(lock)
-            return await Worker(self, "renew", args, emit).run()
+            return await self.run_worker("renew", args, emit)
 
-    def installed(self, name: str) -> None:
-        """A worker installed a new set (called in a thread): serve it from the next handshake."""
+    def installed(self, cert: CertificateConfig) -> None:
+        """The keeper installed (or restored) a set, in a worker's thread: the listener serves it if it is its."""
+        if cert.name not in {c.name for c in self.config.listener_certificates()}:
+            return
         try:
-            self.web.on_installed(self.config.certificate(name))
-        except KeyError:
-            log.warning("%s: installed, but no longer configured", name)
+            self.listener.serve_certificates(self.config, self.store)
+            log.info("%s: serving the new certificate to new connections", cert.name)
+        except (LocalError, OSError) as exc:
+            log.error("%s: the listener did not take the new certificate: %s", cert.name, exc)
+
+    async def push_metrics(self) -> None:
+        """Render /metrics from the state on disk and hand it to the listener."""
+        if not self.config.metrics.listen:
+            return
+        from certkeeper.keeper import metrics
+
+        try:
+            text = await asyncio.to_thread(metrics.render, self.config, self.started)
+            await asyncio.to_thread(self.listener.request, protocol.Metrics(text.decode()))
+        except (CertkeeperError, OSError) as exc:
+            log.error("metrics: %s", exc)
 
     async def command_renew(self, payload: dict[str, Any], emit: Callable[[str], None]) -> int:
         names = payload.get("names") or []
@@ -458,15 +391,23 @@ class Daemon:
         return code
 
     async def command_status(self, payload: dict[str, Any], emit: Callable[[str], None]) -> int:
-        as_json = bool(payload.get("json"))
-        args = {"names": [n for n in payload.get("names") or [] if isinstance(n, str)], "json": as_json,
-                "daemon": self.daemon_facts()}
-        code, _ = await Worker(self, "status", args, emit).run()
-        if not as_json:
-            emit("")
-            for line in self.daemon_lines():
-                emit(line)
-        return code
+        """Read here, by the keeper: the files, the state and the last verification; no worker, no network."""
+        from certkeeper.keeper import status
+
+        names = [n for n in payload.get("names") or [] if isinstance(n, str)]
+        try:
+            doc = await asyncio.to_thread(status.collect, self.config, names or None)
+        except CertkeeperError as exc:
+            emit(f"certkeeper: {exc}")
+            return 1
+        if payload.get("json"):
+            doc["daemon"] = self.daemon_facts()
+            text = json.dumps(doc, indent=2)
+        else:
+            text = status.render_text(doc) + "\n" + "\n".join(self.daemon_lines())
+        for line in text.splitlines():
+            emit(line)
+        return 0
 
     def daemon_facts(self) -> dict[str, Any]:
         jobs = {job.id: job.next_run_time for job in self.scheduler.get_jobs()}
@@ -475,7 +416,7 @@ class Daemon:
             "pid": os.getpid(),
             "started": _iso(self.started),
             "next_check": _iso(min(upcoming)) if upcoming else None,
-            "serving": list(self.web.tls.names_loaded()),
+            "serving": list(self.listener.serving),
             "workers": sorted(w.job for w in self.workers),
         }
 
@@ -488,30 +429,34 @@ class Daemon:
     # -- SIGHUP ---------------------------------------------------------------------
 
     async def reload(self) -> None:
-        """SIGHUP. Reloads run one at a time; a bad file (or unreadable MTA-STS state) changes nothing."""
+        """SIGHUP. Reloads run one at a time; a bad file (or one the listener refuses) changes nothing."""
         async with self.reload_lock:
             if self.stopping.is_set():
                 return
             try:
                 text, new = await asyncio.to_thread(read_config, self.config.path)
-                await asyncio.to_thread(self.web.reload, new)  # builds the new site first, then swaps
+                await asyncio.to_thread(self._reconfigure_listener, text)
             except ConfigError as exc:
                 log.error("configuration not reloaded, keeping the running one: %s", "; ".join(exc.lines))
                 return
             except CertkeeperError as exc:
                 log.error("configuration not reloaded, keeping the running one: %s", exc)
                 return
-            if (new.control_socket, new.state_dir) != (self.config.control_socket, self.config.state_dir):
-                log.warning("control_socket or state_dir changed; restart certkeeper to apply")
+            if (new.control_socket, new.state_dir, new.user, new.group) != (
+                    self.config.control_socket, self.config.state_dir, self.config.user, self.config.group):
+                log.warning("control_socket, state_dir, user or group changed; restart certkeeper to apply")
+            if (new.http, new.metrics) != (self.config.http, self.config.metrics):
+                log.warning("[http] or [metrics] listen addresses changed; restart certkeeper to listen on them")
             self.config, self.config_text = new, text
-            await self._restart_metrics()
+            self.store = CertificateStore(new.state_dir)
+            await asyncio.to_thread(self.listener.serve_certificates, new, self.store)
             log.info("configuration reloaded: %d certificate(s)", len(new.certificates))
+        await self.push_metrics()
         await self.check("configuration reloaded")
         await self.background("publish")
 
-    async def _restart_metrics(self) -> None:
-        await asyncio.to_thread(self._stop_metrics)
-        await self._start_metrics()
+    def _reconfigure_listener(self, text: str) -> None:
+        protocol.expect(self.listener.request(protocol.Reconfigure(text)), protocol.Ok)
 
 
 def read_config(path: Path) -> tuple[str, Config]:

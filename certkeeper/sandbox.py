@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from certkeeper.errors import ConfigError, LocalError
+from certkeeper.core.errors import ConfigError, LocalError
 
 log = logging.getLogger(__name__)
 

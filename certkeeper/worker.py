@@ -1,134 +1,54 @@
-"""The daemon's worker process: one job with the heavy libraries, then exit.
+"""The network worker: one job of network work, unprivileged, then exit.
 
-The daemon itself holds only the listeners, the scheduler and the control
-socket. Every job that needs ACME, cryptography, DNS or mail (renewals, status,
-MTA-STS publishing, DKIM rotation, alerts) runs here, in a child process
-(``python -m certkeeper.worker``), so the long-running process stays small and
-a job that crashes or leaks cannot take the listeners with it.
+``python -m certkeeper.worker FD`` is started by the keeper (``certkeeper.privsep``)
+already as the configured ``user``/``group`` when the keeper is root. ``FD`` is
+its end of a socketpair; everything it says and hears there is a
+``certkeeper.protocol`` message:
 
-The protocol, JSON lines (render + parse side by side below):
+1. it reads ``Start`` (the job, its arguments, the configuration text the
+   keeper runs with, and the secret files its user cannot read: the ACME
+   account key, the EAB key, the TSIG secret);
+2. it confines itself (no_new_privs; Landlock to the interpreter, the state
+   directory and the system files a resolver and TLS need; pledge/unveil on
+   OpenBSD) before any network work or thread starts;
+3. it runs the job: ACME orders (with a CSR from the keeper), ARI, DNS updates
+   and lookups, verification probes, the policy self-check, alert mail; for
+   anything that needs root it asks the keeper (``PipeKeeper``);
+4. it sends ``Line`` messages for progress and last ``Exit`` (code, and the
+   soonest time an outcome names: a planned renewal, an ARI window, the end of
+   a backoff, the next DKIM step or MTA-STS retry).
 
-- daemon → worker, stdin: first ``{"config_path", "config_text", "job",
-  "args", "foreground", "verbosity"}`` (the configuration the daemon runs
-  with, so a broken file on disk after a refused SIGHUP does not matter); then
-  one ``ok`` line for each ``challenge`` message it serves (``no`` if it refuses one).
-- worker → daemon, stdout: ``{"challenge": [TOKEN, KEY_AUTHORIZATION]}`` (the
-  worker waits for the daemon's ``ok`` before the ACME server is told to
-  validate), ``{"unchallenge": TOKEN}``, ``{"installed": NAME}`` (the daemon
-  swaps its TLS context), ``{"line": TEXT}`` (progress and output), and last
-  ``{"exit": CODE, "next": ISO-TIME | null}`` (the soonest time an outcome
-  names: planned renewal, ARI window or end of backoff).
-
-Logs go to syslog or stderr exactly as the daemon's do. This is also the one
-place where the daemon's other work (``mtasts_publish``, ``rotation``,
-``alerts``) is composed; a failure of one part is logged and never stops another.
+A failure of one part of a job is logged and never stops another part.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import socket
 import sys
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import IO, Any
+from typing import Any
 
-from certkeeper.core import logs
-from certkeeper.core.challenges import ChallengeTable
+from certkeeper import protocol, sandbox
+from certkeeper.core import logs, secrets
 from certkeeper.core.config import Config, parse
 from certkeeper.core.errors import CertkeeperError, ConfigError
+from certkeeper.network.keeper_client import PipeKeeper
 
 log = logging.getLogger(__name__)
 
 PUBLISH_RETRY = timedelta(minutes=10)  # after a failed MTA-STS/TLSRPT publication
 
-JOBS = ("renew", "status", "publish", "hourly")
+# What shared libraries, a resolver, TLS and the time zone read (besides the interpreter's own files).
+SYSTEM_READ = ("/etc/ld.so.cache", "/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib",
+               "/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
+               "/etc/services", "/etc/protocols", "/etc/localtime", "/usr/share/zoneinfo", "/etc/ssl",
+               "/usr/lib/ssl", "/usr/share/ca-certificates", "/etc/ca-certificates", "/etc/pki",
+               "/etc/passwd", "/etc/group", "/dev/null", "/dev/urandom")
 
-
-# ---------------------------------------------------------------------------
-# Messages.
-
-
-def render(**message: Any) -> bytes:
-    return json.dumps(message).encode() + b"\n"
-
-
-def parse_message(raw: bytes) -> tuple[str, Any]:
-    """One worker → daemon message as (kind, value), checked against the protocol above.
-
-    ``challenge`` → (token, key authorization); ``unchallenge``, ``installed``, ``line`` → str;
-    ``exit`` → (code, soonest datetime or None). Anything else raises ``ValueError``.
-    """
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"not a worker message: {raw[:80]!r}")
-    kind = next(iter(data))
-    value = data[kind]
-    if kind == "challenge" and isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
-        return kind, (value[0], value[1])
-    if kind in ("unchallenge", "installed", "line") and isinstance(value, str):
-        return kind, value
-    if kind == "exit" and isinstance(value, int) and not isinstance(value, bool):
-        return kind, (value, _soonest(data.get("next"), raw))
-    raise ValueError(f"not a worker message: {raw[:80]!r}")
-
-
-def _soonest(value: object, raw: bytes) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        when = datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        when = None
-    if when is None or when.tzinfo is None:
-        raise ValueError(f"not a worker message (bad time): {raw[:80]!r}")
-    return when
-
-
-class Channel:
-    """The worker's end of the pipes; safe to use from the Renewer's order threads."""
-
-    def __init__(self, out: IO[bytes], acks: IO[bytes]) -> None:
-        self._out = out
-        self._acks = acks
-        self._lock = threading.Lock()
-
-    def send(self, **message: Any) -> None:
-        with self._lock:
-            self._out.write(render(**message))
-            self._out.flush()
-
-    def ask(self, **message: Any) -> None:
-        """Send and wait for the daemon's ``ok`` (it answers ``no`` to a message it refuses)."""
-        with self._lock:
-            self._out.write(render(**message))
-            self._out.flush()
-            if self._acks.readline().strip() != b"ok":
-                raise CertkeeperError("the daemon did not accept the HTTP-01 challenge")
-
-    def line(self, text: str) -> None:
-        self.send(line=text)
-
-
-class RelayedChallenges(ChallengeTable):
-    """A ChallengeTable whose entries are also put in the daemon's table (it holds port 80)."""
-
-    def __init__(self, channel: Channel) -> None:
-        super().__init__()
-        self._channel = channel
-
-    def add(self, token: str, key_authorization: str) -> None:
-        super().add(token, key_authorization)  # validates the token
-        self._channel.ask(challenge=[token, key_authorization])
-
-    def remove(self, token: str) -> None:
-        super().remove(token)
-        self._channel.send(unchallenge=token)
+Job = Callable[[Config, dict[str, Any], PipeKeeper], tuple[int, datetime | None]]
 
 
 def _guard(what: str, work: Callable[[], object]) -> None:
@@ -143,91 +63,162 @@ def _guard(what: str, work: Callable[[], object]) -> None:
 # Jobs. Each returns (exit code, soonest next time or None).
 
 
-def job_renew(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
+def job_renew(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:
+    from certkeeper.network.alerts import Alerter
     from certkeeper.network.runner import Renewer, format_outcome
 
-    renewer = Renewer(config, RelayedChallenges(channel),
-                      on_installed=lambda cert: channel.send(installed=cert.name))
-    report = renewer.renew(args.get("names") or None, force=bool(args.get("force")), progress=channel.line)
+    line = _liner(keeper)
+    report = Renewer(config, keeper=keeper).renew(args.get("names") or None, force=bool(args.get("force")),
+                                                  progress=line if args.get("progress", True) else None)
     for outcome in report.outcomes:
-        channel.line(format_outcome(outcome))
-    from certkeeper.network.alerts import Alerter
-
-    Alerter(config).after_renewal(report.outcomes)
+        line(format_outcome(outcome))
+    Alerter(config, keeper=keeper).after_renewal(report.outcomes)
     times = [o.next_renewal for o in report.outcomes if o.next_renewal is not None]
     return report.exit_code, min(times) if times else None
 
 
-def job_status(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
-    from certkeeper.keeper import status
-
-    doc = status.collect(config, args.get("names") or None)
-    if args.get("json"):
-        doc["daemon"] = args.get("daemon", {})
-        text = json.dumps(doc, indent=2)
-    else:
-        text = status.render_text(doc)
-    for line in text.splitlines():
-        channel.line(line)
-    return 0, None
-
-
-def job_publish(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
-    """Start-up and SIGHUP: publish each MTA-STS policy's id (the daemon serves the policy by then),
-    and withdraw removed domains (RFC 8461 8.3); returns when a withdrawal can next progress."""
+def job_publish(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:
+    """MTA-STS ids and TLSRPT records (the listener serves the policy by then); removed domains withdrawn
+    (RFC 8461 8.3). The daemon's job returns when a withdrawal can next progress; the CLI's prints outcomes."""
     from certkeeper.core import mtasts_state
     from certkeeper.network import mtasts_publish
 
+    line = _liner(keeper)
+    domains = tuple(args["domains"]) if args.get("domains") else None
     outcomes: list[mtasts_publish.Outcome] = []
-    _guard("MTA-STS publishing", lambda: outcomes.extend(mtasts_publish.publish_all(config, channel.line)))
+    if args.get("cli"):
+        outcomes = mtasts_publish.publish_all(config, line, domains=domains, keeper=keeper)
+        for o in outcomes:
+            sep = ": " if o.status == "failed" else " "
+            line(f"{o.record}: {o.status}{sep + o.detail if o.detail else ''}")
+        if not outcomes:
+            line("nothing to publish: no [[mta_sts]] table and no [tlsrpt] rua")
+        if any(o.status == "failed" for o in outcomes):
+            return 1, None
+        return (0 if any(o.changed for o in outcomes) else 2), None
+    _guard("MTA-STS publishing", lambda: outcomes.extend(mtasts_publish.publish_all(config, line, keeper=keeper)))
     times = [t for t in (mtasts_state.next_due(config),) if t is not None]
     if not outcomes and (config.mta_sts or config.tlsrpt.rua) or any(o.status == "failed" for o in outcomes):
         times.append(datetime.now(UTC) + PUBLISH_RETRY)  # a DNS server or the policy fetch failed: try again
     return 0, min(times, default=None)
 
 
-def job_hourly(config: Config, args: dict[str, Any], channel: Channel) -> tuple[int, datetime | None]:
+def job_hourly(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:
     """DKIM rotation steps that are due, and expiry warnings."""
     from certkeeper.network import rotation
     from certkeeper.network.alerts import Alerter
 
     if config.dkim:
-        _guard("DKIM rotation", lambda: rotation.run_due(config, datetime.now(UTC), channel.line))
-    _guard("expiry check", lambda: Alerter(config).check_expiry())
+        _guard("DKIM rotation", lambda: rotation.run_due(config, datetime.now(UTC), _liner(keeper), keeper))
+    _guard("expiry check", lambda: Alerter(config, keeper=keeper).check_expiry())
     return 0, None
+
+
+def job_rotate(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:
+    """``certkeeper rotate-dkim [DOMAIN] [--now]``."""
+    from certkeeper.network import rotation
+
+    line = _liner(keeper)
+    failed = False
+    now = datetime.now(UTC)
+    for item in rotation.selected_items(config, args.get("domain")):
+        try:
+            rotation.rotate_now(config, item, now, bool(args.get("now")), line, keeper)
+        except CertkeeperError as exc:
+            line(f"certkeeper: {item.domain}: {exc}")
+            failed = True
+    return (1 if failed else 0), None
+
+
+def job_verify(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:
+    """``certkeeper verify [NAME...]``: probe every endpoint; 0 when each serves the file on disk."""
+    from certkeeper.network.verification import check_certificate, save_results
+
+    line = _liner(keeper)
+    names = args.get("names") or []
+    failed = False
+    for cert in [c for c in config.certificates if not names or c.name in names]:
+        checks = check_certificate(config, keeper, cert)
+        if not checks:
+            line(f"{cert.name}: no verify endpoints; {args.get('suggestions', {}).get(cert.name, '')}".rstrip())
+            continue
+        if checks[0].expected is None:
+            line(f"{cert.name}: no certificate installed at {cert.cert}")
+        for check in checks:
+            line(check.describe())
+            failed = failed or not check.ok
+        save_results(config, cert.name, checks)
+    return (1 if failed else 0), None
+
+
+def job_dns_check(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:
+    """``certkeeper dns --check``: look every expected record up."""
+    from certkeeper.network import records
+
+    line = _liner(keeper)
+    lookup = records.resolver_lookup(config)
+    rows = [row for d in args.get("domains") or [] for row in records.check(config, d, lookup)]
+    for text in records.render_table(rows).splitlines():
+        line(text)
+    bad = [r for r in rows if r.status != "ok"]
+    line(f"{len(rows) - len(bad)} ok, {sum(r.status == 'missing' for r in bad)} missing, "
+         f"{sum(r.status == 'wrong' for r in bad)} wrong")
+    return (0 if not bad else 1), None
+
+
+JOBS: dict[str, Job] = {"renew": job_renew, "publish": job_publish, "hourly": job_hourly, "rotate": job_rotate,
+                        "verify": job_verify, "dns-check": job_dns_check}
+
+
+def _liner(keeper: PipeKeeper) -> Callable[[str], None]:
+    return lambda text: keeper.notify(protocol.Line(text))
 
 
 # ---------------------------------------------------------------------------
 # Entry point.
 
 
-def main(stdin: IO[bytes] | None = None, stdout: IO[bytes] | None = None) -> int:
-    stdin = stdin or sys.stdin.buffer
-    if stdout is None:
-        # The channel gets a private copy of fd 1; fd 1 itself goes to stderr, so that
-        # nothing a library prints can corrupt the messages.
-        stdout = os.fdopen(os.dup(1), "wb")
-        os.dup2(2, 1)
-    channel = Channel(stdout, stdin)
-    request = json.loads(stdin.readline())
-    logs.setup_daemon(bool(request.get("foreground")), int(request.get("verbosity", 1)))
-    job = {"renew": job_renew, "status": job_status, "publish": job_publish, "hourly": job_hourly}[request["job"]]
+def confine(config: Config) -> None:
+    """Take away what this role does not need, before any network work or thread starts."""
+    import ssl  # noqa: F401 - loaded now, with its libraries, rather than found later
+
+    state_dir = config.state_dir
+    read = [*SYSTEM_READ, str(config.path.parent)]
+    read += [str(p) for p in (config.acme.ca_bundle, config.dns.mta_sts_fetch_ca) if p is not None]
+    sandbox.confine("network", read, [str(state_dir)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    sock = socket.socket(fileno=int(argv[0]))
+    start = protocol.receive(sock)
+    if not isinstance(start, protocol.Start) or start.job not in JOBS:
+        raise SystemExit("certkeeper worker: the first message is not a Start for a known job")
+    logs.setup_daemon(start.foreground, start.verbosity)
+    keeper: PipeKeeper | None = None
+    code, soonest = 1, None
     try:
-        config = parse(request["config_text"], request["config_path"])
-        code, soonest = job(config, request.get("args") or {}, channel)
+        config = parse(start.config_text, start.config_path)
+        secrets.hand_over({s.path: s.data.encode() for s in start.secrets})
+        confine(config)
+        keeper = PipeKeeper(config, sock)
+        code, soonest = JOBS[start.job](config, json.loads(start.args), keeper)
     except ConfigError as exc:
-        channel.line(f"certkeeper: {'; '.join(exc.lines)}")
-        code, soonest = 1, None
+        _say(sock, f"certkeeper: {'; '.join(exc.lines)}")
     except CertkeeperError as exc:
-        channel.line(f"certkeeper: {exc}")
-        code, soonest = 1, None
-    except Exception as exc:  # noqa: BLE001 - a bug: one line to the log (stderr is /dev/null when detached)
+        _say(sock, f"certkeeper: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a bug: one line to the log and to the keeper
         message = " ".join(str(exc).split())
-        log.error("%s job: internal error: %s: %s", request["job"], type(exc).__name__, message)
-        channel.line(f"certkeeper: internal error: {type(exc).__name__}: {message}")
-        code, soonest = 1, None
-    channel.send(exit=code, next=soonest.isoformat() if soonest else None)
+        log.error("%s job: internal error: %s: %s", start.job, type(exc).__name__, message)
+        _say(sock, f"certkeeper: internal error: {type(exc).__name__}: {message}")
+    protocol.send(sock, protocol.Exit(code, soonest.isoformat() if soonest else ""))
     return code
+
+
+def _say(sock: socket.socket, text: str) -> None:
+    protocol.send(sock, protocol.Line(text))
+
+
 
 
 if __name__ == "__main__":

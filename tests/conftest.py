@@ -18,6 +18,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(GUARD), str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 GUARD_LOG = Path(tempfile.mkdtemp(prefix="loopback-guard-")) / "refused.log"
 os.environ["LOOPBACK_GUARD_LOG"] = str(GUARD_LOG)
+# The unprivileged roles (another user when the suite runs as root) log refusals here too.
+GUARD_LOG.parent.chmod(0o755)
+GUARD_LOG.touch(mode=0o666)
+GUARD_LOG.chmod(0o666)
 
 import tests.loopback_only.sitecustomize  # noqa: E402, F401 - installs the guard in this process
 
@@ -32,6 +36,34 @@ def loopback_only() -> Iterator[None]:
             log.seek(before)
             refused = log.read().strip().splitlines()
         pytest.fail("tried to reach beyond loopback: " + "; ".join(sorted(set(refused))[:5]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """As root, a base directory of this session's own: pytest makes /tmp/pytest-of-root private again at
+    every session start, which would cut the unprivileged roles off from a running suite's directories."""
+    if os.geteuid() == 0 and not config.option.basetemp:
+        config.option.basetemp = tempfile.mkdtemp(prefix="certkeeper-tests-")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def roles_reach_tmp_paths(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Run as root, the listener and the network workers are the configured user: let it traverse
+    (not list) the tests' temporary directories and their parents, as it can /var/db."""
+    if os.geteuid() != 0:
+        return
+    base = tmp_path_factory.getbasetemp()
+    for directory in (base, *base.parents):
+        mode = directory.stat().st_mode
+        if not mode & 0o001:
+            directory.chmod((mode & 0o7777) | 0o011)
+    mktemp = tmp_path_factory.mktemp
+
+    def traversable(basename: str, numbered: bool = True) -> Path:
+        path = mktemp(basename, numbered)
+        path.chmod(0o711)
+        return path
+
+    tmp_path_factory.mktemp = traversable  # type: ignore[method-assign]
 
 
 pytest_plugins = [

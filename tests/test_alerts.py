@@ -174,7 +174,7 @@ def test_expiry_warning_once_per_certificate(tmp_path, smtp):
     store.install(cert, ca.issue(["mail.example.com"], NOW, NOW + timedelta(days=8)))
     assert alerter.check_expiry(NOW + timedelta(days=2)) == ["mail.example.com"]
     assert "expires in 6.0 days" in inbox.messages[1][2]["Subject"]
-    state = json.loads((cfg.state_dir / "alerts.json").read_text())
+    state = json.loads((cfg.state_dir / "alerts" / "alerts.json").read_text())
     assert list(state["expiry"]) == ["mail.example.com"]
 
 

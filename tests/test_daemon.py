@@ -88,47 +88,10 @@ async def test_control_socket_streams_lines_and_exit_code(tmp_path):
     assert not config.control_socket.exists()
 
 
-def test_worker_channel_waits_for_the_daemons_ok():
-    from certkeeper.worker import Channel, RelayedChallenges, parse_message
-
-    to_daemon_r, to_daemon_w = os.pipe()
-    acks_r, acks_w = os.pipe()
-    with os.fdopen(to_daemon_w, "wb") as out, os.fdopen(acks_r, "rb") as acks, \
-            os.fdopen(to_daemon_r, "rb") as daemon_in, os.fdopen(acks_w, "wb") as daemon_out:
-        table = RelayedChallenges(Channel(out, acks))
-        added = threading.Event()
-        adder = threading.Thread(target=lambda: (table.add("tok-1", "tok-1.thumb"), added.set()))
-        adder.start()
-        assert parse_message(daemon_in.readline()) == ("challenge", ("tok-1", "tok-1.thumb"))
-        assert not added.wait(0.2)  # still waiting for the daemon
-        daemon_out.write(b"ok\n")
-        daemon_out.flush()
-        adder.join(5)
-        assert added.is_set() and table.get("tok-1") == "tok-1.thumb"
-        table.remove("tok-1")
-        assert parse_message(daemon_in.readline()) == ("unchallenge", "tok-1")
-
-
 @pytest.mark.parametrize("raw", [b"not json\n", b'["renew"]\n', b'{"command": 1}\n'])
 def test_bad_requests_are_refused(raw):
     with pytest.raises(ValueError):
         control.parse_request(raw)
-
-
-def test_worker_messages_round_trip_and_garbage_is_refused():
-    from datetime import UTC, datetime
-
-    from certkeeper.worker import parse_message, render
-
-    when = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
-    assert parse_message(render(exit=2, next=when.isoformat())) == ("exit", (2, when))
-    assert parse_message(render(exit=0, next=None)) == ("exit", (0, None))
-    assert parse_message(render(installed="a")) == ("installed", "a")
-    for raw in (b"hello\n", b"[]\n", b"{}\n", b'{"line": 5}\n', b'{"challenge": ["only-one"]}\n',
-                b'{"exit": true}\n', b'{"exit": "0"}\n', b'{"exit": 0, "next": "soon"}\n',
-                b'{"exit": 0, "next": "2030-01-01T00:00:00"}\n', b'{"frobnicate": "x"}\n'):
-        with pytest.raises(ValueError, match="not a worker message"):
-            parse_message(raw)
 
 
 async def test_control_socket_survives_bad_slow_and_vanishing_clients(tmp_path):
@@ -205,40 +168,46 @@ def test_one_daemon_per_socket_and_a_stale_socket_is_replaced(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Worker processes that crash, hang or print garbage (a stand-in script, real processes).
+# Worker processes that crash, hang, send garbage or hostile requests (a stand-in script, real
+# processes started as the unprivileged user, a real listener).
 
 FAKE_WORKER = r"""
-import json, sys, time
-request = json.loads(sys.stdin.readline())
-args = request["args"]
-def send(**m):
-    sys.stdout.write(json.dumps(m) + "\n"); sys.stdout.flush()
+import json, socket, sys, time
+from certkeeper import protocol as p
+sock = socket.socket(fileno=int(sys.argv[1]))
+start = p.receive(sock)
+args = json.loads(start.args)
 mode = args["mode"]
 if mode == "crash":
-    send(challenge=["tok-crash", "tok-crash.thumb"]); sys.stdin.readline(); sys.exit(3)
+    p.send(sock, p.Challenge("tok-crash", "tok-crash.thumb")); p.receive(sock); sys.exit(3)
 if mode == "garbage":
-    sys.stdout.write("hello\n"); send(line=5); send(line="still talking"); send(exit=2, next=None)
+    p.send(sock, p.Line("still talking")); sock.sendall(b"\0\0\0\5hello"); time.sleep(60)
 if mode == "hang":
-    send(challenge=["tok-hang", "tok-hang.thumb"]); sys.stdin.readline(); time.sleep(60)
+    p.send(sock, p.Challenge("tok-hang", "tok-hang.thumb")); p.receive(sock); time.sleep(60)
 if mode == "refused":
-    send(challenge=["../etc", "x"]); send(line=sys.stdin.readline().strip()); send(exit=1, next=None)
+    p.send(sock, p.Challenge("../etc", "x")); p.receive(sock); time.sleep(60)
 if mode == "lingers":
-    send(exit=0, next="2030-01-01T00:00:00+00:00"); time.sleep(60)
+    p.send(sock, p.Exit(0, "2030-01-01T00:00:00+00:00")); time.sleep(60)
 if mode == "log":
     with open(args["log"], "a") as f: f.write("start\n")
     time.sleep(0.2)
     with open(args["log"], "a") as f: f.write("end\n")
-    send(exit=0, next=None)
+    p.send(sock, p.Exit(0, ""))
 """
 
 
 @pytest.fixture
 async def fake_daemon(tmp_path, monkeypatch):
     from certkeeper import daemon as daemon_module
+    from certkeeper import privsep
 
-    monkeypatch.setattr(daemon_module.Worker, "command", (sys.executable, "-c", FAKE_WORKER))
-    monkeypatch.setattr(daemon_module, "EXIT_GRACE", 0.2)
-    text = f'control_socket = "{tmp_path}/ck.sock"\nstate_dir = "{tmp_path}/state"\n' + """
+    monkeypatch.setattr(privsep.WorkerProcess, "command", (sys.executable, "-c", FAKE_WORKER))
+    monkeypatch.setattr(privsep, "EXIT_GRACE", 0.2)
+    text = f'control_socket = "{tmp_path}/ck.sock"\nstate_dir = "{tmp_path}/state"\n' + f"""
+[http]
+listen = ["127.0.0.1:{free_port()}"]
+tls_listen = []
+
 [[certificate]]
 name = "a.example.com"
 domains = ["a.example.com"]
@@ -247,53 +216,73 @@ cert = "/nonexistent/a.crt"
 chain = "/nonexistent/a.chain"
 fullchain = "/nonexistent/a.fullchain"
 """
+    (tmp_path / "ck.toml").write_text(text)
     d = daemon_module.Daemon(parse(text, tmp_path / "ck.toml"), text)
     d.stopping = asyncio.Event()
-    return d
+    d.loop = asyncio.get_running_loop()
+    d.bind()
+    yield d
+    d.listener.stop()
+    assert d.control is not None
+    d.control.close()
 
 
-async def run_fake(d, mode: str, idle: float | None = None, **args):
-    from certkeeper.daemon import Worker
+async def run_fake(d, mode: str, idle: float | None = None, monkeypatch=None, **args):
+    from certkeeper import privsep
 
     lines: list[str] = []
-    w = Worker(d, "renew", {"mode": mode, **args}, lines.append)
     if idle is not None:
-        w.idle_timeout = idle
+        monkeypatch.setattr(privsep, "idle_timeout", lambda config: idle)
     try:
-        return await w.run(), lines, w
+        return await d.run_worker("renew", {"mode": mode, **args}, lines.append), lines
     finally:
-        assert await asyncio.wait_for(w.proc.wait(), 5) is not None  # never left running
-        assert d.workers == set()
+        assert d.workers == set()  # never left running
+
+
+def served_token(d, token: str) -> int:
+    """What the real listener answers for an HTTP-01 token now."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{d.config.http.listen[0]}/.well-known/acme-challenge/{token}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 async def test_a_crashing_worker_is_an_error_and_its_challenge_is_withdrawn(fake_daemon):
     with pytest.raises(LocalError, match=r"the renew worker ended without a result \(exit status 3\)"):
         await run_fake(fake_daemon, "crash")
-    assert fake_daemon.challenges.get("tok-crash") is None
+    assert await asyncio.to_thread(served_token, fake_daemon, "tok-crash") == 404
 
 
-async def test_a_hanging_worker_is_killed_after_the_idle_timeout(fake_daemon):
+async def test_a_hanging_worker_is_killed_after_the_idle_timeout(fake_daemon, monkeypatch):
     with pytest.raises(LocalError, match="the renew worker sent nothing for 0.5 s; stopped it"):
-        await run_fake(fake_daemon, "hang", idle=0.5)
-    assert fake_daemon.challenges.get("tok-hang") is None
+        await run_fake(fake_daemon, "hang", idle=0.5, monkeypatch=monkeypatch)
+    assert await asyncio.to_thread(served_token, fake_daemon, "tok-hang") == 404
 
 
-async def test_garbage_from_a_worker_is_skipped(fake_daemon):
-    (result, lines, _) = await run_fake(fake_daemon, "garbage")
-    assert result == (2, None) and lines == ["still talking"]
+async def test_garbage_from_a_worker_ends_its_job(fake_daemon):
+    with pytest.raises(LocalError, match="an unknown message type|not JSON"):
+        await run_fake(fake_daemon, "garbage")
 
 
 async def test_a_bad_challenge_is_refused_and_a_lingering_worker_killed(fake_daemon):
     from datetime import UTC, datetime
 
-    (result, lines, _) = await run_fake(fake_daemon, "refused")
-    assert result == (1, None) and lines == ["no"] and len(fake_daemon.challenges) == 0
-    (result, _, w) = await run_fake(fake_daemon, "lingers")
-    assert result == (0, datetime(2030, 1, 1, tzinfo=UTC)) and w.proc.returncode == -signal.SIGKILL
+    with pytest.raises(LocalError, match="not an ACME token"):
+        await run_fake(fake_daemon, "refused")
+    result, _ = await run_fake(fake_daemon, "lingers")
+    assert result == (0, datetime(2030, 1, 1, tzinfo=UTC))
 
 
 async def test_two_renewals_of_one_certificate_never_overlap(fake_daemon, tmp_path):
-    log = tmp_path / "runs.log"
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # the fake worker is the unprivileged user when the suite runs as root
+    log = shared / "runs.log"
     args = {"names": ["a.example.com"], "force": True, "mode": "log", "log": str(log)}
     def quiet(line: str) -> None:
         pass
@@ -308,11 +297,10 @@ async def test_sighup_with_unreadable_mta_sts_state_changes_nothing(fake_daemon,
     d.reload_lock = asyncio.Lock()
     d.config.path.write_text(d.config_text.replace("a.example.com", "b.example.com"))
     corrupt = d.config.state_dir / "mta-sts" / "gone.example.json"
-    corrupt.parent.mkdir(parents=True)
     corrupt.write_text("{not json")
-    running, site = d.config, d.web.handlers.site
+    running = d.config
     await d.reload()
-    assert d.config is running and d.web.handlers.site is site
+    assert d.config is running
     [line] = [r.getMessage() for r in caplog.records if "not reloaded" in r.getMessage()]
     assert line.startswith("configuration not reloaded, keeping the running one: ")
     assert str(corrupt) in line and "\n" not in line
@@ -411,10 +399,21 @@ def daemon(pebble, tmp_path_factory):
 
 def test_obtains_both_certificates_at_start(daemon):
     for name in NAMES:
-        daemon.wait_for_log(f"{name}: serving the new certificate", timeout=60)
+        daemon.wait_for_log(f"{name}: renewed", timeout=60)
         info = certs.parse_cert(daemon.config.certificate(name).cert.read_bytes())
         assert list(info.domains) == [name]
     assert int(daemon.config.pid_file.read_text()) == daemon.proc.popen.pid
+
+
+def test_the_listener_never_holds_the_mail_hosts_certificate(daemon):
+    """Only the [[mta_sts]] hosts' sets are handed to the listener: SNI mail.example.com is refused."""
+    daemon.wait_for_log("mta-sts.example.com: serving the new certificate", timeout=60)
+    daemon.wait_for_log("mail.example.com: renewed", timeout=60)
+    assert "mail.example.com: serving the new certificate" not in daemon.proc.output()
+    raw = socket.create_connection(("127.0.0.1", daemon.https_port), timeout=10)
+    with pytest.raises((ssl.SSLError, ConnectionError)), \
+            daemon.client_context().wrap_socket(raw, server_hostname="mail.example.com"):
+        pass
 
 
 def test_serves_the_policy_over_https_with_pebbles_certificate(daemon):
@@ -450,7 +449,8 @@ def test_http_redirects_configured_hosts_only(daemon):
         location = next((h.split(": ", 1)[1] for h in head if h.lower().startswith("location:")), "")
         return int(head[0].split()[1]), location
 
-    assert get("mail.example.com") == (302, "https://mail.example.com/a?b=c")
+    assert get("mta-sts.example.com") == (302, "https://mta-sts.example.com/a?b=c")
+    assert get("mail.example.com") == (404, "")  # served elsewhere (smtpd, dovecot): no redirect here
     assert get("evil.example.net") == (404, "")
 
 
@@ -488,9 +488,15 @@ def test_renew_through_the_control_socket_while_serving(daemon):
 
 
 def test_metrics_are_served_by_the_daemon(daemon):
-    daemon.wait_for_log("mail.example.com: serving the new certificate", timeout=60)
-    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
+    daemon.wait_for_log("mail.example.com: renewed", timeout=60)
+    deadline = time.monotonic() + 20
+    while True:  # the keeper hands /metrics to the listener after each job
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        if 'certkeeper_certificate_not_after_seconds{name="mail.example.com"}' in text or \
+                time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert 'certkeeper_certificate_not_after_seconds{name="mail.example.com"}' in text
 
 
@@ -525,23 +531,24 @@ def test_sighup_with_a_broken_config_keeps_serving(daemon):
 
 
 def test_sighup_adds_a_certificate_and_serves_it(daemon):
+    new = "mta-sts.new.example.com"  # an MTA-STS host's: the listener serves it
     text = daemon.config_text.replace("[[certificate]]", f"""[[certificate]]
-name = "new.example.com"
-domains = ["new.example.com"]
-key = "{daemon.tmp_path}/ssl/private/new.example.com.key"
-cert = "{daemon.tmp_path}/ssl/new.example.com.crt"
-chain = "{daemon.tmp_path}/ssl/new.example.com.chain.pem"
-fullchain = "{daemon.tmp_path}/ssl/new.example.com.fullchain.pem"
+name = "{new}"
+domains = ["{new}"]
+key = "{daemon.tmp_path}/ssl/private/{new}.key"
+cert = "{daemon.tmp_path}/ssl/{new}.crt"
+chain = "{daemon.tmp_path}/ssl/{new}.chain.pem"
+fullchain = "{daemon.tmp_path}/ssl/{new}.fullchain.pem"
 
 [[certificate]]""", 1)
     daemon.config_path.write_text(text)
     try:
         os.kill(daemon.proc.popen.pid, signal.SIGHUP)
-        daemon.wait_for_log("new.example.com: serving the new certificate", timeout=60)
+        daemon.wait_for_log(f"{new}: serving the new certificate", timeout=60)
         raw = socket.create_connection(("127.0.0.1", daemon.https_port), timeout=10)
-        with daemon.client_context().wrap_socket(raw, server_hostname="new.example.com") as tls:
+        with daemon.client_context().wrap_socket(raw, server_hostname=new) as tls:
             served = certs.parse_der(tls.getpeercert(binary_form=True))
-        assert list(served.domains) == ["new.example.com"]
+        assert list(served.domains) == [new]
     finally:
         daemon.config_path.write_text(daemon.config_text)
 

@@ -6,6 +6,7 @@ imaplib, ssl), not only through certkeeper's probes.
 
 from __future__ import annotations
 
+import dataclasses
 import imaplib
 import json
 import os
@@ -28,6 +29,7 @@ from certkeeper.core.config import HOOK_DEFAULT_COMMANDS, CertificateConfig, Con
 from certkeeper.core.config import load as config_load
 from certkeeper.core.state import load_cert_state
 from certkeeper.keeper.hooks import KINDS, hook_for, one_line, run_command
+from certkeeper.keeper.service import LocalKeeper
 from certkeeper.keeper.store import CertificateSet, CertificateStore
 from certkeeper.network import reload, verification
 from certkeeper.network.verification import Observation, format_serial
@@ -199,7 +201,8 @@ def test_stale_service_is_rolled_back_and_reported_with_the_serial_it_served(tmp
     config, store, cert, old, new = _unit_setup(
         tmp_path, {"dovecot": HookConfig("dovecot", ("true",), (url,), 10, 2.0)}, ("dovecot",))
     fake, clock = FakeServices(store, cert, {url: old}), FakeClock()
-    result = reload.reload_and_verify(config, store, [cert], lambda line: None, prober=fake.probe,
+    keeper = LocalKeeper(config, store=store)
+    result = reload.reload_and_verify(config, keeper, [cert], lambda line: None, prober=fake.probe,
                                       sleep=clock.sleep, clock=lambda: clock.now)
     assert not result.ok and len(result.failures) == 1
     assert result.rolled_back == (NAME,) and result.by_certificate == {NAME: result.failures}
@@ -218,7 +221,8 @@ def test_a_service_down_before_the_run_is_reported_not_rolled_back(tmp_path):
     config, store, cert, old, new = _unit_setup(
         tmp_path, {"smtpd": HookConfig("smtpd", ("false",), (url,), 10, 1.0)}, ("smtpd",))
     fake, clock = FakeServices(store, cert, {}), FakeClock()
-    result = reload.reload_and_verify(config, store, [cert], lambda line: None, prober=fake.probe,
+    keeper = LocalKeeper(config, store=store)
+    result = reload.reload_and_verify(config, keeper, [cert], lambda line: None, prober=fake.probe,
                                       sleep=clock.sleep, clock=lambda: clock.now)
     assert not result.ok
     assert "was already down before the reload" in result.failures[0] and "nothing rolled back" in result.failures[0]
@@ -230,7 +234,8 @@ def test_a_hook_without_endpoints_is_judged_by_its_exit_status(tmp_path):
     config, store, cert, old, new = _unit_setup(
         tmp_path, {"rspamd": HookConfig("rspamd", ("true",)), "other": HookConfig("other", ("false",))},
         ("rspamd", "other"))
-    result = reload.reload_and_verify(config, store, [cert], lambda line: None, prober=FakeServices(store, cert).probe)
+    keeper = LocalKeeper(config, store=store)
+    result = reload.reload_and_verify(config, keeper, [cert], lambda line: None, prober=FakeServices(store, cert).probe)
     assert [line.split(":")[0] for line in result.failures] == ["other"]
     assert "reload failed (false: exit 1)" in result.failures[0]
     assert certs.parse_cert(store.read(cert).cert).fingerprint == old.fingerprint  # type: ignore[union-attr]
@@ -240,7 +245,7 @@ def test_a_first_certificate_has_nothing_to_roll_back_to(tmp_path):
     config, store, cert, old, new = _unit_setup(tmp_path, {"other": HookConfig("other", ("false",))}, ("other",))
     for prev in tmp_path.glob("*.prev"):
         prev.unlink()  # as after the very first issuance
-    result = reload.reload_and_verify(config, store, [cert], lambda line: None)
+    result = reload.reload_and_verify(config, LocalKeeper(config, store=store), [cert], lambda line: None)
     assert result.failures == ["other: reload failed (false: exit 1)",
                                f"cannot roll back: {NAME}: no previous certificate set to restore"]
     assert certs.parse_cert(store.read(cert).cert).fingerprint == new.fingerprint  # type: ignore[union-attr]
@@ -253,7 +258,8 @@ def test_failures_are_told_per_certificate_even_when_one_name_contains_another(t
                               tmp_path / "ch2", tmp_path / "f2", hooks=("good",))
     store.install(short, make_set(("example.test",)))
     store.install(short, make_set(("example.test",)))
-    result = reload.reload_and_verify(config, store, [mail, short], lambda line: None)
+    config = dataclasses.replace(config, certificates=(*config.certificates, short))
+    result = reload.reload_and_verify(config, LocalKeeper(config, store=store), [mail, short], lambda line: None)
     assert len(result.failures) == 1 and "mail.example.test" in result.failures[0]
     assert result.by_certificate == {"mail.example.test": result.failures}  # not example.test: its hook worked
     assert result.rolled_back == ("mail.example.test",)
@@ -261,7 +267,8 @@ def test_failures_are_told_per_certificate_even_when_one_name_contains_another(t
 
 def test_nothing_to_do_without_hooks(tmp_path):
     config, store, cert, old, new = _unit_setup(tmp_path, {}, ())
-    assert reload.reload_and_verify(config, store, [cert], lambda line: None) == reload.ReloadResult(ok=True)
+    keeper = LocalKeeper(config, store=store)
+    assert reload.reload_and_verify(config, keeper, [cert], lambda line: None) == reload.ReloadResult(ok=True)
 
 
 # ---------------------------------------------------------------------------
@@ -345,7 +352,7 @@ def test_renewal_makes_smtpd_and_dovecot_serve_the_new_certificate(running, tmp_
     ms, store, cert, old, new = running
     config = _config(ms, tmp_path, (cert,))
     lines: list[str] = []
-    result = reload.reload_and_verify(config, store, [cert], lines.append)
+    result = reload.reload_and_verify(config, LocalKeeper(config, store=store), [cert], lines.append)
     assert result == reload.ReloadResult(ok=True)
     assert served_serials(ms) == dict.fromkeys(("smtp+starttls", "smtps", "imap+starttls", "imaps"), serial_of(new))
     assert (ms.run_count("smtpd restart"), ms.run_count("dovecot reload")) == (1, 1)
@@ -360,7 +367,7 @@ def test_a_hook_that_exits_non_zero_rolls_back_and_the_old_certificate_is_served
     marker = tmp_path / "fail-once"
     marker.touch()
     config = _config(ms, tmp_path, (cert,), smtpd=ms.smtpd_restart(fail_once=marker))
-    result = reload.reload_and_verify(config, store, [cert], lambda line: None)
+    result = reload.reload_and_verify(config, LocalKeeper(config, store=store), [cert], lambda line: None)
     assert not result.ok and len(result.failures) == 1
     line = result.failures[0]
     assert line.startswith("smtpd: reload failed (") and "exit 1: simulated hook failure" in line
@@ -374,7 +381,7 @@ def test_smtpd_refusing_the_new_key_rolls_back_and_serves_the_old_certificate(ru
     ms, store, cert, old, new = running
     cert.key.chmod(0o644)  # smtpd: "insecure permissions: must be at most rwxr-----"
     config = _config(ms, tmp_path, (cert,))
-    result = reload.reload_and_verify(config, store, [cert], lambda line: None)
+    result = reload.reload_and_verify(config, LocalKeeper(config, store=store), [cert], lambda line: None)
     assert not result.ok and len(result.failures) == 1
     line = result.failures[0]
     assert line.startswith("smtpd: reload failed") and "smtpd(failed)" in line
@@ -387,7 +394,7 @@ def test_smtpd_refusing_the_new_key_rolls_back_and_serves_the_old_certificate(ru
 def test_a_service_that_keeps_the_old_certificate_is_caught_and_rolled_back(running, tmp_path):
     ms, store, cert, old, new = running
     config = _config(ms, tmp_path, (cert,), dovecot=("true",), verify_timeout=1.0)  # a reload that does nothing
-    result = reload.reload_and_verify(config, store, [cert], lambda line: None)
+    result = reload.reload_and_verify(config, LocalKeeper(config, store=store), [cert], lambda line: None)
     assert not result.ok and len(result.failures) == 1
     line = result.failures[0]
     old_hex = format_serial(serial_of(old))
@@ -401,7 +408,7 @@ def test_a_service_down_before_the_run_is_reported_not_blamed(running, tmp_path)
     ms, store, cert, old, new = running
     ms.stop_dovecot()
     config = _config(ms, tmp_path, (cert,))
-    result = reload.reload_and_verify(config, store, [cert], lambda line: None)
+    result = reload.reload_and_verify(config, LocalKeeper(config, store=store), [cert], lambda line: None)
     assert not result.ok and len(result.failures) == 1
     assert result.failures[0].startswith("dovecot: was already down before the reload (")
     assert "connection refused" in result.failures[0] and "nothing rolled back" in result.failures[0]
@@ -421,7 +428,7 @@ def test_two_certificates_sharing_hooks_reload_each_service_once(mail_services_f
     for cert in configs:
         store.install(cert, new[cert.name])
     config = _config(ms, tmp_path, configs)
-    result = reload.reload_and_verify(config, store, list(configs), lambda line: None)
+    result = reload.reload_and_verify(config, LocalKeeper(config, store=store), list(configs), lambda line: None)
     assert result.ok, result.failures
     assert (ms.run_count("smtpd restart"), ms.run_count("dovecot reload")) == (1, 1)
     for name in names:  # each name's own certificate, chosen by SNI

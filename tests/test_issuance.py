@@ -148,12 +148,12 @@ def test_existing_acme_client_rsa_account_key_is_reused(pebble: Pebble, tmp_path
     conf = write_config(pebble, tmp_path, names=["mail.example.com"])
     assert certkeeper(conf, "renew").returncode == 0
     assert account.read_bytes() == pem  # used as is, never rewritten
-    cache = json.loads((tmp_path / "state" / "account.json").read_text())
+    cache = json.loads((tmp_path / "state" / "acme" / "account.json").read_text())
     url = cache[pebble.directory]["url"]
     # Without the cached URL the same key finds the same account (RFC 8555 7.3.1).
-    (tmp_path / "state" / "account.json").unlink()
+    (tmp_path / "state" / "acme" / "account.json").unlink()
     assert certkeeper(conf, "renew", "--force").returncode == 0
-    assert json.loads((tmp_path / "state" / "account.json").read_text())[pebble.directory]["url"] == url
+    assert json.loads((tmp_path / "state" / "acme" / "account.json").read_text())[pebble.directory]["url"] == url
 
 
 def test_rsa_key_type_and_several_names(pebble: Pebble, tmp_path: Path) -> None:
@@ -222,13 +222,13 @@ def test_account_the_server_forgot_is_registered_again(tmp_path: Path) -> None:
     with start_pebble(tmp_path / "first", acme_port=acme_port) as first:
         conf = write_config(first, tmp_path, names=["mail.example.com"])
         assert certkeeper(conf, "renew").returncode == 0
-        old_url = json.loads((tmp_path / "state" / "account.json").read_text())[first.directory]["url"]
+        old_url = json.loads((tmp_path / "state" / "acme" / "account.json").read_text())[first.directory]["url"]
     with start_pebble(tmp_path / "second", acme_port=acme_port, http01_port=first.http01_port) as second:
         conf = write_config(second, tmp_path, names=["mail.example.com"])
         result = certkeeper(conf, "renew", "--force")
         assert result.returncode == 0, result.stdout + result.stderr
         assert "does not know the cached account" in result.stderr
-        cache = json.loads((tmp_path / "state" / "account.json").read_text())
+        cache = json.loads((tmp_path / "state" / "acme" / "account.json").read_text())
         assert cache[second.directory]["url"].startswith(second.directory.rsplit("/", 1)[0])
         assert old_url.startswith(first.directory.rsplit("/", 1)[0])
         verify_chain(second, config.load(conf).certificates[0].fullchain.read_bytes(), "mail.example.com")

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from certkeeper import sandbox
-from certkeeper.errors import ConfigError, LocalError
+from certkeeper.core.errors import ConfigError, LocalError
 
 TEST_USER = "certkeeper-sbx-test"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import socket
 import ssl
 import threading
@@ -16,7 +17,7 @@ import pytest
 
 from certkeeper.commands import verify as verify_command
 from certkeeper.core import certs
-from certkeeper.core.config import Config, HookConfig, parse
+from certkeeper.core.config import Config, parse
 from certkeeper.core.errors import ConfigError
 from certkeeper.keeper.store import CertificateSet, CertificateStore
 from certkeeper.network import verification
@@ -255,11 +256,27 @@ def verified(mail_services, tmp_path):
     first = make_set((NAME,))
     store.install(cert, first)
     mail_services.start()
-    config = Config(path=tmp_path / "certkeeper.toml", state_dir=tmp_path / "state", certificates=(cert,), hooks={
-        "smtpd": HookConfig("smtpd", mail_services.smtpd_restart(), mail_services.smtpd_urls),
-        "dovecot": HookConfig("dovecot", mail_services.dovecot_reload(), mail_services.dovecot_urls),
-    })
-    return mail_services, config, store, cert, first
+    # A file, as an operator has: `certkeeper verify` hands its text to the unprivileged worker.
+    text = f"""state_dir = "{tmp_path}/state"
+[[certificate]]
+name = "{cert.name}"
+domains = {json.dumps(list(cert.domains))}
+key_type = "{cert.key_type}"
+key = "{cert.key}"
+cert = "{cert.cert}"
+chain = "{cert.chain}"
+fullchain = "{cert.fullchain}"
+hooks = ["smtpd", "dovecot"]
+[hooks.smtpd]
+command = {json.dumps(list(mail_services.smtpd_restart()))}
+verify = {json.dumps(list(mail_services.smtpd_urls))}
+[hooks.dovecot]
+command = {json.dumps(list(mail_services.dovecot_reload()))}
+verify = {json.dumps(list(mail_services.dovecot_urls))}
+"""
+    (tmp_path / "certkeeper.toml").write_text(text)
+    config = parse(text, tmp_path / "certkeeper.toml")
+    return mail_services, config, store, config.certificate(cert.name), first
 
 
 def test_probes_see_what_smtpd_and_dovecot_serve(verified):
@@ -297,7 +314,7 @@ def test_command_verify_rejects_an_unknown_name(tmp_path):
 
 
 def test_command_verify_suggests_endpoints_for_hooks_without_any(tmp_path):
-    config = parse(f"""
+    text = f"""
 state_dir = "{tmp_path}/state"
 [[certificate]]
 name = "mail.example.com"
@@ -312,7 +329,9 @@ key = "{tmp_path}/k2"
 cert = "{tmp_path}/c2"
 chain = "{tmp_path}/ch2"
 fullchain = "{tmp_path}/f2"
-""", "t.toml")
+"""
+    (tmp_path / "t.toml").write_text(text)
+    config = parse(text, tmp_path / "t.toml")
     out = io.StringIO()
     assert verify_command.main(config, argparse.Namespace(names=[]), out) == 0  # nothing to check is no failure
     mail, bare = out.getvalue().splitlines()

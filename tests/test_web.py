@@ -113,8 +113,8 @@ async def test_challenge_only_for_get(http_client):
 
 
 @pytest.mark.parametrize("host, path, location", [
-    ("mail.example.com", "/", "https://mail.example.com/"),
-    ("MAIL.example.com:8080", "/a/b?c=d&e=%20f", "https://mail.example.com/a/b?c=d&e=%20f"),
+    ("mta-sts.example.com", "/", "https://mta-sts.example.com/"),
+    ("MTA-STS.example.com:8080", "/a/b?c=d&e=%20f", "https://mta-sts.example.com/a/b?c=d&e=%20f"),
     ("mta-sts.example.com.", "/.well-known/mta-sts.txt", "https://mta-sts.example.com/.well-known/mta-sts.txt"),
 ])
 async def test_configured_host_is_redirected_to_https(http_client, host, path, location):
@@ -124,6 +124,7 @@ async def test_configured_host_is_redirected_to_https(http_client, host, path, l
 
 
 @pytest.mark.parametrize("host", [
+    "mail.example.com",  # a certificate of the mail server: the listener does not serve it, so no redirect
     "evil.example.net", "example.com", "127.0.0.1", "[::1]:80", "mail.example.com/evil", "a b",
     "user@mail.example.com", "mail..example.com", "mail.example.com:", "",
 ])
@@ -317,16 +318,16 @@ async def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
 
 
 async def get_redirect(port: int) -> bytes:
-    return await raw_request(port, b"GET /ok HTTP/1.1\r\nHost: mail.example.com\r\nConnection: close\r\n\r\n")
+    return await raw_request(port, b"GET /ok HTTP/1.1\r\nHost: mta-sts.example.com\r\nConnection: close\r\n\r\n")
 
 
 @pytest.mark.parametrize("request_bytes, status", [
-    (b"GET / HTTP/1.1\r\nHost: mail.example.com\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n", b"400"),
-    (b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\nHost: mail.example.com\r\n\r\n", b"400"),
-    (b"GET / HTTP/1.1\r\nHost: mail.example.com\r\n" + b"X-A: b\r\n" * 100 + b"\r\n", b"400"),
-    (b"GET /../../etc/passwd HTTP/1.1\r\nHost: mail.example.com\r\nConnection: close\r\n\r\n", b"302"),
+    (b"GET / HTTP/1.1\r\nHost: mta-sts.example.com\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n", b"400"),
+    (b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\nHost: mta-sts.example.com\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nHost: mta-sts.example.com\r\n" + b"X-A: b\r\n" * 100 + b"\r\n", b"400"),
+    (b"GET /../../etc/passwd HTTP/1.1\r\nHost: mta-sts.example.com\r\nConnection: close\r\n\r\n", b"302"),
     (b"GET /x HTTP/1.0\r\n\r\n", b"404"),  # no Host at all
-    (b"GET /x HTTP/1.1\r\nHost: mail.example.com\r\nHost: evil.example.net\r\n\r\n", b"400"),
+    (b"GET /x HTTP/1.1\r\nHost: mta-sts.example.com\r\nHost: evil.example.net\r\n\r\n", b"400"),
     (b"\x16\x03\x01\x02\x00garbage\r\n\r\n", b"400"),
 ])
 async def test_malformed_requests_are_refused_and_others_still_served(server, request_bytes, status):
@@ -335,7 +336,7 @@ async def test_malformed_requests_are_refused_and_others_still_served(server, re
     assert answer.split(b" ", 2)[1] == status, answer[:200]
     assert b"root:" not in answer
     if status == b"302":
-        assert b"\r\nLocation: https://mail.example.com/" in answer
+        assert b"\r\nLocation: https://mta-sts.example.com/" in answer
     assert b"302 Found" in await get_redirect(port)
 
 

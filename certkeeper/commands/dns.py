@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TextIO
 
+from certkeeper import privsep
 from certkeeper.core.config import Config
 from certkeeper.core.errors import ConfigError
 
@@ -24,10 +25,5 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     if not getattr(args, "check", False):
         out.write(records.render(config, domains))
         return 0
-    lookup = records.resolver_lookup(config)
-    rows = [row for d in domains for row in records.check(config, d, lookup)]
-    print(records.render_table(rows), file=out)
-    bad = [r for r in rows if r.status != "ok"]
-    print(f"{len(rows) - len(bad)} ok, {sum(r.status == 'missing' for r in bad)} missing, "
-          f"{sum(r.status == 'wrong' for r in bad)} wrong", file=out)
-    return 0 if not bad else 1
+    return privsep.run_cli_job(config, "dns-check", {"domains": domains},  # lookups: unprivileged
+                               privsep.printer(out), int(getattr(args, "verbose", 0) or 0))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import TextIO
 
+from certkeeper import privsep
 from certkeeper.core.config import Config
 from certkeeper.core.errors import ConfigError
 
 
 def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     from certkeeper.core.mtasts_state import known_domains
-    from certkeeper.network.mtasts_publish import publish_all, tlsrpt_domains
+    from certkeeper.network.mtasts_publish import tlsrpt_domains
 
     if getattr(args, "action", "publish") != "publish":
         raise ConfigError([f"mta-sts: unknown action {args.action!r}"])
@@ -24,15 +25,5 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
             raise ConfigError([f"{config.path}: {domain!r} has no [[mta_sts]] table and was never published"])
         domains = (domain,)
 
-    def progress(line: str) -> None:
-        print(line, file=out, flush=True)
-
-    outcomes = publish_all(config, progress, domains=domains)
-    for o in outcomes:
-        sep = ": " if o.status == "failed" else " "
-        print(f"{o.record}: {o.status}{sep + o.detail if o.detail else ''}", file=out)
-    if not outcomes:
-        print("nothing to publish: no [[mta_sts]] table and no [tlsrpt] rua", file=out)
-    if any(o.status == "failed" for o in outcomes):
-        return 1
-    return 0 if any(o.changed for o in outcomes) else 2
+    return privsep.run_cli_job(config, "publish", {"cli": True, "domains": list(domains or ())},
+                               privsep.printer(out), int(getattr(args, "verbose", 0) or 0))

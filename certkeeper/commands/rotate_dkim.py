@@ -1,35 +1,22 @@
-"""``certkeeper rotate-dkim [DOMAIN] [--now]``: start a rotation and run it as far as it is due."""
+"""``certkeeper rotate-dkim [DOMAIN] [--now]``: start a rotation and run it as far as it is due.
+
+DNS work runs in an unprivileged network worker; this process (the keeper) makes the keys and
+switches the signer (``privsep.run_cli_job``)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-from datetime import UTC, datetime
 from typing import TextIO
 
+from certkeeper import privsep
 from certkeeper.core.config import Config
-from certkeeper.core.errors import CertkeeperError
-
-log = logging.getLogger(__name__)
 
 
 def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
-    from certkeeper.network import rotation
+    from certkeeper.network.rotation import selected_items
 
-    items = rotation.selected_items(config, getattr(args, "domain", None))
-    emergency = bool(getattr(args, "now", False))
-    now = datetime.now(UTC)
+    selected_items(config, getattr(args, "domain", None))  # an unknown domain is a one-line error here
 
-    def progress(line: str) -> None:
-        print(line, file=out, flush=True)
-
-    failed = False
-    for item in items:
-        try:
-            rotation.rotate_now(config, item, now, emergency, progress)
-        except CertkeeperError as exc:
-            log.debug("dkim %s: %s", item.domain, exc)  # the CLI's stderr shows it once, below
-            print(f"certkeeper: {item.domain}: {exc}", file=sys.stderr, flush=True)
-            failed = True
-    return 1 if failed else 0
+    return privsep.run_cli_job(config, "rotate", {"domain": getattr(args, "domain", None),
+                                                  "now": bool(getattr(args, "now", False))},
+                               privsep.printer(out), int(getattr(args, "verbose", 0) or 0))

@@ -6,6 +6,7 @@ import argparse
 from typing import TextIO
 
 from certkeeper.core.config import Config
+from certkeeper.core.errors import CertkeeperError
 
 
 def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
@@ -16,9 +17,16 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     verbosity = max(int(getattr(args, "verbose", 0) or 0), 1)
     text, config = daemon.read_config(config.path)  # the exact text, handed to every worker
     service = daemon.Daemon(config, text, foreground, verbosity)
-    service.bind()
-    if not foreground:
-        daemon.detach()
+    if foreground:
+        service.bind()
+    else:
+        ready = daemon.detach()  # the terminal waits for ready(): a bind error still reaches it
+        try:
+            service.bind()
+        except CertkeeperError as exc:
+            ready(f"certkeeper: {exc}")
+            return 1
+        ready("")
     logs.setup_daemon(foreground, verbosity)
     daemon.write_pid_file(config.pid_file)
     try:

@@ -33,6 +33,10 @@ class ChallengeTable:
         with self._lock:
             return self._answers.get(token)
 
+    def tokens(self) -> list[str]:
+        with self._lock:
+            return list(self._answers)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._answers)

@@ -201,6 +201,9 @@ class Config:
     state_dir: Path = Path("/var/db/certkeeper")
     control_socket: Path = Path("/var/run/certkeeper.sock")
     pid_file: Path = Path("/var/run/certkeeper.pid")
+    # The unprivileged user (and group; "" = the user's own) of the network worker and the listener.
+    user: str = "_certkeeper"
+    group: str = ""
     acme: AcmeConfig = field(default_factory=AcmeConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     certificates: tuple[CertificateConfig, ...] = ()
@@ -224,8 +227,19 @@ class Config:
         return tuple(c.name for c in self.certificates)
 
     def host_names(self) -> frozenset[str]:
-        """Every DNS name certkeeper answers HTTP(S) for: all certificate domains."""
+        """Every DNS name of every certificate (HTTP-01 can be asked for any of them)."""
         return frozenset(d for c in self.certificates for d in c.domains)
+
+    def listener_certificates(self) -> tuple[CertificateConfig, ...]:
+        """The certificates the listener serves over HTTPS and holds the keys of: the [[mta_sts]] hosts'
+        (and any other for an ``mta-sts.`` name, which a domain being withdrawn still needs)."""
+        wanted = {m.certificate for m in self.mta_sts}
+        return tuple(c for c in self.certificates
+                     if c.name in wanted or any(d.startswith("mta-sts.") for d in c.domains))
+
+    def redirect_names(self) -> frozenset[str]:
+        """The names whose plain HTTP requests are redirected to HTTPS: those the listener serves."""
+        return frozenset(d for c in self.listener_certificates() for d in c.domains)
 
 
 # ---------------------------------------------------------------------------
@@ -376,13 +390,15 @@ class _Reader:
 
     def config(self, data: dict[str, Any]) -> Config | None:
         top = {
-            "state_dir", "control_socket", "pid_file", "acme", "http", "certificate", "hooks", "mta_sts",
-            "dns", "tlsrpt", "dmarc", "records", "dkim", "alerts", "metrics",
+            "state_dir", "control_socket", "pid_file", "user", "group", "acme", "http", "certificate", "hooks",
+            "mta_sts", "dns", "tlsrpt", "dmarc", "records", "dkim", "alerts", "metrics",
         }
         self.table(data, "", top)
         state_dir = self.required_path(data, "", "state_dir", Config.state_dir)
         control_socket = self.required_path(data, "", "control_socket", Config.control_socket)
         pid_file = self.required_path(data, "", "pid_file", Config.pid_file)
+        user = self.account_name(data, "user", Config.user)
+        group = self.account_name(data, "group", Config.group)
         acme = self.acme(self.section(data, "acme"))
         http = self.http(self.section(data, "http"))
         certificates = tuple(self.certificates(data))
@@ -398,9 +414,20 @@ class _Reader:
         self.cross_check(certificates, hooks, dkim)
         return Config(
             path=Path(self.filename), state_dir=state_dir, control_socket=control_socket, pid_file=pid_file,
-            acme=acme, http=http, certificates=certificates, hooks=hooks, mta_sts=mta_sts, dns=dns,
-            tlsrpt=tlsrpt, dmarc=dmarc, records=records, dkim=dkim, alerts=alerts, metrics=metrics,
+            user=user, group=group, acme=acme, http=http, certificates=certificates, hooks=hooks, mta_sts=mta_sts,
+            dns=dns, tlsrpt=tlsrpt, dmarc=dmarc, records=records, dkim=dkim, alerts=alerts, metrics=metrics,
         )
+
+    def account_name(self, data: dict[str, Any], key: str, default: str) -> str:
+        """A user or group name (POSIX portable: letters, digits, '_', '-', '.'; not starting with '-')."""
+        value = self.string(data, "", key, default)
+        if value != default and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31}", value):
+            self.error(key, f"{value!r} is not a user or group name")
+            return default
+        if key == "user" and value in ("root", "0"):
+            self.error(key, "must not be root: the network worker and the listener run as this user")
+            return default
+        return value
 
     def section(self, data: dict[str, Any], key: str) -> dict[str, Any]:
         value = data.get(key, {})

@@ -7,8 +7,10 @@ path; answers come from the ``ChallengeTable`` and the policies in memory.
 HTTP (``[http] listen``):
 - ``GET /.well-known/acme-challenge/TOKEN`` answers a pending token (RFC 8555
   8.3), whatever the Host (tokens are unguessable); 404 for any other token.
-- any other request whose Host is a configured name (``config.host_names()``)
-  gets ``302 https://HOST/PATH?QUERY`` (the guide's httpd.conf ``block return
+- any other request whose Host is a name the listener serves over HTTPS
+  (``config.redirect_names()``: the [[mta_sts]] hosts' certificates; the mail
+  host's certificate and key never reach the listener) gets
+  ``302 https://HOST/PATH?QUERY`` (the guide's httpd.conf ``block return
   302``); the port is dropped, HTTPS is on 443.
 - a Host that is missing, malformed or not configured gets 404, never a
   redirect (no open redirect).
@@ -41,14 +43,18 @@ holds up another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import os
 import re
 import socket
 import ssl
+import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -101,7 +107,7 @@ class Site:
         """Raises ``LocalError`` when an MTA-STS state file is unreadable (nothing is changed then)."""
         # RFC 8461 8.3: a domain being withdrawn keeps serving its "mode: none" policy until
         # its _mta-sts record is gone (the history says which); it needs its certificate until then.
-        hosts = config.host_names()
+        hosts = config.redirect_names()
         serve = mtasts_state.domains_to_serve(config)
         policies = {f"mta-sts.{d}": p.render().encode("ascii") for d, p in serve.items() if f"mta-sts.{d}" in hosts}
         return cls(hosts=hosts, policies=policies)
@@ -187,7 +193,7 @@ class TlsContexts:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_cert: dict[str, ssl.SSLContext] = {}
-        self._certificates: tuple[CertificateConfig, ...] = ()
+        self._certificates: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, domains), first = default
         self._snapshot = _Contexts(by_host={}, default=None)
         self.front = _new_context()
         self.front.sni_callback = self._choose
@@ -210,7 +216,29 @@ class TlsContexts:
                     loaded[cert.name] = previous
                 problems.append(f"{exc}{'; still serving the certificate loaded before' if previous else ''}")
         with self._lock:
-            self._certificates = certificates
+            self._certificates = tuple((c.name, c.domains) for c in certificates)
+            self._by_cert = loaded
+            self._publish()
+        return problems
+
+    def load_pem(self, sets: Iterable[tuple[str, tuple[str, ...], bytes, bytes]], scratch: Path) -> list[str]:
+        """Serve exactly these (name, domains, full chain, key) sets, handed over by the keeper.
+
+        The listener cannot read the key files; ``ssl`` loads keys only from a file, so each
+        one passes through a private 0600 file in ``scratch`` that is removed at once."""
+        sets = tuple(sets)
+        problems: list[str] = []
+        loaded: dict[str, ssl.SSLContext] = {}
+        for name, _, fullchain, key in sets:
+            try:
+                loaded[name] = pem_context(name, fullchain, key, scratch)
+            except LocalError as exc:
+                previous = self._by_cert.get(name)
+                if previous is not None:
+                    loaded[name] = previous
+                problems.append(f"{exc}{'; still serving the certificate loaded before' if previous else ''}")
+        with self._lock:
+            self._certificates = tuple((name, domains) for name, domains, _, _ in sets)
             self._by_cert = loaded
             self._publish()
         return problems
@@ -229,12 +257,12 @@ class TlsContexts:
     def _publish(self) -> None:
         by_host: dict[str, ssl.SSLContext] = {}
         default = None
-        for cert in self._certificates:
-            context = self._by_cert.get(cert.name)
+        for name, domains in self._certificates:
+            context = self._by_cert.get(name)
             if context is None:
                 continue
             default = default or context
-            for domain in cert.domains:
+            for domain in domains:
                 by_host.setdefault(domain, context)
         self._snapshot = _Contexts(by_host=by_host, default=default)
 
@@ -279,6 +307,23 @@ def certificate_context(cert: CertificateConfig) -> ssl.SSLContext:
     return context
 
 
+def pem_context(name: str, fullchain: bytes, key: bytes, scratch: Path) -> ssl.SSLContext:
+    """A server context for PEM bytes (through a private file in ``scratch``, removed at once)."""
+    context = _new_context()
+    scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=scratch, prefix=".tls-")  # 0600, O_EXCL
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(fullchain + b"\n" + key)
+        context.load_cert_chain(certfile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise LocalError(f"{name}: cannot load the certificate and key handed over: {exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return context
+
+
 # ---------------------------------------------------------------------------
 # Listeners.
 
@@ -292,8 +337,12 @@ def split_address(value: str) -> tuple[str, int]:
 class WebServer:
     """The HTTP and HTTPS listeners of one daemon; ``start`` binds, ``stop`` closes."""
 
-    def __init__(self, config: Config, challenges: ChallengeTable, limits: Limits | None = None) -> None:
+    def __init__(self, config: Config, challenges: ChallengeTable, limits: Limits | None = None,
+                 tls_from_files: bool = True) -> None:
+        """``tls_from_files``: load each certificate's files (in one process, tests); the listener
+        process passes False and is handed its certificates by the keeper (``tls.load_pem``)."""
         self.limits = limits or Limits()
+        self.tls_from_files = tls_from_files
         self.handlers = Handlers(Site.from_config(config), challenges)
         self.tls = TlsContexts()
         self.listen = config.http.listen
@@ -319,7 +368,7 @@ class WebServer:
     async def start(self) -> None:
         if not self._sockets:
             self.bind()
-        if self.tls_listen:
+        if self.tls_listen and self.tls_from_files:
             for problem in await asyncio.to_thread(self.tls.load_all, self._certificates):
                 log.info("%s", problem)
         http = web.Server(self.handlers.http, **self.limits.server_kwargs())
@@ -341,8 +390,9 @@ class WebServer:
         Raises ``LocalError`` before changing anything when the new site cannot be built."""
         self.handlers.site = Site.from_config(config)
         self._certificates = config.certificates
-        for problem in self.tls.load_all(config.certificates):
-            log.info("%s", problem)
+        if self.tls_from_files:
+            for problem in self.tls.load_all(config.certificates):
+                log.info("%s", problem)
         if (config.http.listen, config.http.tls_listen) != (self.listen, self.tls_listen):
             log.warning("[http] listen addresses changed; restart certkeeper to listen on the new ones")
 
@@ -360,6 +410,10 @@ class WebServer:
         await asyncio.gather(*(protocol.shutdown(self.limits.shutdown_timeout) for protocol in self._protocols))
         self._servers.clear()
         self._protocols.clear()
+        self._close_sockets()
+
+    def close(self) -> None:
+        """Close sockets bound but never started (a listener that could not finish starting)."""
         self._close_sockets()
 
     def _close_sockets(self) -> None:

@@ -8,7 +8,7 @@ reason, once per certificate serial), and delivery: SMTP to ``[alerts] smtp``
 (the local MTA), or ``[alerts] sendmail`` (e.g. ``sendmail -t``), and the
 ``[alerts] command`` program with the same text on stdin.
 
-Episode state lives in ``STATE/alerts.json`` so that a restart neither
+Episode state lives in ``STATE/alerts/alerts.json`` so that a restart neither
 re-sends an alert nor forgets to send the recovery. An alert that could not
 be delivered (the MTA is down) stays pending and is tried again at the next
 event of its episode and hourly with the expiry check.
@@ -37,12 +37,13 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any
 
-from certkeeper.core import certs, state
+from certkeeper.core import certs, layout, state
 from certkeeper.core.config import AlertsConfig, Config
 from certkeeper.core.errors import CertkeeperError
 from certkeeper.core.files import write_json_atomic
 from certkeeper.keeper.hooks import run_command
 from certkeeper.keeper.store import CertificateStore
+from certkeeper.network.keeper_client import Keeper
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +79,23 @@ def render_mail(alert: Alert, alerts: AlertsConfig, now: datetime) -> EmailMessa
     return msg
 
 
-def deliver(alert: Alert, alerts: AlertsConfig, now: datetime) -> bool:
-    """Send through every configured channel; True when at least one took it."""
+def deliver(alert: Alert, alerts: AlertsConfig, now: datetime, keeper: Keeper | None = None) -> bool:
+    """Send through every configured channel; True when at least one took it.
+
+    Programs (``command``, ``sendmail``) are run by the keeper when there is one (the worker's pipe):
+    the network worker runs under no_new_privs, where a setgid sendmail cannot work."""
     delivered = False
     if alerts.mail_to:
-        delivered |= _mail(alert, alerts, now)
+        delivered |= _mail(alert, alerts, now, keeper)
     if alerts.command:
-        delivered |= _run(alerts.command, alert.text().encode(), "[alerts] command")
+        delivered |= _run(alerts.command, alert.text().encode(), "[alerts] command", keeper)
     return delivered
 
 
-def _mail(alert: Alert, alerts: AlertsConfig, now: datetime) -> bool:
+def _mail(alert: Alert, alerts: AlertsConfig, now: datetime, keeper: Keeper | None) -> bool:
     msg = render_mail(alert, alerts, now)
     if alerts.sendmail:
-        return _run(alerts.sendmail, msg.as_bytes(), "[alerts] sendmail")
+        return _run(alerts.sendmail, msg.as_bytes(), "[alerts] sendmail", keeper)
     host, _, port = alerts.smtp.rpartition(":")
     try:
         with smtplib.SMTP(host.strip("[]"), int(port), timeout=SEND_TIMEOUT) as smtp:
@@ -103,8 +107,14 @@ def _mail(alert: Alert, alerts: AlertsConfig, now: datetime) -> bool:
     return True
 
 
-def _run(argv: tuple[str, ...], data: bytes, what: str) -> bool:
+def _run(argv: tuple[str, ...], data: bytes, what: str, keeper: Keeper | None = None) -> bool:
     """Run the program with ``data`` on stdin (certkeeper.keeper.hooks.run_command: no shell, no pipes, a timeout)."""
+    if keeper is not None:
+        try:
+            return keeper.run_alert("sendmail" if "sendmail" in what else "command", data)
+        except CertkeeperError as exc:
+            log.warning("%s failed: %s", what, exc)
+            return False
     result = run_command(argv, SEND_TIMEOUT, stdin=data, what=what)
     if not result.ok:
         log.warning("%s failed: %s", what, result.describe())
@@ -128,16 +138,20 @@ def _show(when: datetime | None, now: datetime) -> str:
 
 
 class Alerter:
-    """Decides when to alert and remembers it in ``STATE/alerts.json``. Thread-safe.
+    """Decides when to alert and remembers it in ``STATE/alerts/alerts.json``. Thread-safe.
 
     ``send`` defaults to :func:`deliver`; it returns True once an alert is handed over.
     An alert whose delivery failed is tried again at the next event of its episode.
     """
 
-    def __init__(self, config: Config, send: Callable[[Alert], bool] | None = None) -> None:
+    def __init__(self, config: Config, send: Callable[[Alert], bool] | None = None,
+                 keeper: Keeper | None = None) -> None:
+        """``keeper``: the worker's pipe (it runs the programs and reads the certificates on disk);
+        by default everything is done in this process."""
         self.config = config
-        self.path = config.state_dir / STATE_FILE
-        self._send = send or (lambda alert: deliver(alert, config.alerts, datetime.now(UTC)))
+        self.path = state_path(config.state_dir)
+        self.keeper = keeper
+        self._send = send or (lambda alert: deliver(alert, config.alerts, datetime.now(UTC), keeper))
         self._lock = threading.Lock()
 
     @property
@@ -299,12 +313,11 @@ class Alerter:
         logged; it never changes the run's result."""
         if not self.enabled:
             return
-        store = CertificateStore(self.config.state_dir)
         for outcome in outcomes:
             try:
                 if outcome.status == "failed":
-                    self.renewal_failed(outcome.name, outcome.detail, _not_after_on_disk(store, self.config,
-                                                                                            outcome.name))
+                    info = _parse(self._on_disk(outcome.name))
+                    self.renewal_failed(outcome.name, outcome.detail, info.not_after if info else None)
                 else:
                     self.renewal_succeeded(outcome.name, outcome.not_after)
             except (CertkeeperError, OSError) as exc:
@@ -318,13 +331,11 @@ class Alerter:
         now = now or datetime.now(UTC)
         self.resend_undelivered(now)
         window = timedelta(days=self.config.alerts.expiry_warning_days)
-        store = CertificateStore(self.config.state_dir)
         warned: list[str] = []
         with self._lock:
             data = self._load()
             for cert in self.config.certificates:
-                found = store.read(cert)
-                info = _parse(found.cert) if found else None
+                info = _parse(self._on_disk(cert.name))
                 if info is None or info.not_after - now > window:
                     data["expiry"].pop(cert.name, None)
                     continue
@@ -353,6 +364,15 @@ class Alerter:
         ]
         return Alert(f"certkeeper: certificate {name} {state} on {host}", "\n".join(body) + "\n")
 
+    def _on_disk(self, name: str) -> bytes:
+        """The leaf on disk (what is still being served), b"" when none."""
+        if name not in self.config.certificate_names():
+            return b""
+        if self.keeper is not None:
+            return self.keeper.inspect(name).cert
+        found = CertificateStore(self.config.state_dir).read(self.config.certificate(name))
+        return found.cert if found else b""
+
     def _domains(self, name: str) -> tuple[str, ...]:
         try:
             return self.config.certificate(name).domains
@@ -362,20 +382,10 @@ class Alerter:
 
 def _parse(pem: bytes) -> certs.CertInfo | None:
     try:
-        return certs.parse_cert(pem)
+        return certs.parse_cert(pem) if pem else None
     except ValueError:
         return None
 
 
 def state_path(state_dir: Path) -> Path:
-    return state_dir / STATE_FILE
-
-
-def _not_after_on_disk(store: CertificateStore, config: Config, name: str) -> datetime | None:
-    """Until when the certificate still on disk is valid (what is still being served)."""
-    try:
-        on_disk = store.read(config.certificate(name))
-    except KeyError:
-        return None
-    info = on_disk.info() if on_disk else None
-    return info.not_after if info else None
+    return layout.path(state_dir, "alerts", STATE_FILE)

@@ -37,7 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from certkeeper import __version__
-from certkeeper.core import certs
+from certkeeper.core import certs, layout, secrets
 from certkeeper.core.challenges import ChallengeTable
 from certkeeper.core.config import AcmeConfig
 from certkeeper.core.errors import AcmeError, LocalError
@@ -142,9 +142,10 @@ class Issuer:
         return client
 
     def _account_key_pem(self) -> bytes:
+        """Handed over by the keeper (``core.secrets``); in one process, read or created here."""
         path = self.config.account_key
         try:
-            return path.read_bytes()
+            return secrets.read(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -169,7 +170,7 @@ class Issuer:
             extra = self.config.ca_bundle.read_bytes()
         except OSError as exc:
             raise LocalError(f"{self.config.ca_bundle}: cannot read ca_bundle: {exc.strerror}") from None
-        bundle = self.state_dir / "ca-bundle.pem"
+        bundle = layout.path(self.state_dir, "acme", "ca-bundle.pem")
         bundle.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not bundle.exists() or bundle.read_bytes() != system + b"\n" + extra:
             write_atomic(bundle, system + b"\n" + extra, 0o644)
@@ -182,7 +183,7 @@ class Issuer:
         if self.config.eab_hmac_key_file is None:
             raise LocalError("acme.eab_hmac_key_file: is required when acme.eab_kid is set")
         try:
-            hmac_key = self.config.eab_hmac_key_file.read_text().strip()
+            hmac_key = secrets.read(self.config.eab_hmac_key_file).decode().strip()
         except OSError as exc:
             raise LocalError(f"{self.config.eab_hmac_key_file}: cannot read: {exc.strerror}") from None
         from certkeeper.core.logs import register_secret
@@ -191,7 +192,7 @@ class Issuer:
         return messages.ExternalAccountBinding.from_data(key.public_key(), self.config.eab_kid, hmac_key, directory)
 
     def _account_cache(self) -> Path:
-        return self.state_dir / "account.json"
+        return layout.path(self.state_dir, "acme", "account.json")
 
     def _cached_account_url(self) -> str:
         try:
@@ -217,22 +218,23 @@ class Issuer:
         meta = self.client().directory.meta
         return dict(getattr(meta, "profiles", None) or {})
 
-    def issue(self, domains: tuple[str, ...], key_pem: bytes, profile: str = "", replaces: str = "",
+    def issue(self, domains: tuple[str, ...], csr_pem: bytes, profile: str = "", replaces: str = "",
               progress: Progress | None = None) -> Issued:
-        """Order, answer HTTP-01, finalise with a CSR for ``key_pem``, download the chain.
+        """Order, answer HTTP-01, finalise with ``csr_pem`` (the keeper made it and keeps the key),
+        download the chain.
 
         RFC 8555 7.3.1: when the server no longer knows the cached account URL
         (``accountDoesNotExist``), the account is looked up or created again with
         the same key and the order retried once.
         """
         try:
-            return self._issue(domains, key_pem, profile, replaces, progress)
+            return self._issue(domains, csr_pem, profile, replaces, progress)
         except AcmeError as exc:
             if exc.code != "accountDoesNotExist":
                 raise
             log.warning("the ACME server does not know the cached account; registering the key again")
             self._forget_account()
-            return self._issue(domains, key_pem, profile, replaces, progress)
+            return self._issue(domains, csr_pem, profile, replaces, progress)
 
     def _forget_account(self) -> None:
         with self._lock:
@@ -244,7 +246,7 @@ class Issuer:
         data.pop(self.config.directory, None)
         write_json_atomic(self._account_cache(), data)
 
-    def _issue(self, domains: tuple[str, ...], key_pem: bytes, profile: str, replaces: str,
+    def _issue(self, domains: tuple[str, ...], csr_pem: bytes, profile: str, replaces: str,
                progress: Progress | None) -> Issued:
         progress = progress or (lambda line: None)
         client = self.client()
@@ -255,7 +257,7 @@ class Issuer:
         if profile and profile not in offered:
             raise AcmeError(f"the ACME server offers no profile {profile!r} (it has {', '.join(offered)})")
         with _acme_errors("ordering a certificate"):
-            orderr = self._new_order(client, certs.make_csr(key_pem, domains), profile, replaces)
+            orderr = self._new_order(client, csr_pem, profile, replaces)
         tokens: list[str] = []
         try:
             with _acme_errors("answering the HTTP-01 challenge"):

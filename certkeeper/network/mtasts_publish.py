@@ -45,6 +45,7 @@ from certkeeper.core.mtasts_state import (
 )
 from certkeeper.network.dns import Backend, Progress, RecordSet, backend_for, split_host_port
 from certkeeper.network.dns.propagation import visible_everywhere, wait_until_absent, wait_until_visible
+from certkeeper.network.keeper_client import Keeper
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +155,14 @@ class _Run:
 
 
 def publish_all(config: Config, progress: Progress, now: datetime | None = None, fetch: Fetch | None = None,
-                domains: tuple[str, ...] | None = None, backend: Backend | None = None) -> list[Outcome]:
+                domains: tuple[str, ...] | None = None, backend: Backend | None = None,
+                keeper: Keeper | None = None) -> list[Outcome]:
     """Bring every ``_mta-sts`` and ``_smtp._tls`` record in line with the configuration.
 
     Never raises for one domain's failure: each record gets an ``Outcome`` (status ``failed`` with a
     one-line detail), so one broken domain does not hold up the others. ``domains`` limits the work.
     """
-    run = _Run(config, backend or backend_for(config, progress), progress, now or datetime.now(UTC),
+    run = _Run(config, backend or backend_for(config, progress, keeper), progress, now or datetime.now(UTC),
                fetch or fetch_policy)
     wanted = {m.domain: m for m in config.mta_sts}
     for domain in sorted(set(wanted) | set(known_domains(config))):

@@ -30,13 +30,12 @@ from certkeeper.core.certs import CertInfo
 from certkeeper.core.config import CertificateConfig, Config
 from certkeeper.core.errors import CertkeeperError
 from certkeeper.keeper.hooks import CommandResult, Hook, hook_for
-from certkeeper.keeper.store import CertificateSet, CertificateStore
+from certkeeper.network.keeper_client import Keeper
 from certkeeper.network.verification import (
     PROBE_TIMEOUT,
     Check,
     Observation,
     format_serial,
-    on_disk,
     probe,
     save_results,
     served_text,
@@ -108,15 +107,17 @@ def plan(config: Config, renewed: Sequence[CertificateConfig]) -> list[Step]:
     return [Step(hook_for(config, name), tuple(certificates)) for name, certificates in users.items()]
 
 
-def reload_and_verify(config: Config, store: CertificateStore, renewed: Sequence[CertificateConfig],
+def reload_and_verify(config: Config, keeper: Keeper, renewed: Sequence[CertificateConfig],
                       progress: Callable[[str], None], *, prober: Prober = probe,
                       sleep: Callable[[float], None] = time.sleep,
                       clock: Callable[[], float] = time.monotonic) -> ReloadResult:
-    """Reload every hook of ``renewed`` once, verify, roll back failures (see the module comment)."""
+    """Reload every hook of ``renewed`` once, verify, roll back failures (see the module comment).
+
+    The keeper runs the hooks and rolls back; the probes run here, on the unprivileged side."""
     steps = plan(config, renewed)
     if not steps:
         return ReloadResult(ok=True)
-    run = _Run(store, progress, prober, sleep, clock, renewed)
+    run = _Run(keeper, progress, prober, sleep, clock, renewed)
     run.probe_before(steps)
     first = [run.reload(step, expect_new=True) for step in steps]
     blamed = set().union(*(o.blamed for o in first))
@@ -129,10 +130,10 @@ def reload_and_verify(config: Config, store: CertificateStore, renewed: Sequence
 class _Run:
     """State of one reload_and_verify call: what was served before, what was restored."""
 
-    def __init__(self, store: CertificateStore, progress: Callable[[str], None], prober: Prober,
+    def __init__(self, keeper: Keeper, progress: Callable[[str], None], prober: Prober,
                  sleep: Callable[[float], None], clock: Callable[[], float],
                  renewed: Sequence[CertificateConfig]) -> None:
-        self.store = store
+        self.keeper = keeper
         self.progress = progress
         self.prober = prober
         self.sleep = sleep
@@ -140,7 +141,7 @@ class _Run:
         self.before: dict[tuple[str, str], Observation] = {}
         self.still_down: set[tuple[str, str]] = set()
         self.rollback_errors: list[tuple[str, str]] = []  # (certificate, line)
-        self.previous = {c.name: _info(store.read_previous(c)) for c in renewed}
+        self.previous = {c.name: _info(keeper.inspect(c.name).previous) for c in renewed}
 
     # -- 2. before --------------------------------------------------------------
 
@@ -153,6 +154,10 @@ class _Run:
                     if seen.cert is None:
                         self.progress(f"{step.hook.name}: {target.url} is down before the reload: {seen.error}")
 
+    def on_disk(self, cert: CertificateConfig) -> CertInfo | None:
+        """What the served certificate must be: the leaf on disk now."""
+        return _info(self.keeper.inspect(cert.name).cert)
+
     def was_down(self, target: Target) -> bool:
         seen = self.before.get(target.key)
         return seen is not None and seen.cert is None
@@ -164,7 +169,7 @@ class _Run:
         names = step.names()
         self.progress(f"{hook.name}: {'reloading' if expect_new else 'reloading after the rollback'} "
                       f"for {', '.join(names)} ({' '.join(hook.command)})")
-        outcome = Outcome(command=hook.reload(names))
+        outcome = Outcome(command=self.keeper.run_hook(hook.name, names))
         targets = [t for t in step.targets if expect_new or t.key not in self.still_down]
         if not outcome.command.ok:
             self.command_failed(step, outcome, targets, expect_new)
@@ -196,14 +201,14 @@ class _Run:
         outcome.problems.append(f"reload failed ({what})")
         for target in targets:  # one look, no retries: what does it serve now?
             seen = self.prober(target.url, server_name(target.certificate), PROBE_TIMEOUT)
-            check = Check(target.certificate.name, step.hook.name, on_disk(self.store, target.certificate), seen)
+            check = Check(target.certificate.name, step.hook.name, self.on_disk(target.certificate), seen)
             outcome.checks.append(check)
             if not check.ok:
                 outcome.problems.append(self.wrong(check, target))
 
     def verify(self, hook: Hook, targets: list[Target]) -> list[Check]:
         """Probe until every target serves the file on disk, or ``verify_timeout`` has passed."""
-        expected = {t.certificate.name: on_disk(self.store, t.certificate) for t in targets}
+        expected = {t.certificate.name: self.on_disk(t.certificate) for t in targets}
         deadline = self.clock() + hook.verify_timeout
         results: dict[tuple[str, str], Check] = {}
         pending, delay = list(targets), FIRST_DELAY
@@ -236,7 +241,7 @@ class _Run:
         for cert in certificates:
             self.progress(f"{cert.name}: rolling back to the previous certificate")
             try:
-                self.store.restore_previous(cert)
+                self.keeper.rollback(cert.name)
             except CertkeeperError as exc:
                 self.rollback_errors.append((cert.name, f"cannot roll back: {exc}"))
                 continue
@@ -287,8 +292,11 @@ class _Run:
                 log.warning("%s: cannot record verify results: %s", name, exc)
 
 
-def _info(current: CertificateSet | None) -> CertInfo | None:
-    return certs.parse_cert(current.cert) if current else None
+def _info(pem: bytes) -> CertInfo | None:
+    try:
+        return certs.parse_cert(pem) if pem else None
+    except ValueError:
+        return None
 
 
 def _serial(info: CertInfo | None) -> str:

@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import grp
 import json
 import logging
 import os
-import pwd
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -47,10 +45,11 @@ from typing import Any
 from certkeeper.core import dkim
 from certkeeper.core.config import Config, DkimConfig
 from certkeeper.core.errors import CertkeeperError, ConfigError, DNSError, LocalError
-from certkeeper.core.files import fsync_dir, write_atomic
+from certkeeper.core.files import write_atomic
 from certkeeper.keeper import signers
 from certkeeper.network.dns import Backend, RecordSet, backend_for
 from certkeeper.network.dns.propagation import name_in_use, visible_everywhere, wait_until_absent, wait_until_visible
+from certkeeper.network.keeper_client import Keeper
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +255,7 @@ class _Run:
     item: DkimConfig
     now: datetime
     progress: Progress
+    keeper: Keeper
     done: set[Action] = field(default_factory=set)
 
     def say(self, message: str) -> None:
@@ -263,9 +263,13 @@ class _Run:
         self.progress(f"{self.item.domain}: {message}")
 
 
-def run_steps(config: Config, item: DkimConfig, state: DomainState, now: datetime, progress: Progress) -> DomainState:
-    """Run every step due at ``now``, one at a time; each step runs at most once per call."""
-    run = _Run(config, item, now, progress)
+def run_steps(config: Config, item: DkimConfig, state: DomainState, now: datetime, progress: Progress,
+              keeper: Keeper) -> DomainState:
+    """Run every step due at ``now``, one at a time; each step runs at most once per call.
+
+    Private keys and the signer are the keeper's: a step asks it for a key's record, to make
+    a key, to switch the signer or to dispose of a key; DNS work is done here."""
+    run = _Run(config, item, now, progress, keeper)
     for _ in range(8 * (len(state.keys) + len(item.algorithms)) + 8):
         due = [a for a in plan(state, item, now).actions if a not in run.done]
         if not due:
@@ -276,7 +280,8 @@ def run_steps(config: Config, item: DkimConfig, state: DomainState, now: datetim
 
 
 def _create(run: _Run, state: DomainState, action: Action) -> DomainState:
-    key = new_key(state, run.item, action.algorithm, run.now, taken_selectors(run.config, run.item, state, run.now))
+    taken = taken_selectors(run.config, run.item, state, run.now, run.keeper)
+    key = new_key(state, run.item, action.algorithm, run.now, taken)
     state = state.with_key(key)
     save_state(run.config, state)
     run.say(f"new {key.algorithm} key, selector {key.selector} (pending)")
@@ -285,18 +290,13 @@ def _create(run: _Run, state: DomainState, action: Action) -> DomainState:
 
 def _generate(run: _Run, state: DomainState, action: Action) -> DomainState:
     key = state.key(action.selector)
-    path = Path(key.key_file)
-    private = _existing_key(path, key.algorithm)
-    if private is None:
-        private = dkim.generate_private_key(key.algorithm)
-        uid, gid = _owner(run.item)
-        data = dkim.private_key_file(private, raw_ed25519=signers.raw_ed25519(run.item.signer))
-        write_atomic(path, data, run.item.key_mode, uid, gid)
-        run.say(f"wrote {path} (mode {run.item.key_mode:04o})")
+    record, created = run.keeper.dkim_key(run.item.domain, key.selector, key.algorithm, create=True)
+    if created:
+        run.say(f"wrote {key.key_file} (mode {run.item.key_mode:04o})")
     else:
-        run.say(f"reusing {path}, written before an interruption")
+        run.say(f"reusing {key.key_file}, written before an interruption")
     _crash_point("generate")
-    state = state.with_key(replace(key, record=dkim.key_record_for(private).render()))
+    state = state.with_key(replace(key, record=record))
     save_state(run.config, state)
     return state
 
@@ -320,13 +320,13 @@ def _publish(run: _Run, state: DomainState, action: Action) -> DomainState:
 
 def _activate(run: _Run, state: DomainState, action: Action) -> DomainState:
     key = state.key(action.selector)
-    private = _existing_key(Path(key.key_file), key.algorithm)
-    if private is None or dkim.key_record_for(private).render() != key.record:
+    record, _ = run.keeper.dkim_key(run.item.domain, key.selector, key.algorithm, create=False)
+    if not record or record != key.record:
         # Never let the signer use a key other than the one every server publishes: drop it, start again.
         log.warning("dkim %s: %s is missing or not the published key", run.item.domain, key.key_file)
         state = state.with_key(replace(key, state="retiring", retired=run.now))
         # Its successor starts now (an emergency stays one), not at the next scheduled rotation.
-        taken = taken_selectors(run.config, run.item, state, run.now)
+        taken = taken_selectors(run.config, run.item, state, run.now, run.keeper)
         state = state.with_key(new_key(state, run.item, key.algorithm, run.now, taken, key.emergency))
         save_state(run.config, state)
         run.say(f"{key.key_file} is missing or not the key published for selector {key.selector}; "
@@ -408,44 +408,18 @@ def _switch_signer(run: _Run, new_state: DomainState) -> None:
         if other.domain != item.domain and other.signer == item.signer and signers.config_path(other) == path:
             keys += signing_keys(load_state(run.config, other.domain))
     with _lock(run.config, ".signers"):
-        signers.apply(run.config, item, keys, run.progress, force_hook=True)
+        run.keeper.switch_signer(item.domain, [(k.domain, k.selector, k.algorithm) for k in keys], run.progress)
 
 
 def _dispose_private_key(run: _Run, key: KeyState) -> None:
-    path = Path(key.key_file)
-    if run.item.reveal_retired and path.exists() and key.record:
-        private = _existing_key(path, key.algorithm)
-        if private is not None:
-            target = run.item.key_dir / REVEAL_DIR / dkim.reveal_name(dkim.parse_key_record(key.record))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(target, dkim.private_key_file(private), 0o644)
-            run.say(f"revealed the retired private key as {target}")
-    if path.exists():
-        path.unlink()
-        fsync_dir(path.parent)
-        run.say(f"deleted {path}")
+    run.keeper.dispose_dkim_key(run.item.domain, key.selector, key.algorithm, run.progress)
 
 
-def _existing_key(path: Path, algorithm: str) -> dkim.DkimPrivateKey | None:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise LocalError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        private = dkim.load_private_key(data)
-    except ValueError as exc:
-        raise LocalError(f"{path}: not a DKIM private key ({exc}); move it aside") from None
-    if dkim.algorithm_of(private) != algorithm:
-        raise LocalError(f"{path}: holds a {dkim.algorithm_of(private)} key, not {algorithm}; move it aside")
-    return private
-
-
-def taken_selectors(config: Config, item: DkimConfig, state: DomainState, now: datetime) -> frozenset[str]:
+def taken_selectors(config: Config, item: DkimConfig, state: DomainState, now: datetime,
+                    keeper: Keeper) -> frozenset[str]:
     """Selectors a new key must not take: key files in key_dir (even if the state was lost) and the
     names that already have a record on an authoritative server (a key made by hand, the guide's)."""
-    taken = set(_selectors_on_disk(item))
+    taken = set(keeper.dkim_selectors(item.domain))
     for algorithm in item.algorithms:
         for _ in range(MAX_SELECTOR_TRIES):
             selector = _selector(item, algorithm, now, state.selectors | taken)
@@ -471,34 +445,12 @@ def _selector(item: DkimConfig, algorithm: str, now: datetime, taken: frozenset[
     return selector
 
 
-def _selectors_on_disk(item: DkimConfig) -> frozenset[str]:
-    """Selectors of key files already in key_dir: never reuse one, even if the state was lost."""
-    prefix, suffix = f"{item.domain}.", ".key"
-    try:
-        names = os.listdir(item.key_dir)
-    except OSError:
-        return frozenset()
-    return frozenset(n[len(prefix):-len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix))
-
-
-def _owner(item: DkimConfig) -> tuple[int, int]:
-    try:
-        uid = pwd.getpwnam(item.key_owner).pw_uid if item.key_owner else -1
-    except KeyError:
-        raise LocalError(f"dkim {item.domain}: key_owner {item.key_owner!r} is no user on this host") from None
-    try:
-        gid = grp.getgrnam(item.key_group).gr_gid if item.key_group else -1
-    except KeyError:
-        raise LocalError(f"dkim {item.domain}: key_group {item.key_group!r} is no group on this host") from None
-    return uid, gid
-
-
 def _record_set(run: _Run, selector: str, value: str) -> RecordSet:
     return RecordSet(dkim.record_name(selector, run.item.domain), "TXT", (value,), run.config.dns.ttl)
 
 
 def _backend(run: _Run) -> Backend:
-    return backend_for(run.config, run.progress)
+    return backend_for(run.config, run.progress, run.keeper)
 
 
 def _crash_point(step: str) -> None:
@@ -534,12 +486,15 @@ class DueReport:
     next_due: datetime | None  # when run_due should run next
 
 
-def run_due(config: Config, now: datetime, progress: Progress) -> DueReport:
+def run_due(config: Config, now: datetime, progress: Progress, keeper: Keeper | None = None) -> DueReport:
     """Run every step due at ``now`` for every [[dkim]] domain (the daemon's scheduled job).
+
+    ``keeper``: the worker's pipe; by default a ``LocalKeeper`` in this process.
 
     A domain another process is working on is skipped; a failure is logged and
     reported, and the domain is retried after ``RETRY_AFTER``.
     """
+    keeper = keeper or _local_keeper(config)
     errors: list[str] = []
     wake: list[datetime] = []
     for item in config.dkim:
@@ -549,7 +504,7 @@ def run_due(config: Config, now: datetime, progress: Progress) -> DueReport:
                 wake.append(now + RETRY_AFTER)
                 continue
             try:
-                state = run_steps(config, item, load_state(config, item.domain), now, progress)
+                state = run_steps(config, item, load_state(config, item.domain), now, progress, keeper)
             except (CertkeeperError, OSError) as exc:
                 log.error("dkim %s: %s", item.domain, exc)
                 errors.append(f"{item.domain}: {exc}")
@@ -568,6 +523,12 @@ def next_due(config: Config, now: datetime) -> datetime | None:
     return min((t for t in due if t is not None), default=None)
 
 
+def _local_keeper(config: Config) -> Keeper:
+    from certkeeper.keeper.service import LocalKeeper
+
+    return LocalKeeper(config)
+
+
 def selected_items(config: Config, domain: str | None) -> list[DkimConfig]:
     if not domain:
         if not config.dkim:
@@ -580,20 +541,22 @@ def selected_items(config: Config, domain: str | None) -> list[DkimConfig]:
     return items
 
 
-def rotate_now(config: Config, item: DkimConfig, now: datetime, emergency: bool, progress: Progress) -> None:
+def rotate_now(config: Config, item: DkimConfig, now: datetime, emergency: bool, progress: Progress,
+               keeper: Keeper | None = None) -> None:
     with _lock(config, item.domain, wait=False) as locked:
         if not locked:
             raise LocalError(f"another certkeeper process is working on {item.domain} "
                              f"({config.state_dir / 'dkim' / item.domain}.lock); try again later")
         before = load_state(config, item.domain)
-        state = request_rotation(before, item, now, emergency, taken_selectors(config, item, before, now))
+        keeper = keeper or _local_keeper(config)
+        state = request_rotation(before, item, now, emergency, taken_selectors(config, item, before, now, keeper))
         if state != before:
             save_state(config, state)
             for key in state.keys:
                 if key.selector not in before.selectors:
                     progress(f"{item.domain}: new {key.algorithm} key, selector {key.selector} (pending"
                              + (", emergency: publish_ahead skipped)" if emergency else ")"))
-        state = run_steps(config, item, state, now, progress)
+        state = run_steps(config, item, state, now, progress, keeper)
     for algorithm in item.algorithms:
         pending = state.current(algorithm, "pending")
         if pending is not None and pending.visible is not None:

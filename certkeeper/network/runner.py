@@ -32,8 +32,9 @@ from certkeeper.core.challenges import ChallengeTable
 from certkeeper.core.config import CertificateConfig, Config
 from certkeeper.core.errors import AcmeError, CertkeeperError, LocalError, RemoteError, ServiceError
 from certkeeper.core.state import CertState, load_cert_state, save_cert_state
-from certkeeper.keeper.store import CertificateSet, CertificateStore
+from certkeeper.keeper.store import CertificateStore
 from certkeeper.network.issuer import Issuer, ari_cert_id
+from certkeeper.network.keeper_client import Keeper
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,17 @@ class Renewer:
     def __init__(self, config: Config, challenges: ChallengeTable | None = None,
                  store: CertificateStore | None = None,
                  on_installed: Callable[[CertificateConfig], None] | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 keeper: Keeper | None = None) -> None:
+        """``keeper`` does what needs root (keys, files, hooks): the worker's pipe in production;
+        by default a ``LocalKeeper`` in this process, with ``challenges``, ``store`` and ``on_installed``."""
         self.config = config
-        self.challenges = challenges if challenges is not None else ChallengeTable()
-        self.store = store if store is not None else CertificateStore(config.state_dir)
-        self.on_installed = on_installed
+        if keeper is None:
+            from certkeeper.keeper.service import LocalKeeper
+
+            keeper = LocalKeeper(config, challenges, on_installed, store)
+        self.keeper = keeper
+        self.challenges = keeper.challenges
         self.clock = clock
         self.issuer = Issuer(config.acme, config.state_dir, self.challenges)
         self._locks: dict[str, threading.Lock] = {}
@@ -91,33 +98,30 @@ class Renewer:
         return [known[n] for n in dict.fromkeys(names)]
 
     def decide(self, cert: CertificateConfig, force: bool = False) -> renewal.Decision:
-        """Read disk and state, refresh ARI when it is time, and plan."""
-        self.store.recover(cert)
-        self.store.repair(cert)  # a lost chain or full-chain file is rebuilt, not ordered again
-        on_disk = self.store.read(cert)
-        state = load_cert_state(self.config.state_dir, cert.name)
+        """Refresh ARI when it is time, then the keeper plans from the files on disk and the state."""
+        view = self.keeper.inspect(cert.name)  # finishes an interrupted install, rebuilds a lost chain
         now = self.clock()
-        if on_disk is not None and not force:
-            state = self._refresh_ari(cert, on_disk, state, now)
-        return renewal.plan(cert, on_disk, state, now, force=force,
-                            settings=renewal.settings_digest(cert, self.config.acme),
-                            disk_problem=self.store.check(cert))
+        if view.cert and not force:
+            self._refresh_ari(cert, view.cert, load_cert_state(self.config.state_dir, cert.name), now)
+        return self.keeper.plan(cert.name, force, now)
 
-    def _refresh_ari(self, cert: CertificateConfig, on_disk: CertificateSet, state: CertState,
-                     now: datetime) -> CertState:
+    def _refresh_ari(self, cert: CertificateConfig, cert_pem: bytes, state: CertState, now: datetime) -> None:
         """RFC 9773: ask for the suggested window when the last answer's Retry-After has passed."""
-        info = on_disk.info()
-        if info is None or info.not_after <= now or (state.ari_cert == info.fingerprint and state.ari_next_check
-                                     and state.ari_next_check > now):
-            return state
         try:
-            window = self.issuer.renewal_window(on_disk.cert)
+            info = certs.parse_cert(cert_pem)
+        except ValueError:
+            return
+        if info.not_after <= now or (state.ari_cert == info.fingerprint and state.ari_next_check
+                                     and state.ari_next_check > now):
+            return
+        try:
+            window = self.issuer.renewal_window(cert_pem)
         except (RemoteError, LocalError) as exc:
             log.warning("%s: renewal information unavailable: %s", cert.name, exc)
             state.ari_next_check = now + timedelta(hours=1)  # do not ask again on every run
             state.ari_cert = info.fingerprint
             save_cert_state(self.config.state_dir, state)
-            return state
+            return
         if window is None:  # the server has no ARI: ask again in a day in case it gains it
             state.ari_cert, state.ari_renewal_time = info.fingerprint, None
             state.ari_next_check = now + timedelta(days=1)
@@ -127,7 +131,6 @@ class Renewer:
             state.ari_next_check = now + timedelta(seconds=window.retry_after)
         state.ari_checked = now
         save_cert_state(self.config.state_dir, state)
-        return state
 
     # -- renewing ----------------------------------------------------------------------
 
@@ -178,11 +181,9 @@ class Renewer:
         self._before[cert.name] = dataclasses.replace(state)  # restored if a reload rolls back
         progress(f"{cert.name}: renewing ({decision.reason})")
         try:
-            new_set = self._obtain(cert, progress)
-            self.store.install(cert, new_set)
+            info = self.keeper.install(cert.name, self._obtain(cert, progress))
         except CertkeeperError as exc:
             return self._failed(cert, state, exc, now)
-        info = certs.parse_cert(new_set.cert)
         state.last_success, state.consecutive_failures, state.last_error = now, 0, ""
         state.retry_not_before, state.retry_by_server, state.failed_settings = None, False, ""
         # RFC 9773: ask for the new certificate's window a few hours from now, not at once.
@@ -192,38 +193,27 @@ class Renewer:
         state.next_renewal, state.next_renewal_reason = next_time, why
         save_cert_state(self.config.state_dir, state)
         log.info("%s: new certificate serial %x, valid until %s", cert.name, info.serial, info.not_after)
-        if self.on_installed is not None:
-            self.on_installed(cert)
         return Outcome(cert.name, "renewed", f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC", next_time,
                        info.not_after)
 
-    def _obtain(self, cert: CertificateConfig, progress: Progress) -> CertificateSet:
-        current = self.store.read(cert)
-        if cert.reuse_key and current is not None and _key_type(current.key) == cert.key_type:
-            key_pem = current.key
-        else:
-            key_pem = certs.generate_key(cert.key_type)
+    def _obtain(self, cert: CertificateConfig, progress: Progress) -> bytes:
+        """Order with a CSR from the keeper (which keeps the key); the issued full chain."""
+        current = self.keeper.inspect(cert.name).cert
+        csr = self.keeper.make_csr(cert.name)
         replaces = ""
-        if current is not None:
+        if current:
             try:
-                replaces = ari_cert_id(current.cert) if self._server_has_ari() else ""
+                replaces = ari_cert_id(current) if self._server_has_ari() else ""
             except ValueError:
                 replaces = ""
         profile = cert.profile or self.config.acme.profile
         try:
-            issued = self.issuer.issue(cert.domains, key_pem, profile=profile, replaces=replaces, progress=progress)
+            issued = self.issuer.issue(cert.domains, csr, profile=profile, replaces=replaces, progress=progress)
         except AcmeError as exc:
             if not replaces or "alreadyReplaced" not in str(exc):
                 raise
-            issued = self.issuer.issue(cert.domains, key_pem, profile=profile, progress=progress)
-        try:
-            new_set = CertificateSet.from_fullchain(key_pem, issued.fullchain)
-        except ValueError:
-            raise AcmeError("the ACME server sent no PEM certificate") from None
-        problem = renewal.files_problem(cert, new_set, certs.parse_cert(new_set.cert))
-        if problem:
-            raise AcmeError(f"the issued certificate is unusable: {problem}")
-        return new_set
+            issued = self.issuer.issue(cert.domains, csr, profile=profile, progress=progress)
+        return issued.fullchain
 
     def _server_has_ari(self) -> bool:
         try:
@@ -251,7 +241,7 @@ class Renewer:
             return {}
         from certkeeper.network import reload
 
-        result = reload.reload_and_verify(self.config, self.store, renewed, progress)
+        result = reload.reload_and_verify(self.config, self.keeper, renewed, progress)
         failed = {name: "; ".join(lines) for name, lines in result.by_certificate.items() if lines}
         for name in result.rolled_back:
             # The old set is back on disk: this renewal did not stick. Count it as a failed
@@ -275,13 +265,6 @@ def _file_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def _key_type(pem: bytes) -> str:
-    try:
-        return certs.key_type_of(pem)
-    except LocalError:
-        return ""
 
 
 def _not_due(decision: renewal.Decision) -> Outcome:

@@ -29,6 +29,7 @@ from certkeeper.core.certs import CertInfo
 from certkeeper.core.config import CertificateConfig, Config, hook_config
 from certkeeper.core.files import write_atomic
 from certkeeper.keeper.store import CertificateStore
+from certkeeper.network.keeper_client import Keeper
 
 log = logging.getLogger(__name__)
 
@@ -305,9 +306,14 @@ def on_disk(store: CertificateStore, cert: CertificateConfig) -> CertInfo | None
     return certs.parse_cert(current.cert) if current else None
 
 
-def check_certificate(config: Config, store: CertificateStore, cert: CertificateConfig,
+def check_certificate(config: Config, keeper: Keeper, cert: CertificateConfig,
                       prober: Callable[[str, str], Observation] = probe) -> list[Check]:
-    expected = on_disk(store, cert)
+    """Probe every verify endpoint of ``cert`` against the leaf on disk (the keeper shows it)."""
+    pem = keeper.inspect(cert.name).cert
+    try:
+        expected = certs.parse_cert(pem) if pem else None
+    except ValueError:
+        expected = None
     return [Check(cert.name, hook, expected, prober(url, server_name(cert))) for hook, url in targets(config, cert)]
 
 

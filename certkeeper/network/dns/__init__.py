@@ -36,6 +36,7 @@ from certkeeper.core.errors import DNSError, LocalError
 
 if TYPE_CHECKING:
     from certkeeper.core.config import Config
+    from certkeeper.network.keeper_client import Keeper
 
 log = logging.getLogger(__name__)
 
@@ -212,14 +213,17 @@ class Backend(abc.ABC):
         """The RRsets this backend sees, sorted by (name, type)."""
 
 
-def backend_for(config: Config, progress: Progress | None = None) -> Backend:
+def backend_for(config: Config, progress: Progress | None = None, keeper: Keeper | None = None) -> Backend:
     """The backend chosen by ``[dns] backend``. ``progress`` receives lines meant for a person
-    (the manual backend prints the records to add there; default: the log at warning level)."""
+    (the manual backend prints the records to add there; default: the log at warning level).
+    With a ``keeper`` (the worker's pipe), the zone file is written by the keeper, which owns it."""
     kind = config.dns.backend
     if kind == "rfc2136":
         from certkeeper.network.dns.rfc2136 import Rfc2136Backend
 
         return Rfc2136Backend(config.dns)
+    if kind == "zonefile" and keeper is not None:
+        return KeeperZonefile(keeper, config)
     if kind == "zonefile":
         from certkeeper.network.dns.zonefile import ZonefileBackend
 
@@ -229,6 +233,25 @@ def backend_for(config: Config, progress: Progress | None = None) -> Backend:
 
         return ManualBackend(config, progress or _log_progress)
     raise DNSError(f"[dns] backend {kind!r} is not supported")  # config.py rejects it first
+
+
+class KeeperZonefile(Backend):
+    """The zonefile backend seen from the network worker: the keeper writes the file and reloads."""
+
+    def __init__(self, keeper: Keeper, config: Config) -> None:
+        self.keeper = keeper
+        self.zone = config.dns.zone
+
+    def publish(self, rrset: RecordSet) -> None:
+        check_in_zone(rrset.name, self.zone)
+        self.keeper.zone_publish(rrset.name, rrset.rtype, rrset.ttl, rrset.values)
+
+    def remove(self, name: str, rtype: str) -> None:
+        check_in_zone(name, self.zone)
+        self.keeper.zone_remove(name, rtype)
+
+    def list(self) -> list[RecordSet]:
+        raise LocalError("the zone file is the keeper's; list it as root")
 
 
 @contextlib.contextmanager

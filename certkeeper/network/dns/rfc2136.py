@@ -34,7 +34,7 @@ import dns.update
 import dns.xfr
 import dns.zone
 
-from certkeeper.core import logs
+from certkeeper.core import logs, secrets
 from certkeeper.core.config import DnsConfig
 from certkeeper.core.errors import DNSError, LocalError
 from certkeeper.network.dns import (
@@ -66,8 +66,8 @@ def read_tsig_secret(path: Path) -> str:
     """The base64 secret in ``path``: the bare secret, or a BIND ``key { secret "..."; }`` clause
     (what ``tsig-keygen`` prints). Never logged."""
     try:
-        text = path.read_text()
-        mode = os.stat(path).st_mode
+        text = secrets.read(path).decode("utf-8", errors="replace")  # handed over by the keeper in a worker
+        mode = 0o600 if secrets.handed(path) else os.stat(path).st_mode  # the keeper checked it then
     except OSError as exc:
         raise LocalError(f"{path}: cannot read the TSIG secret ([dns] tsig_secret_file): {exc.strerror}") from None
     if mode & 0o077:

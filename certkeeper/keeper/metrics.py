@@ -218,3 +218,14 @@ def start_metrics_server(config: Config, started_at: datetime,
 def serve(config: Config, started_at: datetime | None = None) -> Callable[[], None]:
     """Shorthand for the daemon: ``start_metrics_server`` with the start time defaulting to now."""
     return start_metrics_server(config, started_at or datetime.now(UTC))
+
+
+def render(config: Config, started_at: datetime, clock: Callable[[], datetime] | None = None) -> bytes:
+    """The text of one scrape (Prometheus exposition format), read from disk now.
+
+    The keeper renders it and hands it to the listener, which serves it on
+    ``[metrics] listen``: the process that reads the state never listens."""
+    prometheus = _prometheus()
+    registry = prometheus.CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(config, started_at, clock))
+    return bytes(prometheus.generate_latest(registry))

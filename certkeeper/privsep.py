@@ -1,0 +1,358 @@
+"""Starting the unprivileged roles, the same way for the daemon and the CLI.
+
+certkeeper runs as three roles (certkeeper(8), PRIVILEGE SEPARATION):
+
+- the **keeper** is the process that calls this module (the daemon, or the
+  CLI run as root): it holds the keys and files, runs hooks, and never opens
+  an INET socket nor imports network code;
+- a **network worker** (``python -m certkeeper.worker``) is started for each
+  job as the configured ``user``/``group`` (the kernel drops the ids between
+  fork and exec, with no supplementary group); it sets no_new_privs and
+  Landlock itself before it reads its ``Start`` message, gets the secrets it
+  needs in that message, and asks the keeper for everything else;
+- the **listener** (``python -m certkeeper.listener``) is started as root,
+  binds ports 80/443 and the metrics port, then drops to ``user``/``group``
+  before it reads a byte from the network (see ``certkeeper.listener.process``).
+
+Run by an ordinary user (the demo, a laptop), every role runs as that user:
+the processes are the same, only the ids do not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from certkeeper import protocol, sandbox
+from certkeeper.core import certs
+from certkeeper.core.challenges import ChallengeTable
+from certkeeper.core.config import Config
+from certkeeper.core.errors import LocalError
+from certkeeper.core.files import write_atomic
+from certkeeper.keeper.service import LocalKeeper, WorkerResult, job_args, serve
+from certkeeper.keeper.store import CertificateStore
+
+log = logging.getLogger(__name__)
+
+EXIT_GRACE = 5.0  # seconds a worker that sent its result gets to exit before it is killed
+
+
+def identity(config: Config) -> sandbox.Identity | None:
+    """The ids the unprivileged roles run as: ``user``/``group`` when we are root, else None (our own)."""
+    if not sandbox.privileged():
+        return None
+    return sandbox.lookup_user(config.user, config.group or None)
+
+
+def child_env() -> dict[str, str]:
+    """This environment, with this certkeeper package first on the path (cwd is / for children)."""
+    here = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": f"{here}{os.pathsep}{path}" if path else here}
+
+
+def reachable(ident: sandbox.Identity | None) -> str:
+    """Why ``ident`` cannot run this interpreter and this package, or "" (checked before a start)."""
+    if ident is None:
+        return ""
+    for path in (Path(sys.executable).resolve(), Path(__file__).resolve()):
+        for parent in [*reversed(path.parents), path]:
+            try:
+                st = parent.stat()
+            except OSError:
+                continue
+            want = 0o1 if parent != path else 0o4
+            if st.st_uid == ident.uid:
+                ok = st.st_mode & (want << 6)
+            elif st.st_gid == ident.gid:
+                ok = st.st_mode & (want << 3)
+            else:
+                ok = st.st_mode & want
+            if not ok:
+                return (f"user {ident.name} cannot reach {parent} (mode {st.st_mode & 0o777:04o}), on the way to "
+                        f"{path}: install certkeeper where every user can read it (README, Installing)")
+    return ""
+
+
+class WorkerProcess:
+    """One network worker: started unprivileged, served by a keeper until its ``Exit``, then gone."""
+
+    command: tuple[str, ...] = (sys.executable, "-m", "certkeeper.worker")  # then the socket's fd
+
+    def __init__(self, config: Config, config_text: str, job: str, args: dict[str, Any],
+                 foreground: bool = True, verbosity: int = 1) -> None:
+        self.config = config
+        self.config_text = config_text
+        self.job = job
+        self.args = args
+        self.foreground = foreground
+        self.verbosity = verbosity
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+
+    def start(self) -> None:
+        ident = identity(self.config)
+        problem = reachable(ident)
+        if problem:
+            raise LocalError(problem)
+        parent, child = socket.socketpair()
+        ids: dict[str, Any] = {}
+        if ident is not None:
+            ids = {"user": ident.uid, "group": ident.gid, "extra_groups": []}
+        try:
+            self.proc = subprocess.Popen(
+                [*self.command, str(child.fileno())], pass_fds=[child.fileno()],
+                stdin=subprocess.DEVNULL, cwd="/", env=child_env(), **ids)
+        except OSError as exc:
+            parent.close()
+            raise LocalError(f"cannot start the network worker: {exc.strerror or exc}") from None
+        finally:
+            child.close()
+        self.sock = parent
+        protocol.send(parent, protocol.Start(
+            job=self.job, args=job_args(self.args), config_path=str(self.config.path), config_text=self.config_text,
+            secrets=tuple(protocol.Secret(path, data.decode()) for path, data in handed_secrets(self.config).items()),
+            foreground=self.foreground, verbosity=self.verbosity))
+
+    def serve(self, keeper: LocalKeeper, emit: Callable[[str], None], timeout: float) -> WorkerResult:
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+        try:
+            return serve(self.sock, keeper, emit, lambda: datetime.now(UTC), f"{self.job} worker")
+        except LocalError as exc:
+            if "ended without a result" in str(exc) and self.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    raise LocalError(f"{exc} (exit status {self.proc.wait(EXIT_GRACE)})") from None
+            raise
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        """Give a worker that sent its result a moment to exit; kill it otherwise (or at once on failure)."""
+        if self.sock is not None:
+            self.sock.close()
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(EXIT_GRACE)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait()
+
+
+def run_job(config: Config, config_text: str, job: str, args: dict[str, Any], keeper: LocalKeeper,
+            emit: Callable[[str], None], timeout: float, foreground: bool = True,
+            verbosity: int = 1) -> WorkerResult:
+    """Start a worker for ``job``, answer it until it ends; blocking."""
+    worker = WorkerProcess(config, config_text, job, args, foreground, verbosity)
+    worker.start()
+    try:
+        return worker.serve(keeper, emit, timeout)
+    except BaseException:
+        worker.kill()
+        raise
+
+
+def account_key(config: Config) -> bytes:
+    """The ACME account key, created (root's, 0600) at its first use."""
+    path = config.acme.account_key
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise LocalError(f"{path}: cannot read the ACME account key: {exc.strerror}") from None
+    pem = certs.generate_key(config.acme.account_key_type)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(path, pem, 0o600)
+    log.info("created ACME account key %s (%s)", path, config.acme.account_key_type)
+    return pem
+
+
+def handed_secrets(config: Config) -> dict[str, bytes]:
+    """What the worker's user must not read from disk but needs: path → content.
+
+    The ACME account key (made here if missing), the EAB HMAC key and the TSIG
+    secret when configured. A file that cannot be read is left out: the worker
+    then reports it as it would have (one line naming the file)."""
+    files: dict[str, bytes] = {str(config.acme.account_key): account_key(config)}
+    for path in (config.acme.eab_hmac_key_file, config.dns.tsig_secret_file):
+        if path is None:
+            continue
+        try:
+            files[str(path)] = path.read_bytes()
+            if path.stat().st_mode & 0o077:
+                log.warning("%s: readable by others (mode %04o); use 0600", path, path.stat().st_mode & 0o777)
+        except OSError as exc:
+            log.debug("%s: not handed over: %s", path, exc)
+    return files
+
+
+# ---------------------------------------------------------------------------
+# The listener, from the keeper's side.
+
+
+class ListenerLink:
+    """The keeper's end of the listener process (``certkeeper.listener.process``); thread-safe."""
+
+    def __init__(self, config: Config, config_text: str, foreground: bool = True, verbosity: int = 1,
+                 http_only: bool = False) -> None:
+        self.config = config
+        self.config_text = config_text
+        self.foreground = foreground
+        self.verbosity = verbosity
+        self.http_only = http_only
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+        self.addresses: tuple[str, ...] = ()
+        self.serving: tuple[str, ...] = ()
+        self._lock = threading.Lock()
+
+    def start(self) -> tuple[str, ...]:
+        """Start it as root; it binds, drops its ids, then says ``Bound`` (or why it could not)."""
+        problem = reachable(identity(self.config))
+        if problem:
+            raise LocalError(problem)
+        parent, child = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "certkeeper.listener", str(child.fileno())], pass_fds=[child.fileno()],
+                stdin=subprocess.DEVNULL, cwd="/", env=child_env())
+        except OSError as exc:
+            parent.close()
+            raise LocalError(f"cannot start the listener: {exc.strerror or exc}") from None
+        finally:
+            child.close()
+        self.sock = parent
+        try:
+            protocol.send(parent, protocol.ListenerStart(str(self.config.path), self.config_text, self.foreground,
+                                                         self.verbosity, self.http_only))
+            bound = protocol.expect(protocol.receive(parent), protocol.Bound)
+        except (EOFError, LocalError) as exc:
+            self.stop()
+            raise LocalError(str(exc) or "the listener ended before it listened") from None
+        self.addresses = bound.addresses
+        return self.addresses
+
+    def request(self, message: object) -> object:
+        with self._lock:
+            if self.sock is None:
+                raise LocalError("the listener is not running")
+            protocol.send(self.sock, message)
+            return protocol.receive(self.sock)
+
+    def serve_certificates(self, config: Config, store: CertificateStore) -> tuple[str, ...]:
+        """Hand over every certificate the listener serves (the [[mta_sts]] hosts'), as on disk now."""
+        sets = []
+        for cert in config.listener_certificates():
+            store.recover(cert)
+            found = store.read(cert)
+            if found is not None:
+                sets.append(protocol.ServedSet(cert.name, cert.domains, found.fullchain.decode(), found.key.decode()))
+        served = protocol.expect(self.request(protocol.Serve(tuple(sets))), protocol.Served)
+        self.serving = served.names
+        return served.names
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.sock is not None and self.alive():
+            with contextlib.suppress(OSError, EOFError, LocalError):
+                self.request(protocol.Stop())
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(EXIT_GRACE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class ListenerChallenges(ChallengeTable):
+    """The keeper's challenge table for one job: each token also goes to the listener, which answers it.
+
+    ``start`` is called before the first token (the CLI starts its listener only when an order needs
+    it); ``clear`` takes every token of the job away again, whatever way the job ended."""
+
+    def __init__(self, link: ListenerLink, start: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.link = link
+        self._start = start
+
+    def add(self, token: str, key_authorization: str) -> None:
+        super().add(token, key_authorization)
+        if self._start is not None:
+            self._start()
+            self._start = None
+        protocol.expect(self.link.request(protocol.Challenge(token, key_authorization)), protocol.Ok)
+
+    def remove(self, token: str) -> None:
+        super().remove(token)
+        with contextlib.suppress(OSError, EOFError, LocalError):
+            self.link.request(protocol.Unchallenge(token))
+
+    def clear(self) -> None:
+        for token in list(self.tokens()):
+            self.remove(token)
+
+
+# ---------------------------------------------------------------------------
+# The CLI as keeper.
+
+
+def run_cli_job(config: Config, job: str, args: dict[str, Any], emit: Callable[[str], None],
+                verbosity: int = 0) -> int:
+    """One job without a daemon: this process is the keeper, a worker does the network work, and
+    a listener answers HTTP-01 on ``[http] listen`` from the first challenge to the end of the job."""
+    from certkeeper.core import layout
+
+    try:
+        text = config.path.read_text()
+    except OSError as exc:
+        raise LocalError(f"{config.path}: cannot read: {exc.strerror or exc}") from None
+    layout.prepare(config, identity(config))
+    link = ListenerLink(config, text, foreground=True, verbosity=verbosity, http_only=True)
+    challenges = ListenerChallenges(link, start=lambda: _start_http01(link))
+    keeper = LocalKeeper(config, challenges)
+    try:
+        return run_job(config, text, job, args, keeper, emit, idle_timeout(config), True, verbosity).code
+    finally:
+        challenges.clear()
+        link.stop()
+
+
+def printer(out: TextIO) -> Callable[[str], None]:
+    """Where a CLI job's lines go: errors ("certkeeper: ...") to stderr, the rest to ``out``."""
+    def emit(line: str) -> None:
+        print(line, file=sys.stderr if line.startswith("certkeeper: ") else out, flush=True)
+
+    return emit
+
+
+def _start_http01(link: ListenerLink) -> None:
+    for address in link.start():
+        log.info("HTTP-01: listening on %s", address)
+
+
+def idle_timeout(config: Config) -> float:
+    """How long a healthy worker may stay silent: one whole order, one DNS propagation wait
+    and the slowest hook with its verification, plus a minute. Longer means it hangs."""
+    hooks = max((h.timeout + h.verify_timeout for h in config.hooks.values()), default=0.0)
+    return config.acme.order_timeout + config.dns.propagation_timeout + hooks + 60.0
