@@ -93,7 +93,7 @@ METRICS_EVERY = timedelta(seconds=15)  # how stale /metrics may be at most
 
 
 def _log_line(line: str) -> None:
-    log.info("%s", line)
+    log.info("%s", line.removeprefix("certkeeper: "))  # the log's own prefix says it already
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:

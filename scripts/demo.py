@@ -75,7 +75,7 @@ def main() -> int:
     base = Path(args.dir).resolve()
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
-    with tempfile.TemporaryDirectory() as tmp, start_pebble(Path(tmp) / "pebble") as pebble:
+    with tempfile.TemporaryDirectory() as tmp, start_pebble(_reachable(Path(tmp)) / "pebble") as pebble:
         step(f"Pebble (a local ACME server) at {pebble.directory}; HTTP-01 on 127.0.0.1:{pebble.http01_port}")
         bind = new_bind(Path(tmp) / "bind", zone="example.com")
         try:
@@ -151,6 +151,13 @@ def run_daemon(base: Path, conf: Path, pebble: Pebble, bind: BindServer, https_p
     return 0 if daemon.returncode == 0 else 1
 
 
+def _reachable(directory: Path) -> Path:
+    """Run as root, certkeeper's network worker is _certkeeper: it must reach Pebble's CA file in here."""
+    directory.chmod(0o711)
+    return directory
+
+
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())
+

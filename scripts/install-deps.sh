@@ -36,3 +36,10 @@ if [ -n "$missing" ] || [ "$smtpd_ok" = no ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q -t bookworm-backports $BACKPORTS_PACKAGES
 fi
 PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+if [ "$(id -u)" = 0 ]; then
+    # Run as root, certkeeper runs its network worker and listener as _certkeeper (certkeeper(8),
+    # PRIVILEGE SEPARATION): that user must exist and reach this interpreter and checkout.
+    id _certkeeper >/dev/null 2>&1 \
+        || useradd --system --no-create-home --home-dir /var/empty --shell /usr/sbin/nologin _certkeeper
+    python3 scripts/reachable.py
+fi

@@ -27,9 +27,9 @@ from aiohttp import web
 from certkeeper.core import config
 from certkeeper.core.challenges import ChallengeTable
 from certkeeper.core.state import load_cert_state
-from certkeeper.listener.standalone import serving
 from certkeeper.network.issuer import ari_cert_id
 from certkeeper.network.runner import Renewer
+from tests.fixtures.http01 import serving
 from tests.fixtures.pebble import Pebble
 from tests.fixtures.peers import free_port
 

@@ -200,8 +200,8 @@ def test_two_runs_never_renew_the_same_certificate_at_once(pebble: Pebble, tmp_p
     import threading
 
     from certkeeper.core.challenges import ChallengeTable
-    from certkeeper.listener.standalone import serving
     from certkeeper.network.runner import Renewer
+    from tests.fixtures.http01 import serving
 
     cfg = config.load(write_config(pebble, tmp_path, names=["mail.example.com"]))
     challenges = ChallengeTable()
