@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from certkeeper import privsep, protocol, sandbox
 from certkeeper.core import certs, layout
@@ -291,3 +293,53 @@ def test_an_unreachable_interpreter_is_one_clear_line(tmp_path, monkeypatch):
     (private / "python3").write_text("")
     problem = privsep.reachable(ident)
     assert problem.startswith(f"user {ident.name} cannot reach {private}") and "README" in problem
+
+
+def test_check_says_how_to_create_a_missing_user(tmp_path, capsys):
+    as_root()
+    from certkeeper import cli
+
+    path = tmp_path / "c.toml"
+    path.write_text(f'state_dir = "{tmp_path}/state"\nuser = "ck-nosuchuser"\n')
+    assert cli.main(["-c", str(path), "check"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"certkeeper: {path}: user: no such user 'ck-nosuchuser'")
+    assert "useradd -s " in line and "-d /var/empty ck-nosuchuser" in line
+
+
+def test_the_cli_renews_through_the_same_roles(pebble, tmp_path):
+    """`certkeeper renew` as root without a daemon: the worker's files are _certkeeper's, the keys root's."""
+    as_root()
+    ident = unprivileged()
+    path = tmp_path / "certkeeper.toml"
+    path.write_text(pebble.config_text(tmp_path, ["cli.example.com"]))
+    result = subprocess.run([sys.executable, "-m", "certkeeper", "-c", str(path), "renew"], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cli.example.com: renewed" in result.stdout
+    config = parse(path.read_text(), path)
+    cert = config.certificate("cli.example.com")
+    assert (cert.key.stat().st_uid, cert.key.stat().st_mode & 0o777) == (0, 0o600)
+    assert (config.state_dir / "certificates" / "cli.example.com.json").stat().st_uid == ident.uid
+    assert config.acme.account_key.stat().st_uid == 0
+
+
+# A bounded fuzz of the frame parser (CI): random bytes and random JSON objects, some of them
+# almost messages; anything but a ProtocolError (or a message) fails.
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                 max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.one_of(st.binary(max_size=200), _json.map(lambda v: json.dumps(v).encode()),
+                 st.builds(lambda name, body: json.dumps({"type": name, **body}).encode(),
+                           st.sampled_from(sorted(protocol.MESSAGES)), st.dictionaries(st.text(max_size=12), _json,
+                                                                                        max_size=5))))
+def test_fuzz_the_frame_parser(body):
+    try:
+        message = protocol.parse(body)
+    except protocol.ProtocolError:
+        return
+    assert type(message).__name__ in protocol.MESSAGES
+    assert protocol.parse(protocol.render(message)[4:]) == message
