@@ -90,6 +90,7 @@ MIN_DELAY = timedelta(seconds=30)  # an extra check is never sooner than this
 STOP_GRACE = 2.5  # seconds workers in progress get at SIGTERM (the whole stop stays under 5 s)
 HOURLY = timedelta(hours=1)
 METRICS_EVERY = timedelta(seconds=15)  # how stale /metrics may be at most
+RECONCILE_EVERY = timedelta(minutes=1)  # how soon a dead listener is started again
 
 
 def _log_line(line: str) -> None:
@@ -263,6 +264,8 @@ class Daemon:
         if self.config.metrics.listen:
             scheduler.add_job(self.push_metrics, IntervalTrigger(seconds=METRICS_EVERY.total_seconds()),
                               id="metrics", coalesce=True, max_instances=1)
+        scheduler.add_job(self.reconcile, IntervalTrigger(seconds=RECONCILE_EVERY.total_seconds()), id="reconcile",
+                          coalesce=True, max_instances=1)
         scheduler.start()
         return scheduler
 
@@ -321,6 +324,8 @@ class Daemon:
         """One network worker for ``job``, answered by a keeper of this configuration, in a thread."""
         if self.stopping.is_set():
             raise LocalError(f"not starting a {job} worker: the daemon is stopping")
+        if not self.listener.alive():
+            await self.reconcile()  # HTTP-01 needs it
         config, text = self.config, self.config_text
         worker = privsep.WorkerProcess(config, text, job, args, self.foreground, self.verbosity)
         challenges = privsep.ListenerChallenges(self.listener)
@@ -334,6 +339,7 @@ class Daemon:
             worker.kill()
             self.workers.discard(worker)
             await asyncio.to_thread(challenges.clear)
+            self._spawn(self.reconcile())  # whatever way the worker ended, serve what is on disk
             self._spawn(self.push_metrics())
 
     async def renew(self, args: dict[str, Any], emit: Callable[[str], None]) -> tuple[int, datetime | None]:
@@ -358,6 +364,25 @@ class Daemon:
             log.info("%s: serving the new certificate to new connections", cert.name)
         except (LocalError, OSError) as exc:
             log.error("%s: the listener did not take the new certificate: %s", cert.name, exc)
+
+    async def reconcile(self) -> None:
+        """The listener runs and serves the sets on disk: restarted if it died, handed the sets again
+        (an install a worker's death interrupted is finished first, by the store)."""
+        if self.stopping.is_set():
+            return
+        async with self.job_locks.setdefault("reconcile", asyncio.Lock()):
+            try:
+                if not self.listener.alive():
+                    log.error("the listener is gone; starting it again")
+                    await asyncio.to_thread(self.listener.stop)
+                    await asyncio.to_thread(self.listener.start)
+                    self._spawn(self.push_metrics())
+                before = self.listener.serving
+                served = await asyncio.to_thread(self.listener.serve_certificates, self.config, self.store)
+                if served != before:
+                    log.info("serving %s over HTTPS", ", ".join(served) or "no certificate")
+            except (CertkeeperError, OSError) as exc:
+                log.error("listener: %s", exc)
 
     async def push_metrics(self) -> None:
         """Render /metrics from the state on disk and hand it to the listener."""

@@ -312,7 +312,7 @@ async def test_late_scheduled_runs_are_never_dropped(fake_daemon):
     scheduler = fake_daemon._start_scheduler()
     try:
         jobs = scheduler.get_jobs()
-        assert {j.id for j in jobs} == {"check", "hourly"}
+        assert {j.id for j in jobs} == {"check", "hourly", "reconcile"}
         assert all(j.misfire_grace_time is None and j.coalesce for j in jobs)
         first = next(j for j in jobs if j.id == "check").next_run_time
         assert timedelta(0) < first - datetime.now(UTC) <= timedelta(hours=12)  # a random second in 12 h
@@ -554,6 +554,92 @@ fullchain = "{daemon.tmp_path}/ssl/{new}.fullchain.pem"
         daemon.config_path.write_text(daemon.config_text)
 
 
+# ---------------------------------------------------------------------------
+# Privilege separation, seen from /proc (never from the daemon's own report).
+
+
+def _inet_inodes() -> set[str]:
+    """Socket inodes of every INET socket on this host (TCP and UDP, v4 and v6)."""
+    inodes: set[str] = set()
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        with open(f"/proc/net/{table}") as f:
+            next(f)
+            inodes.update(line.split()[9] for line in f if line.strip())
+    return inodes
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and its descendants, through /proc/PID/task/TID/children (fast enough to sample often)."""
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            continue
+    return tree
+
+
+def _sample(root: int) -> list[tuple[int, int, str, bool]]:
+    """(pid, uid, NoNewPrivs, holds an INET socket) for the daemon and every process below it."""
+    inet = _inet_inodes()
+    seen = []
+    for pid in _process_tree(root):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue  # it ended meanwhile
+        holds = any(link.startswith("socket:[") and link[8:-1] in inet for link in fds)
+        seen.append((pid, int(status["Uid"].split()[0]), status.get("NoNewPrivs", "?").strip(), holds))
+    return seen
+
+
+def test_only_unprivileged_processes_hold_inet_sockets_during_a_forced_renewal(daemon):
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI runs as root: the privilege split must be tested for real")
+        pytest.skip("needs root")
+    daemon.wait_for_log("mail.example.com: renewed", timeout=60)
+    root = daemon.proc.popen.pid
+    samples: list[tuple[int, int, str, bool]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            samples.extend(_sample(root))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = daemon.cli("renew", "--force")
+    finally:
+        done.set()
+        watcher.join(30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    holders = [s for s in samples if s[3]]
+    assert {uid for _, uid, _, _ in holders} - {0} == {pwd.getpwnam("_certkeeper").pw_uid}
+    assert all(uid != 0 and nnp == "1" for _, uid, nnp, _ in holders), holders[:5]
+    assert not any(pid == root for pid, _, _, holds in samples if holds)  # the keeper: never, at any sample
+    assert len({pid for pid, _, _, _ in holders}) >= 2  # the listener and at least one network worker seen
+
+
+def test_a_killed_listener_is_started_again_before_the_next_job(daemon):
+    daemon.wait_for_log("mta-sts.example.com: serving the new certificate", timeout=60)
+    [listener] = [pid for pid in _process_tree(daemon.proc.popen.pid)
+                  if b"certkeeper.listener" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(listener, signal.SIGKILL)
+    result = daemon.cli("renew", "--force", "mta-sts.example.com")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the listener is gone; starting it again" in daemon.proc.output()
+    status, _, body, serial = daemon.fetch_policy()
+    assert (status, body, serial) == (200, POLICY, daemon.serial_on_disk("mta-sts.example.com"))
+
+
 def test_sigterm_during_a_renewal_stops_within_five_seconds_and_leaves_whole_sets(daemon):
     before = daemon.proc.output().count("renewing (forced)")
     renew = subprocess.Popen([sys.executable, "-m", "certkeeper", "-c", str(daemon.config_path), "renew", "--force"],
@@ -662,80 +748,3 @@ def test_address_in_use_is_reported_before_detaching(pebble, tmp_path):
         busy.close()
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
-
-
-# ---------------------------------------------------------------------------
-# Privilege separation, seen from /proc (never from the daemon's own report).
-
-
-def _inet_inodes() -> set[str]:
-    """Socket inodes of every INET socket on this host (TCP and UDP, v4 and v6)."""
-    inodes: set[str] = set()
-    for table in ("tcp", "tcp6", "udp", "udp6"):
-        with open(f"/proc/net/{table}") as f:
-            next(f)
-            inodes.update(line.split()[9] for line in f if line.strip())
-    return inodes
-
-
-def _process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
-def _sample(root: int) -> list[tuple[int, int, str, bool]]:
-    """(pid, uid, NoNewPrivs, holds an INET socket) for the daemon and every process below it."""
-    inet = _inet_inodes()
-    seen = []
-    for pid in _process_tree(root):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        except OSError:
-            continue  # it ended meanwhile
-        holds = any(link.startswith("socket:[") and link[8:-1] in inet for link in fds)
-        seen.append((pid, int(status["Uid"].split()[0]), status.get("NoNewPrivs", "?").strip(), holds))
-    return seen
-
-
-def test_only_unprivileged_processes_hold_inet_sockets_during_a_forced_renewal(daemon):
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI runs as root: the privilege split must be tested for real")
-        pytest.skip("needs root")
-    daemon.wait_for_log("mail.example.com: renewed", timeout=60)
-    root = daemon.proc.popen.pid
-    samples: list[tuple[int, int, str, bool]] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            samples.extend(_sample(root))
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        result = daemon.cli("renew", "--force")
-    finally:
-        done.set()
-        watcher.join(30)
-    assert result.returncode == 0, result.stdout + result.stderr
-    holders = [s for s in samples if s[3]]
-    assert {uid for _, uid, _, _ in holders} - {0} == {pwd.getpwnam("_certkeeper").pw_uid}
-    assert all(uid != 0 and nnp == "1" for _, uid, nnp, _ in holders), holders[:5]
-    assert not any(pid == root for pid, _, _, holds in samples if holds)  # the keeper: never, at any sample
-    assert len({pid for pid, _, _, _ in holders}) >= 2  # the listener and at least one network worker seen
