@@ -1,13 +1,52 @@
-"""``certkeeper check``: the configuration was read and validated by the CLI before this runs."""
+"""``certkeeper check``: the configuration was read and validated by the CLI before this runs.
+
+What the file alone cannot say is checked here, on this host: every hook that will
+run (a certificate's, a DKIM signer's, any [hooks.NAME] table) has a command that
+exists and is executable (for a built-in hook: the command of this host's service
+manager). A hook a certificate uses without ``verify`` endpoints is a warning: its
+reloads go unchecked.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TextIO
 
 from certkeeper.core.config import Config
+from certkeeper.core.errors import ConfigError
 
 
 def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    errors, warnings = hook_problems(config)
+    for line in warnings:
+        print(f"certkeeper: warning: {line}", file=sys.stderr)
+    if errors:
+        raise ConfigError(errors)
     print(f"{config.path}: configuration OK", file=out)
     return 0
+
+
+def hook_problems(config: Config, manager: str | None = None) -> tuple[list[str], list[str]]:
+    """(errors, warnings), one line each, for the hooks of ``config`` on this host (or ``manager``)."""
+    from certkeeper.keeper import signers
+    from certkeeper.keeper.hooks import command_problem, hook_for, service_manager
+
+    manager = manager or service_manager()
+    used_by_certificates = [name for cert in config.certificates for name in cert.hooks]
+    used = dict.fromkeys([*used_by_certificates, *(signers.hook_name(d) for d in config.dkim), *config.hooks])
+    errors: list[str] = []
+    warnings: list[str] = []
+    for name in used:
+        if not name:
+            continue
+        hook = hook_for(config, name, manager)
+        problem = command_problem(hook.command)
+        if problem:
+            configured = name in config.hooks and config.hooks[name].command
+            source = "" if configured else f" (the built-in {name} command where the service manager is {manager})"
+            errors.append(f"{config.path}: hooks.{name}.command: {problem}{source}")
+        if name in used_by_certificates and not hook.verify:
+            warnings.append(f"{config.path}: hooks.{name}: no verify endpoints: a reload is not checked to serve "
+                            "the new certificate (add verify = [\"smtps://127.0.0.1:465\", ...])")
+    return errors, warnings

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,13 +33,31 @@ DKIM_SIGNERS = ("rspamd", "filter-dkimsign", "none")
 MTA_STS_MODES = ("enforce", "testing", "none")
 DNS_BACKENDS = ("rfc2136", "zonefile", "manual")
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1", "hmac-md5")
-# Hook kinds with a built-in default command (OpenBSD rc.d / base tools).
-HOOK_DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
-    "smtpd": ("rcctl", "restart", "smtpd"),  # smtpd re-reads certificates only on restart
-    "dovecot": ("doveadm", "reload"),
-    "httpd": ("rcctl", "reload", "httpd"),
-    "rspamd": ("rcctl", "reload", "rspamd"),
-    "relayd": ("rcctl", "reload", "relayd"),
+# Hook kinds with a built-in default command, one per service manager; which manager runs the host
+# is found at run time (certkeeper.keeper.hooks.service_manager): "rcctl" (OpenBSD), "systemd" (Debian's
+# unit names) or "direct" (the service's own command, for a host with neither). smtpd re-reads
+# certificates only on restart and has no reload of its own; "direct" restarts it through
+# certkeeper.keeper.hooks.direct. OpenBSD's httpd does not exist on Linux: there "httpd" means nginx
+# (Debian's unit `nginx`, or `nginx -s reload`); for Apache, set command = ["apache2ctl", "graceful"].
+# relayd is OpenBSD's only: elsewhere its command must be set, which `certkeeper check` reports.
+SERVICE_MANAGERS = ("rcctl", "systemd", "direct")
+_DIRECT = (sys.executable, "-m", "certkeeper.keeper.hooks.direct")
+HOOK_DEFAULT_COMMANDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "smtpd": {"rcctl": ("rcctl", "restart", "smtpd"), "systemd": ("systemctl", "restart", "opensmtpd"),
+              "direct": (*_DIRECT, "restart", "smtpd")},
+    "dovecot": {"rcctl": ("doveadm", "reload"), "systemd": ("systemctl", "reload", "dovecot"),
+                "direct": ("doveadm", "reload")},
+    "httpd": {"rcctl": ("rcctl", "reload", "httpd"), "systemd": ("systemctl", "reload", "nginx"),
+              "direct": ("nginx", "-s", "reload")},
+    "rspamd": {"rcctl": ("rcctl", "reload", "rspamd"), "systemd": ("systemctl", "reload", "rspamd"),
+               "direct": (*_DIRECT, "reload", "rspamd")},
+    "relayd": {"rcctl": ("rcctl", "reload", "relayd")},
+}
+# Where a built-in hook's service listens in the guide's set-up: checked after each reload when the
+# [hooks.NAME] table does not set `verify` (an explicit `verify = []` turns the check off).
+HOOK_DEFAULT_VERIFY: dict[str, tuple[str, ...]] = {
+    "smtpd": ("smtp+starttls://127.0.0.1:25",),
+    "dovecot": ("imaps://127.0.0.1:993",),
 }
 VERIFY_SCHEMES = ("smtp+starttls", "smtps", "imap+starttls", "imaps", "https")
 RFC8461_MAX_AGE = 31557600  # RFC 8461 3.2: max_age is at most 31557600 seconds
@@ -96,7 +115,7 @@ class CertificateConfig:
 @dataclass(frozen=True)
 class HookConfig:
     name: str
-    command: tuple[str, ...]
+    command: tuple[str, ...]  # () for a built-in kind: the host's default, found at run time
     verify: tuple[str, ...] = ()
     timeout: float = 60.0  # seconds the command may run
     verify_timeout: float = 30.0  # seconds to keep retrying the endpoints
@@ -524,11 +543,12 @@ class _Reader:
                 self.error(w, "must be a table ([hooks.NAME])")
                 continue
             self.table(item, w, {"command", "verify", "timeout", "verify_timeout"})
-            command = self.strings(item, w, "command", HOOK_DEFAULT_COMMANDS.get(name, ()))
-            if not command:
+            # () for a built-in kind: its command for this host's service manager, found at run time.
+            command = self.strings(item, w, "command")
+            if not command and name not in HOOK_DEFAULT_COMMANDS:
                 known = ", ".join(HOOK_DEFAULT_COMMANDS)
                 self.error(f"{w}.command", f"is required for a hook that is not one of {known}")
-            verify = self.strings(item, w, "verify")
+            verify = self.strings(item, w, "verify", HOOK_DEFAULT_VERIFY.get(name, ()))
             for i, url in enumerate(verify):
                 problem = verify_url_problem(url)
                 if problem:
@@ -761,10 +781,14 @@ class _Reader:
 
 
 def hook_config(config: Config, name: str) -> HookConfig:
-    """The hook's table, or the built-in default for a known kind without one."""
+    """The hook's table, or the built-in default for a known kind without one.
+
+    ``command`` is () for a built-in kind whose table does not set it: certkeeper.keeper.hooks
+    picks the command of the host's service manager when it runs.
+    """
     if name in config.hooks:
         return config.hooks[name]
-    return HookConfig(name=name, command=HOOK_DEFAULT_COMMANDS[name])
+    return HookConfig(name=name, command=(), verify=HOOK_DEFAULT_VERIFY.get(name, ()))
 
 
 # ---------------------------------------------------------------------------
