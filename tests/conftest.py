@@ -38,4 +38,5 @@ pytest_plugins = [
     "tests.fixtures.pebble",
     "tests.fixtures.bind",
     "tests.fixtures.mailservices",
+    "tests.fixtures.rspamd",
 ]

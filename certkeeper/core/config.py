@@ -30,6 +30,8 @@ DEFAULT_PATH = Path("/etc/certkeeper.toml")
 KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "ecdsa-p256", "ecdsa-p384")
 DKIM_ALGORITHMS = ("rsa2048", "rsa3072", "rsa4096", "ed25519")
 DKIM_SIGNERS = ("rspamd", "filter-dkimsign", "none")
+# The user and group each signer reads its keys as, unless signer_user/signer_group say otherwise.
+DKIM_SIGNER_ACCOUNTS = {"rspamd": "_rspamd", "filter-dkimsign": "_dkimsign", "none": ""}
 MTA_STS_MODES = ("enforce", "testing", "none")
 DNS_BACKENDS = ("rfc2136", "zonefile", "manual")
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1", "hmac-md5")
@@ -191,11 +193,15 @@ class DkimConfig:
     remove_after: timedelta = timedelta(days=30)  # revoked record kept this long
     key_dir: Path = Path("/etc/mail/dkim")
     key_owner: str = "root"
-    key_group: str = "_rspamd"
+    key_group: str = "_rspamd"  # default: signer_group
     key_mode: int = 0o440
     signer: str = "rspamd"
     signer_config: Path | None = None  # rspamd dkim_signing.conf / smtpd.conf fragment
     signer_hook: str = ""  # hook run after the signer config changes
+    # The account the signer reads the key as: filter-dkimsign's `user`/`group` in the smtpd.conf
+    # fragment (the guide's _dkimsign), rspamd's own user (_rspamd); "" for signer = "none".
+    signer_user: str = "_rspamd"
+    signer_group: str = "_rspamd"
     reveal_retired: bool = False
 
 
@@ -691,7 +697,7 @@ class _Reader:
             self.table(item, w, {
                 "domain", "algorithms", "selector_format", "rotate_every", "publish_ahead", "retire_after",
                 "remove_after", "key_dir", "key_owner", "key_group", "key_mode", "signer", "signer_config",
-                "signer_hook", "reveal_retired",
+                "signer_hook", "reveal_retired", "signer_user", "signer_group",
             })
             domain = self.domain(f"{w}.domain", self.string(item, w, "domain"))
             if domain is None:
@@ -716,6 +722,15 @@ class _Reader:
             if key_mode & 0o037:
                 self.error(f"{w}.key_mode", f"{key_mode:04o} lets others read or the group write the key")
             signer_config = self.path(item, w, "signer_config", None)
+            signer = self.choice(item, w, "signer", DKIM_SIGNERS, "rspamd")
+            if signer == "rspamd" and len(algorithms) > 1:
+                self.error(f"{w}.algorithms", "rspamd's selector_map and path_map hold one key per domain: list one "
+                           "algorithm, or use signer = \"filter-dkimsign\" (one chained filter per key)")
+            signer_user = self.string(item, w, "signer_user", DKIM_SIGNER_ACCOUNTS[signer])
+            signer_group = self.string(item, w, "signer_group", DKIM_SIGNER_ACCOUNTS[signer])
+            for key, value in (("signer_user", signer_user), ("signer_group", signer_group)):
+                if value and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", value):
+                    self.error(f"{w}.{key}", f"{value!r} is not a user or group name")
             if item.get("signer") == "filter-dkimsign":
                 # filter-dkimsign(8) takes one -k and one -s: one smtpd.conf fragment signs for one domain.
                 other = dkimsign_files.setdefault(str(signer_config), domain)
@@ -733,12 +748,14 @@ class _Reader:
                 remove_after=self.duration(item, w, "remove_after", timedelta(days=30)),
                 key_dir=self.required_path(item, w, "key_dir", Path("/etc/mail/dkim")),
                 key_owner=self.string(item, w, "key_owner", "root"),
-                key_group=self.string(item, w, "key_group", "_rspamd"),
+                key_group=self.string(item, w, "key_group", signer_group),
                 key_mode=key_mode,
-                signer=self.choice(item, w, "signer", DKIM_SIGNERS, "rspamd"),
+                signer=signer,
                 signer_config=signer_config,
                 signer_hook=self.string(item, w, "signer_hook"),
                 reveal_retired=self.boolean(item, w, "reveal_retired", False),
+                signer_user=signer_user,
+                signer_group=signer_group,
             )
 
     def alerts(self, data: dict[str, Any]) -> AlertsConfig:

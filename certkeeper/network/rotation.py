@@ -266,6 +266,7 @@ class _Run:
 def run_steps(config: Config, item: DkimConfig, state: DomainState, now: datetime, progress: Progress) -> DomainState:
     """Run every step due at ``now``, one at a time; each step runs at most once per call."""
     run = _Run(config, item, now, progress)
+    signers.enforce_key_files(item, [Path(k.key_file) for k in state.keys if k.state != "removed"], run.say)
     for _ in range(8 * (len(state.keys) + len(item.algorithms)) + 8):
         due = [a for a in plan(state, item, now).actions if a not in run.done]
         if not due:
