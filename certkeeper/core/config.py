@@ -170,6 +170,11 @@ class DmarcConfig:
     subdomain_policy: str = "reject"
     rua: tuple[str, ...] = ()
     ruf: tuple[str, ...] = ()
+    # RFC 7489 6.3; "" / None leave the tag out (its default applies: r, r, 100, 0; fo=1 with ruf).
+    aspf: str = ""
+    adkim: str = ""
+    pct: int | None = None
+    fo: str = ""
 
 
 @dataclass(frozen=True)
@@ -665,13 +670,26 @@ class _Reader:
 
     def dmarc(self, data: dict[str, Any]) -> DmarcConfig:
         w = "dmarc"
-        self.table(data, w, {"policy", "subdomain_policy", "rua", "ruf"})
+        self.table(data, w, {"policy", "subdomain_policy", "rua", "ruf", "aspf", "adkim", "pct", "fo"})
         policies = ("none", "quarantine", "reject")
+        rua, ruf = self.strings(data, w, "rua"), self.strings(data, w, "ruf")
+        for key, uris in (("rua", rua), ("ruf", ruf)):
+            for i, uri in enumerate(uris):  # RFC 7489 6.4: a URI; certkeeper writes them comma-separated
+                if not re.fullmatch(r"[a-z][a-z0-9+.-]*:[^\s,;!]+(![0-9]+[kmgt]?)?", uri):
+                    self.error(f"{w}.{key}[{i + 1}]", f"{uri!r} is not a URI such as \"mailto:dmarc@example.com\"")
+        fo = self.string(data, w, "fo")
+        if fo and not re.fullmatch(r"[01ds](:[01ds])*", fo):  # RFC 7489 6.3: colon-separated 0, 1, d, s
+            self.error(f"{w}.fo", f"{fo!r} is not one or more of 0, 1, d, s separated by ':'")
+            fo = ""
         return DmarcConfig(
             policy=self.choice(data, w, "policy", policies, "reject"),
             subdomain_policy=self.choice(data, w, "subdomain_policy", policies, "reject"),
-            rua=self.strings(data, w, "rua"),
-            ruf=self.strings(data, w, "ruf"),
+            rua=rua,
+            ruf=ruf,
+            aspf=self.choice(data, w, "aspf", ("", "r", "s"), "") if "aspf" in data else "",
+            adkim=self.choice(data, w, "adkim", ("", "r", "s"), "") if "adkim" in data else "",
+            pct=self.integer(data, w, "pct", 100, 0, 100) if "pct" in data else None,
+            fo=fo,
         )
 
     def records(self, data: dict[str, Any]) -> RecordsConfig:
