@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from certkeeper import cli
-from certkeeper.core.errors import ConfigError
 from certkeeper.core import config as ck_config
+from certkeeper.core.errors import ConfigError
 from certkeeper.network import records
 from certkeeper.network.dns import RecordSet, backend_for
 
