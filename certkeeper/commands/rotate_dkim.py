@@ -1,4 +1,8 @@
-"""``certkeeper rotate-dkim [DOMAIN] [--now]``: start a rotation and run it as far as it is due."""
+"""``certkeeper rotate-dkim [DOMAIN] [--now]``: start a rotation and run it as far as it is due.
+
+``--adopt SELECTOR [DOMAIN]`` takes over a key made by hand instead (``rotation.adopt``); DOMAIN may
+be left out when one [[dkim]] domain is configured.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from certkeeper.core.config import Config
-from certkeeper.core.errors import CertkeeperError
+from certkeeper.core.errors import CertkeeperError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +27,16 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
 
     def progress(line: str) -> None:
         print(line, file=out, flush=True)
+
+    selector = getattr(args, "adopt", None)
+    if selector:
+        if len(items) > 1:
+            raise ConfigError([f"{config.path}: rotate-dkim --adopt {selector}: name the domain "
+                               f"({', '.join(i.domain for i in items)})"])
+        if emergency:
+            raise ConfigError([f"{config.path}: rotate-dkim: --adopt and --now do not go together"])
+        rotation.adopt(config, items[0], selector.lower(), now, progress)
+        return 0
 
     failed = False
     for item in items:

@@ -152,6 +152,40 @@ def rspamd_maps(dkim_signing_conf: Path) -> tuple[Path, Path]:
     return maps[0], maps[1]
 
 
+def keys_named(item: DkimConfig) -> dict[str, Path]:
+    """selector -> key file, as the signer's current configuration names them for ``item.domain``
+    (what signs now, perhaps a key made by hand before certkeeper: the guide's ``selector = "default"``)."""
+    path = config_path(item)
+    text = _read(path) if path is not None else None
+    if text is None:
+        return {}
+    found: dict[str, Path] = {}
+    if item.signer == "filter-dkimsign":
+        for selector, key in re.findall(r"-s (\S+) -k ([^\s\"]+)", text):
+            found[selector] = Path(key)
+        return found
+    # rspamd: the guide's own domain block (path and selector of a domain), then certkeeper's maps.
+    for key, selector in re.findall(r'path\s*=\s*"([^"]+)";\s*selector\s*=\s*"([^"]+)"', text):
+        found[selector] = Path(key.replace("$domain", item.domain).replace("$selector", selector))
+    for selector, key in re.findall(r'selector\s*=\s*"([^"]+)";\s*path\s*=\s*"([^"]+)"', text):
+        found[selector] = Path(key.replace("$domain", item.domain).replace("$selector", selector))
+    try:
+        selector_map, path_map = rspamd_maps(path)  # type: ignore[arg-type]
+    except LocalError:
+        return found
+    selectors = _map_entries(selector_map)
+    paths = _map_entries(path_map)
+    if item.domain in selectors and item.domain in paths:
+        found[selectors[item.domain]] = Path(paths[item.domain])
+    return found
+
+
+def _map_entries(path: Path) -> dict[str, str]:
+    text = _read(path) or ""
+    pairs = (line.split(None, 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    return {p[0]: p[1].strip() for p in pairs if len(p) == 2}
+
+
 def render_dkimsign(keys: Sequence[SigningKey], name: str = FILTER_NAME, user: str = "", group: str = "") -> str:
     """The smtpd.conf fragment defining filter ``name`` (smtpd.conf(5) filter, filter-dkimsign(8))."""
     lines = [

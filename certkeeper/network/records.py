@@ -318,7 +318,44 @@ def check(config: Config, domain: str, lookup: Lookup) -> list[Row]:
         rows.append(_check_one(item, lookup))
     rows += _mx_policy_rows(config, domain, lookup)
     rows += _fcrdns_rows(config, domain, lookup)
+    rows += handmade_selector_rows(config, domain, lookup)
     return rows
+
+
+# Selectors people pick by hand (the guide's "default", providers' "selector1" ...), looked up besides the
+# ones the signer's configuration and key_dir name: DNS cannot list the names under _domainkey.
+COMMON_SELECTORS = ("default", "dkim", "mail", "selector1", "selector2", "s1", "s2")
+
+
+def handmade_selector_rows(config: Config, domain: str, lookup: Lookup) -> list[Row]:
+    """DKIM key records in DNS that certkeeper's state does not know (keys made by hand), status
+    "unmanaged", each with the command that adopts it (``rotate-dkim --adopt``)."""
+    item = next((d for d in config.dkim if d.domain == domain), None)
+    if item is None:
+        return []
+    from certkeeper.keeper import signers
+    from certkeeper.network import rotation
+
+    mine = rotation.load_state(config, domain).selectors
+    prefix, suffix = f"{domain}.", ".key"
+    try:
+        names = [entry.name for entry in item.key_dir.iterdir()]
+    except OSError:
+        names = []
+    on_disk = {n[len(prefix):-len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix)}
+    candidates = (set(COMMON_SELECTORS) | set(signers.keys_named(item)) | on_disk) - mine
+    rows = []
+    for selector in sorted(candidates):
+        name = f"{selector}._domainkey.{domain}"
+        found = [v for v in lookup(name, "TXT") if _relevant("tags", v) and not _revoked(v)]
+        if found:
+            rows.append(Row(f"{name} TXT", f"made by hand? certkeeper rotate-dkim --adopt {selector} {domain}",
+                            ", ".join(found), "unmanaged"))
+    return rows
+
+
+def _revoked(value: str) -> bool:
+    return ("p", "") in _tags(value)
 
 
 def _check_one(item: Expected, lookup: Lookup) -> Row:

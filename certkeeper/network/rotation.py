@@ -241,6 +241,23 @@ def activated(state: DomainState, selector: str, now: datetime) -> DomainState:
     return state.with_key(replace(new, state="active", activated=now))
 
 
+def adopted(state: DomainState, item: DkimConfig, selector: str, algorithm: str, key_file: str, record: str,
+            now: datetime, signs: bool) -> DomainState:
+    """A selector made by hand (its record already in DNS) becomes one of certkeeper's keys.
+
+    When ``signs`` (its private key is at hand, of a configured algorithm, and no key of that
+    algorithm is active) it is active: rotated on schedule like certkeeper's own. Otherwise it is
+    retiring from ``now``: revoked after retire_after and removed after remove_after.
+    """
+    if selector in state.selectors:
+        raise LocalError(f"dkim {item.domain}: selector {selector} is already certkeeper's")
+    active = signs and algorithm in item.algorithms and state.current(algorithm, "active") is None
+    return state.with_key(KeyState(
+        selector=selector, algorithm=algorithm, state="active" if active else "retiring", created=now,
+        key_file=key_file, record=record, published=now, visible=now, activated=now if active else None,
+        retired=None if active else now))
+
+
 def signing_keys(state: DomainState) -> list[signers.SigningKey]:
     return [signers.SigningKey(state.domain, k.selector, k.algorithm, Path(k.key_file))
             for k in state.keys if k.state == "active"]
@@ -601,6 +618,77 @@ def rotate_now(config: Config, item: DkimConfig, now: datetime, emergency: bool,
             at = pending.visible + item.publish_ahead
             progress(f"{item.domain}: selector {pending.selector} becomes active at {at:%Y-%m-%d %H:%M} UTC "
                      "(publish_ahead); the daemon switches the signer then")
+
+
+def adopt(config: Config, item: DkimConfig, selector: str, now: datetime, progress: Progress) -> KeyState:
+    """``rotate-dkim --adopt SELECTOR``: take over a key made by hand (see ``adopted``).
+
+    Its record is read from the authoritative servers. Its private key is looked for in key_dir
+    (DOMAIN.SELECTOR.key) and where the signer's configuration names it; when found and matching
+    the record it is copied into key_dir (owner, group, mode from the config) and the signer is
+    switched to it. Without it, the selector is retired on schedule.
+    """
+    from certkeeper.network.dns.propagation import authoritative_servers, query, zone_of
+
+    name = dkim.record_name(selector, item.domain)
+    answers = [query(server, name, "TXT") for server in authoritative_servers(config, zone_of(config, name))]
+    values = sorted({v for a in answers for v in a.values if "p=" in v.replace(" ", "")})
+    if len(values) != 1:
+        found = "; ".join(a.describe() for a in answers) or "no authoritative server"
+        raise DNSError(f"dkim {item.domain}: {name} TXT holds no single DKIM key record to adopt ({found})")
+    try:
+        record = dkim.parse_key_record(values[0])
+    except ValueError as exc:
+        raise DNSError(f"dkim {item.domain}: {name} TXT is not a DKIM key record: {exc}") from None
+    if not record.public_key:
+        raise DNSError(f"dkim {item.domain}: {name} TXT is already revoked (p=); nothing to adopt")
+    target = item.key_dir / dkim.key_file_name(item.domain, selector)
+    private = None
+    named = signers.keys_named(item).get(selector)
+    for path in [target] + ([named] if named is not None and named != target else []):
+        try:
+            candidate = dkim.load_private_key(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if dkim.key_record_for(candidate).public_key == record.public_key:
+            private = candidate
+            break
+    algorithm = dkim.algorithm_of(private) if private is not None else _record_algorithm(record)
+    with _lock(config, item.domain, wait=False) as locked:
+        if not locked:
+            raise LocalError(f"another certkeeper process is working on {item.domain}; try again later")
+        state = load_state(config, item.domain)
+        if private is not None and not target.exists():
+            uid, gid = _owner(item)
+            write_atomic(target, dkim.private_key_file(private, raw_ed25519=signers.raw_ed25519(item.signer)),
+                         item.key_mode, uid, gid)
+            progress(f"{item.domain}: copied the private key of {selector} to {target}")
+        state = adopted(state, item, selector, algorithm, str(target), values[0], now, signs=private is not None)
+        key = state.key(selector)
+        if key.state == "active":
+            _switch_signer(_Run(config, item, now, progress), state)
+        save_state(config, state)
+    if key.state == "active":
+        progress(f"{item.domain}: adopted selector {selector} ({algorithm}): active, the signer uses it; "
+                 f"rotated like certkeeper's own keys")
+    else:
+        why = "its private key was not found" if private is None else "another key of its algorithm is active"
+        progress(f"{item.domain}: adopted selector {selector} ({algorithm}) as retiring ({why}): revoked after "
+                 f"retire_after, removed after remove_after")
+    return key
+
+
+def _record_algorithm(record: dkim.KeyRecord) -> str:
+    """The config name of a published key (rsa2048 ...), or e.g. rsa1024 for a size certkeeper never makes."""
+    if record.key_type == "ed25519":
+        return "ed25519"
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    try:
+        bits = load_der_public_key(record.public_key).key_size  # type: ignore[union-attr]
+    except ValueError:
+        return "rsa"
+    return f"rsa{bits}"
 
 
 def status_rows(config: Config) -> list[dict[str, Any]]:
