@@ -495,6 +495,16 @@ def test_the_direct_smtpd_restart_leaves_smtpd_running_when_its_config_is_broken
     assert smtp_serial(ms.smtps_port, starttls=False) == serial_of(old)  # still up, never stopped
 
 
+def test_the_direct_restart_keeps_smtpds_arguments_but_not_its_foreground_flags():
+    from certkeeper.keeper.hooks import direct
+
+    assert direct.detached(["/usr/sbin/smtpd", "-d", "-f", "/etc/smtpd.conf"]) == ["/usr/sbin/smtpd", "-f",
+                                                                                  "/etc/smtpd.conf"]
+    assert direct.detached(["smtpd", "-dv", "-Dx=1", "-F", "-P", "mda"]) == ["smtpd", "-v", "-Dx=1", "-P", "mda"]
+    assert direct.detached(["smtpd", "-df/etc/d.conf"]) == ["smtpd", "-f/etc/d.conf"]
+    assert direct.main(["reload", "smtpd"]) == 1  # not an action: usage, exit 1
+
+
 def _smtpd_parents() -> list[tuple[int, list[str]]]:
     from certkeeper.keeper.hooks import direct
 

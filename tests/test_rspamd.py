@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import dkim as dkimpy
 
 from certkeeper.keeper import signers
+from certkeeper.keeper.hooks import direct
 from certkeeper.network import rotation
 
 T0 = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)
@@ -51,6 +52,9 @@ def test_rspamd_signs_with_the_key_certkeeper_switched_to(bind, rspamd_factory, 
     server.start()  # before any map exists, as on a host where rspamd runs before certkeeper
     assert server.sign(MESSAGE) is None
     assert server.process is not None
+    # What the built-in rspamd hook signals without a service manager: the main process, by its title.
+    mains = [pid for pid, argv in direct.processes() if argv[0].startswith("rspamd: main process")]
+    assert server.process.popen.pid in mains
     config = bind.config(f"""
 [hooks.rspamd]
 command = ["kill", "-HUP", "{server.process.popen.pid}"]  # rspamd -f: its main process, as systemd's reload
