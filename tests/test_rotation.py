@@ -563,13 +563,19 @@ def send_and_receive(port: int, received: list[bytes], message: bytes = MESSAGE)
     import smtplib
     import time
 
+    # smtpd's queue (/var/spool/smtpd) is the machine's: a message an earlier run left queued is relayed
+    # to this sink too, so wait for this one (a Message-ID of its own), not for the first to arrive.
+    mine = f"<{os.urandom(8).hex()}@example.test>".encode()
+    message = message.replace(b"<1@example.test>", mine)
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         client.sendmail("alice@example.test", ["bob@example.org"], message)
     deadline = time.monotonic() + 20
-    while not received and time.monotonic() < deadline:
+    while not any(mine in m for m in received) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert received, "smtpd did not relay the message"
-    return received.pop(0).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    found = [m for m in received if mine in m]
+    received.clear()
+    assert found, "smtpd did not relay the message"
+    return found[0].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 @pytest.fixture
