@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain", nargs="?", help="mail domain (default: every [[dkim]] domain)")
     p.add_argument("--now", action="store_true",
                    help="emergency rotation: skip publish_ahead (still waits for DNS)")
+    p.add_argument("--adopt", metavar="SELECTOR",
+                   help="take over a key made by hand (its record in DNS): active if its private key is found, "
+                        "else retired on schedule")
 
     p = sub.add_parser("import-acme-client", parents=[common],
                        help="print a certkeeper.toml equivalent to an acme-client.conf")

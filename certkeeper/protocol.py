@@ -150,6 +150,20 @@ class SwitchSigner:
 
 @message
 @dataclass(frozen=True)
+class EnforceDkimKeys:
+    domain: str
+
+
+@message
+@dataclass(frozen=True)
+class AdoptDkimKey:
+    domain: str
+    selector: str
+    record: str  # the key record published for it
+
+
+@message
+@dataclass(frozen=True)
 class DisposeDkimKey:
     domain: str
     selector: str
@@ -271,6 +285,12 @@ class HookRan:
 class DkimRecord:
     record: str  # "" when there is no key and none was asked for
     created: bool
+
+
+@message
+@dataclass(frozen=True)
+class DkimAlgorithm:
+    algorithm: str  # "" when no private key matches
 
 
 @message

@@ -130,6 +130,15 @@ def job_rotate(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tupl
     return (1 if failed else 0), None
 
 
+def job_adopt(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:
+    """``certkeeper rotate-dkim --adopt SELECTOR [DOMAIN]``: the record is read here, the key is the keeper's."""
+    from certkeeper.network import rotation
+
+    [item] = rotation.selected_items(config, args.get("domain"))
+    rotation.adopt(config, item, str(args["selector"]), datetime.now(UTC), _liner(keeper), keeper)
+    return 0, None
+
+
 def job_verify(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:
     """``certkeeper verify [NAME...]``: probe every endpoint; 0 when each serves the file on disk."""
     from certkeeper.network.verification import check_certificate, save_results
@@ -160,14 +169,16 @@ def job_dns_check(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> t
     rows = [row for d in args.get("domains") or [] for row in records.check(config, d, lookup)]
     for text in records.render_table(rows).splitlines():
         line(text)
-    bad = [r for r in rows if r.status != "ok"]
-    line(f"{len(rows) - len(bad)} ok, {sum(r.status == 'missing' for r in bad)} missing, "
-         f"{sum(r.status == 'wrong' for r in bad)} wrong")
+    # "unmanaged" (a DKIM key made by hand) is reported, not a failure: adopt it or let it be.
+    bad = [r for r in rows if r.status not in ("ok", "unmanaged")]
+    unmanaged = sum(r.status == "unmanaged" for r in rows)
+    line(f"{sum(r.status == 'ok' for r in rows)} ok, {sum(r.status == 'missing' for r in bad)} missing, "
+         f"{sum(r.status == 'wrong' for r in bad)} wrong" + (f", {unmanaged} unmanaged" if unmanaged else ""))
     return (0 if not bad else 1), None
 
 
 JOBS: dict[str, Job] = {"renew": job_renew, "publish": job_publish, "hourly": job_hourly, "rotate": job_rotate,
-                        "verify": job_verify, "dns-check": job_dns_check}
+                        "adopt": job_adopt, "verify": job_verify, "dns-check": job_dns_check}
 
 
 def _liner(keeper: PipeKeeper) -> Callable[[str], None]:

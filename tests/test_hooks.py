@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import imaplib
+import io
 import json
 import os
 import signal
@@ -43,11 +44,18 @@ NAME = "mail.example.test"
 # The hook contract and the one subprocess helper.
 
 
-def test_every_known_kind_has_its_openbsd_default_and_command_has_none():
-    assert {k: v.default_command for k, v in KINDS.items() if k != "command"} == HOOK_DEFAULT_COMMANDS
-    assert KINDS["smtpd"].default_command == ("rcctl", "restart", "smtpd")  # smtpd has no reload
-    assert KINDS["dovecot"].default_command == ("doveadm", "reload")
-    assert KINDS["command"].default_command == ()
+def test_every_known_kind_has_a_command_per_service_manager_and_command_has_none():
+    assert {k: v.default_commands for k, v in KINDS.items() if k != "command"} == HOOK_DEFAULT_COMMANDS
+    smtpd, dovecot = KINDS["smtpd"], KINDS["dovecot"]
+    assert smtpd.default_command("rcctl") == ("rcctl", "restart", "smtpd")  # smtpd has no reload
+    assert smtpd.default_command("systemd") == ("systemctl", "restart", "opensmtpd")  # Debian's unit name
+    assert smtpd.default_command("direct") == (sys.executable, "-m", "certkeeper.keeper.hooks.direct",
+                                               "restart", "smtpd")
+    assert dovecot.default_command("rcctl") == dovecot.default_command("direct") == ("doveadm", "reload")
+    assert dovecot.default_command("systemd") == ("systemctl", "reload", "dovecot")
+    assert KINDS["httpd"].default_command("systemd") == ("systemctl", "reload", "nginx")  # httpd on Linux: nginx
+    assert KINDS["relayd"].default_command("systemd") == ()  # OpenBSD only
+    assert KINDS["command"].default_commands == {}
 
 
 def test_hook_for_uses_the_table_or_the_default_of_the_kind():
@@ -62,12 +70,113 @@ timeout = 5
 [hooks.postfix]
 command = ["postfix", "reload"]
 """, "t.toml")
-    smtpd = hook_for(config, "smtpd")
-    assert (smtpd.kind.name, smtpd.command, smtpd.verify) == ("smtpd", ("rcctl", "restart", "smtpd"), ())
+    smtpd = hook_for(config, "smtpd", "rcctl")
+    # A built-in hook without verify checks where the guide's smtpd listens.
+    assert (smtpd.kind.name, smtpd.command, smtpd.verify) == (
+        "smtpd", ("rcctl", "restart", "smtpd"), ("smtp+starttls://127.0.0.1:25",))
     dovecot = hook_for(config, "dovecot")
     assert (dovecot.command, dovecot.verify, dovecot.timeout) == (
         ("/usr/local/bin/doveadm", "reload"), ("imaps://127.0.0.1:993",), 5.0)
     assert hook_for(config, "postfix").kind.name == "command"
+    assert hook_for(config, "postfix").verify == ()
+    off = parse('[hooks.dovecot]\nverify = []\n', "t.toml")  # an explicit empty list turns the check off
+    assert hook_for(off, "dovecot").verify == () and hook_for(off, "smtpd").verify == ("smtp+starttls://127.0.0.1:25",)
+
+
+# ---------------------------------------------------------------------------
+# Which service manager: rcctl, systemd (a stand-in systemctl), or the services' own commands.
+
+
+def _stand_in(bin_dir: Path, name: str, record: Path) -> None:
+    """A program ``name`` in ``bin_dir`` that appends its argv to ``record`` and succeeds."""
+    bin_dir.mkdir(exist_ok=True)
+    program = bin_dir / name
+    program.write_text(f'#!/bin/sh\necho "{name} $*" >> "{record}"\n')
+    program.chmod(0o755)
+
+
+@pytest.fixture
+def host(tmp_path, monkeypatch):
+    """A fake root for /run/systemd/system and a PATH of /usr/bin:/bin plus a dir for stand-ins."""
+    from certkeeper.keeper import hooks as hooks_pkg
+
+    root, bin_dir = tmp_path / "root", tmp_path / "bin"
+    root.mkdir()
+    bin_dir.mkdir()
+    monkeypatch.setattr(hooks_pkg, "ROOT", root)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin")
+    assert not any(Path(d, "rcctl").exists() for d in ("/usr/sbin", "/usr/bin", "/sbin", "/bin"))
+    return root, bin_dir
+
+
+def test_service_manager_is_rcctl_then_systemd_then_direct(host, tmp_path):
+    from certkeeper.keeper.hooks import service_manager
+
+    root, bin_dir = host
+    assert service_manager() == "direct"  # this machine: neither systemd running nor rcctl
+    (root / "run" / "systemd" / "system").mkdir(parents=True)
+    assert service_manager() == "systemd"
+    _stand_in(bin_dir, "rcctl", tmp_path / "calls")
+    assert service_manager() == "rcctl"
+
+
+def test_under_systemd_the_built_in_hooks_call_systemctl_with_debians_unit_names(host, tmp_path):
+    root, bin_dir = host
+    (root / "run" / "systemd" / "system").mkdir(parents=True)
+    calls = tmp_path / "calls"
+    _stand_in(bin_dir, "systemctl", calls)
+    config = parse("", "t.toml")
+    for name in ("smtpd", "dovecot", "rspamd", "httpd"):
+        result = hook_for(config, name).reload(["mail.example.com"])
+        assert result.ok, result.describe()
+    assert calls.read_text().splitlines() == [
+        "systemctl restart opensmtpd", "systemctl reload dovecot", "systemctl reload rspamd",
+        "systemctl reload nginx"]
+
+
+def test_check_reports_a_missing_hook_command_and_warns_for_a_hook_without_verify(host, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from certkeeper import cli
+
+    root, bin_dir = host
+    conf = tmp_path / "certkeeper.toml"
+    conf.write_text(f"""state_dir = "{tmp_path}/state"
+[[certificate]]
+name = "mail.example.com"
+hooks = ["smtpd", "dovecot", "relayd", "custom"]
+[hooks.dovecot]
+verify = []
+[hooks.custom]
+command = ["{tmp_path}/not-there", "reload"]
+verify = ["https://127.0.0.1:443"]
+[hooks.script]
+command = ["{conf}"]
+""")
+    assert cli.main(["--config", str(conf), "check"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"certkeeper: warning: {conf}: hooks.dovecot: no verify endpoints: a reload is not checked to serve the new "
+        "certificate (add verify = [\"smtps://127.0.0.1:465\", ...])",
+        f"certkeeper: warning: {conf}: hooks.relayd: no verify endpoints: a reload is not checked to serve the new "
+        "certificate (add verify = [\"smtps://127.0.0.1:465\", ...])",
+        f"certkeeper: {conf}: hooks.relayd.command: 'rcctl' is not found on PATH (the built-in relayd command "
+        "where the service manager is direct)",
+        f"certkeeper: {conf}: hooks.custom.command: '{tmp_path}/not-there' does not exist",
+        f"certkeeper: {conf}: hooks.script.command: '{conf}' is not executable",
+    ]
+    # Under systemd without systemctl, the built-in smtpd hook is reported too.
+    (root / "run" / "systemd" / "system").mkdir(parents=True)
+    monkeypatch.setenv("PATH", str(bin_dir))  # this machine has a systemctl (not running systemd)
+    conf.write_text(f'state_dir = "{tmp_path}/state"\n[[certificate]]\nname = "mail.example.com"\n'
+                    'hooks = ["smtpd"]\n')
+    assert cli.main(["--config", str(conf), "check"]) == 1
+    assert capsys.readouterr().err == (f"certkeeper: {conf}: hooks.smtpd.command: 'systemctl' is not found on PATH "
+                                       "(the built-in smtpd command where the service manager is systemd)\n")
+    _stand_in(bin_dir, "systemctl", tmp_path / "calls")
+    out = io.StringIO()
+    assert cli.main(["--config", str(conf), "check"], out=out) == 0
+    assert capsys.readouterr().err == "" and out.getvalue() == f"{conf}: configuration OK\n"
+    assert not (tmp_path / "calls").exists()  # check runs nothing
 
 
 def test_run_command_reports_exit_status_and_output_as_one_line():
@@ -360,6 +469,53 @@ def test_renewal_makes_smtpd_and_dovecot_serve_the_new_certificate(running, tmp_
     assert sorted(r["endpoint"] for r in saved) == sorted(ms.smtpd_urls + ms.dovecot_urls)
     assert all(r["ok"] and r["serial"] == format_serial(serial_of(new)) for r in saved)
     assert any("ok, served serial" in line for line in lines)
+
+
+def test_without_rcctl_or_systemd_the_built_in_hooks_restart_smtpd_and_reload_dovecot_themselves(
+        running, host, tmp_path, monkeypatch):
+    ms, store, cert, old, new = running
+    monkeypatch.setenv("CONFIG_FILE", str(ms.dovecot_conf))  # doveadm's default config, as /etc/dovecot is
+    config = Config(path=tmp_path / "certkeeper.toml", state_dir=tmp_path / "state", certificates=(cert,), hooks={
+        "smtpd": HookConfig("smtpd", (), ms.smtpd_urls, 30.0, 15.0),  # no command: the built-in one
+        "dovecot": HookConfig("dovecot", (), ms.dovecot_urls, 30.0, 15.0),
+    })
+    assert hook_for(config, "smtpd").command[-2:] == ("restart", "smtpd")
+    assert hook_for(config, "dovecot").command == ("doveadm", "reload")
+    before = _smtpd_parents()
+    result = reload.reload_and_verify(config, LocalKeeper(config, store=store), [cert], lambda line: None)
+    assert result == reload.ReloadResult(ok=True)
+    assert served_serials(ms) == dict.fromkeys(("smtp+starttls", "smtps", "imap+starttls", "imaps"), serial_of(new))
+    after = _smtpd_parents()
+    assert len(before) == len(after) == 1 and before[0][0] != after[0][0]  # a new smtpd ...
+    assert after[0][1] == [before[0][1][0], "-f", str(ms.smtpd_conf)]  # ... with the same config, detached
+    assert (ms.run_count("smtpd restart"), ms.run_count("dovecot reload")) == (0, 0)  # not the fixture's mailctl
+
+
+def test_the_direct_smtpd_restart_leaves_smtpd_running_when_its_config_is_broken(running, host, tmp_path):
+    ms, store, cert, old, new = running
+    good = ms.smtpd_conf.read_text()
+    ms.smtpd_conf.write_text(good + "listen on nowhere-at-all bogus\n")
+    config = Config(path=tmp_path / "certkeeper.toml", hooks={"smtpd": HookConfig("smtpd", (), ms.smtpd_urls)})
+    result = hook_for(config, "smtpd").reload()
+    assert result.returncode == 1 and "smtpd left running with its old configuration" in result.output
+    assert f"-f {ms.smtpd_conf} -n: exit 1" in result.output
+    assert smtp_serial(ms.smtps_port, starttls=False) == serial_of(old)  # still up, never stopped
+
+
+def test_the_direct_restart_keeps_smtpds_arguments_but_not_its_foreground_flags():
+    from certkeeper.keeper.hooks import direct
+
+    assert direct.detached(["/usr/sbin/smtpd", "-d", "-f", "/etc/smtpd.conf"]) == ["/usr/sbin/smtpd", "-f",
+                                                                                  "/etc/smtpd.conf"]
+    assert direct.detached(["smtpd", "-dv", "-Dx=1", "-F", "-P", "mda"]) == ["smtpd", "-v", "-Dx=1", "-P", "mda"]
+    assert direct.detached(["smtpd", "-df/etc/d.conf"]) == ["smtpd", "-f/etc/d.conf"]
+    assert direct.main(["reload", "smtpd"]) == 1  # not an action: usage, exit 1
+
+
+def _smtpd_parents() -> list[tuple[int, list[str]]]:
+    from certkeeper.keeper.hooks import direct
+
+    return direct.smtpd_parents()
 
 
 def test_a_hook_that_exits_non_zero_rolls_back_and_the_old_certificate_is_served(running, tmp_path):

@@ -131,6 +131,10 @@ MESSAGE = (b"From: alice@example.test\r\nTo: bob@example.org\r\nSubject: rotatio
 
 def dkim_toml(tmp: Path, signer: str = "rspamd", algorithms: str = '["rsa2048"]', fmt: str = "%Y%m%d",
               extra: str = "") -> str:
+    if signer == "rspamd":  # the operator's dkim_signing.conf, naming the maps certkeeper writes
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "signer.conf").write_text(f'allow_username_mismatch = true;\nselector_map = "{tmp}/selectors.map";\n'
+                                         f'path_map = "{tmp}/paths.map";\n')
     return f"""
 [hooks.signer]
 command = ["sh", "-c", "echo reload >> {tmp / 'hook.log'}"]
@@ -161,11 +165,16 @@ def dnsfunc(bind):
 
 
 def signer_keys(conf: Path) -> dict[str, Path]:
-    """selector → key file, as the rspamd or filter-dkimsign file names them."""
+    """selector → key file, as the rspamd maps (named by dkim_signing.conf) or the dkimsign fragment name them."""
     text = conf.read_text()
-    pairs = re.findall(r'path = "([^"]+)";\s*selector = "([^"]+)";', text)
-    pairs += [(k, s) for s, k in re.findall(r"-s (\S+) -k ([^\s\"]+)", text)]
-    return {selector: Path(path) for path, selector in pairs}
+    maps = dict(re.findall(r'^(selector_map|path_map) = "([^"]+)";', text, re.MULTILINE))
+    if maps:
+        def entries(path: str) -> dict[str, str]:
+            lines = Path(path).read_text().splitlines() if Path(path).exists() else []
+            return dict(line.split(" ", 1) for line in lines if line and not line.startswith("#"))
+        selectors, paths = entries(maps["selector_map"]), entries(maps["path_map"])
+        return {selectors[domain]: Path(paths[domain]) for domain in selectors}
+    return {s: Path(k) for s, k in re.findall(r"-s (\S+) -k ([^\s\"]+)", text)}
 
 
 def sign(key_file: Path, selector: str, message: bytes = MESSAGE) -> bytes:
@@ -377,18 +386,20 @@ def test_rotate_dkim_reports_errors_with_exit_1(bind, tmp_path, capsys):
     assert cli.main(["rotate-dkim", "--now", "-c", str(config.path)], out=io.StringIO()) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("certkeeper: example.test: ")
-    assert not (tmp_path / "signer.conf").exists()
+    assert not (tmp_path / "selectors.map").exists()  # the signer was not switched
     assert cli.main(["rotate-dkim", "-c", str(config.path), "example.org"], out=io.StringIO()) == 1
     assert "'example.org' has no [[dkim]] table" in capsys.readouterr().err
 
 
 def test_ed25519_and_rsa_side_by_side_verify(bind, tmp_path):
-    config = bind.config(dkim_toml(tmp_path, algorithms='["rsa2048", "ed25519"]', fmt="%Y%m%d-{alg}"))
+    # Two keys per domain: filter-dkimsign chains one filter per key (rspamd's maps hold one key per domain).
+    config = bind.config(dkim_toml(tmp_path, signer="filter-dkimsign", algorithms='["rsa2048", "ed25519"]',
+                                   fmt="%Y%m%d-{alg}"))
     assert run(config, T0).errors == ()
     keys = signer_keys(tmp_path / "signer.conf")
     assert set(keys) == {"20260304-rsa2048", "20260304-ed25519"}
-    assert "selectors [" in (tmp_path / "signer.conf").read_text()
-    assert keys["20260304-ed25519"].read_bytes().count(b"\n") == 1  # rspamd's base64 Ed25519 form
+    assert 'filter "dkimsign" chain {' in (tmp_path / "signer.conf").read_text()
+    assert keys["20260304-ed25519"].read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")  # PEM for filter-dkimsign
     for selector, path in keys.items():
         signed = sign(path, selector)
         assert verifies(bind, signed), selector
@@ -401,8 +412,8 @@ def test_filter_dkimsign_fragment_follows_the_rotation(bind, tmp_path):
     assert run(config, T0).errors == ()
     fragment = tmp_path / "signer.conf"
     (a, a_file), = signer_keys(fragment).items()
-    assert f'filter "dkimsign" proc-exec "filter-dkimsign -d example.test -s {a} -k {a_file}"' in \
-        fragment.read_text().splitlines()
+    assert f'filter "dkimsign" proc-exec "filter-dkimsign -d example.test -s {a} -k {a_file}" user _dkimsign ' \
+           'group _dkimsign' in fragment.read_text().splitlines()
     assert a_file.read_bytes().startswith(b"-----BEGIN RSA PRIVATE KEY-----")
     for when in (T0 + 88 * DAY, T0 + 90 * DAY):
         assert run(config, when).errors == ()
@@ -552,13 +563,19 @@ def send_and_receive(port: int, received: list[bytes], message: bytes = MESSAGE)
     import smtplib
     import time
 
+    # smtpd's queue (/var/spool/smtpd) is the machine's: a message an earlier run left queued is relayed
+    # to this sink too, so wait for this one (a Message-ID of its own), not for the first to arrive.
+    mine = f"<{os.urandom(8).hex()}@example.test>".encode()
+    message = message.replace(b"<1@example.test>", mine)
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         client.sendmail("alice@example.test", ["bob@example.org"], message)
     deadline = time.monotonic() + 20
-    while not received and time.monotonic() < deadline:
+    while not any(mine in m for m in received) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert received, "smtpd did not relay the message"
-    return received.pop(0).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    found = [m for m in received if mine in m]
+    received.clear()
+    assert found, "smtpd did not relay the message"
+    return found[0].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 @pytest.fixture
@@ -577,8 +594,8 @@ def open_tmp() -> Iterator[Path]:
 
 def test_filter_dkimsign_in_smtpd_signs_with_the_active_key(bind, open_tmp):
     tmp_path = open_tmp
-    extra = 'key_group = "opensmtpd"'  # filter-dkimsign runs as smtpd's user and must read the key
-    config = bind.config(dkim_toml(tmp_path, signer="filter-dkimsign").replace('key_group = ""\n', "") + extra)
+    # Defaults: the fragment runs the filter as _dkimsign:_dkimsign and key_group follows signer_group.
+    config = bind.config(dkim_toml(tmp_path, signer="filter-dkimsign").replace('key_group = ""\n', ""))
     assert run(config, T0).errors == ()
     (a, _), = signer_keys(tmp_path / "signer.conf").items()
     with smtpd_with_fragment(tmp_path / "signer.conf", tmp_path) as (port, received):

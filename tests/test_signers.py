@@ -1,16 +1,25 @@
-"""certkeeper.keeper.signers: the rspamd / filter-dkimsign files and their hook (content only; no
-rspamd or smtpd is started here: the hooks engineer owns the one smtpd this machine runs)."""
+"""certkeeper.keeper.signers: the rspamd / filter-dkimsign files and their hook, the key files' owner
+and mode, and the checks before a switch (as the signer's user; real ``smtpd -n`` and ``rspamadm
+configtest``). Signing by the real services is in test_rotation (smtpd) and test_rspamd."""
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
+import shutil
 import stat
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from certkeeper.core import config as ck_config
+from certkeeper.core import dkim
 from certkeeper.core.errors import ConfigError, LocalError, ServiceError
 from certkeeper.keeper import signers
+from certkeeper.keeper.service import LocalKeeper
 
 RSA = signers.SigningKey("example.com", "20260304", "rsa2048", Path("/etc/mail/dkim/example.com.20260304.key"))
 ED = signers.SigningKey("example.com", "20260304-ed25519", "ed25519",
@@ -20,6 +29,8 @@ OTHER = signers.SigningKey("example.org", "20260101", "rsa2048", Path("/etc/mail
 
 def make_config(tmp_path: Path, signer: str = "rspamd", hook_command: str = "echo ran >> $LOG") -> ck_config.Config:
     log = tmp_path / "hook.log"
+    if signer == "rspamd":  # the operator's dkim_signing.conf, naming the maps certkeeper writes
+        (tmp_path / "signer.conf").write_text(DKIM_SIGNING_CONF.format(tmp=tmp_path))
     text = f"""
 state_dir = "{tmp_path / 'state'}"
 [hooks.signer]
@@ -33,21 +44,43 @@ signer_hook = "signer"
     return ck_config.parse(text, tmp_path / "certkeeper.toml")
 
 
-def test_rspamd_single_key_uses_selector_named_key_file():
-    text = signers.render_rspamd([RSA])
-    assert 'path = "/etc/mail/dkim/example.com.20260304.key";' in text
-    assert 'selector = "20260304";' in text
-    assert '"example.com" {' in text and text.count("{") == text.count("}")
-    assert "selectors" not in text
+# The guide's dkim_signing.conf with the two lines the README asks to add.
+DKIM_SIGNING_CONF = """# the operator's own file: certkeeper only reads it
+allow_username_mismatch = true;
+selector_map = "{tmp}/dkim_selectors.map";
+path_map = "file://{tmp}/dkim_paths.map"; # a file:// map is a local file too
+"""
 
 
-def test_rspamd_two_keys_for_one_domain_sign_twice_and_domains_are_separate():
-    text = signers.render_rspamd([OTHER, ED, RSA])
-    assert text.index('"example.com"') < text.index('"example.org"')  # stable order
-    assert "selectors [" in text
-    for key in (RSA, ED, OTHER):
-        assert f'path = "{key.key_file}";' in text and f'selector = "{key.selector}";' in text
-    assert text.count("{") == text.count("}") and text.count("[") == text.count("]")
+def test_rspamd_maps_give_one_selector_named_key_file_per_domain():
+    selectors, paths = signers.render_rspamd_maps([OTHER, RSA])
+    assert [line for line in selectors.splitlines() if not line.startswith("#")] == [
+        "example.com 20260304", "example.org 20260101"]  # stable order
+    assert [line for line in paths.splitlines() if not line.startswith("#")] == [
+        "example.com /etc/mail/dkim/example.com.20260304.key", "example.org /etc/mail/dkim/example.org.20260101.key"]
+    with pytest.raises(LocalError, match="one key per domain, but example.com has 20260304 and 20260304-ed25519"):
+        signers.render_rspamd_maps([RSA, ED])
+
+
+def test_rspamd_map_names_come_from_the_operators_dkim_signing_conf(tmp_path):
+    conf = tmp_path / "dkim_signing.conf"
+    conf.write_text(DKIM_SIGNING_CONF.format(tmp=tmp_path))
+    assert signers.rspamd_maps(conf) == (tmp_path / "dkim_selectors.map", tmp_path / "dkim_paths.map")
+    conf.write_text('# selector_map = "/nowhere";\nselector_map = "/etc/rspamd/sel.map";\n')
+    with pytest.raises(LocalError) as err:
+        signers.rspamd_maps(conf)
+    assert str(err.value) == (f'{conf}: names no path_map; add path_map = "/etc/rspamd/dkim_paths.map"; '
+                              "(certkeeper writes the map, never this file)")
+    conf.write_text('selector_map = "https://example.com/sel.map";\npath_map = "/p.map";\n')
+    with pytest.raises(LocalError, match="is not a local file with an absolute path"):
+        signers.rspamd_maps(conf)
+
+
+def test_two_algorithms_with_rspamd_are_refused_by_the_config(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        ck_config.parse('[[dkim]]\ndomain = "example.com"\nalgorithms = ["rsa2048", "ed25519"]\n'
+                        'selector_format = "%Y%m%d-{alg}"\n', "t.toml")
+    assert str(err.value).startswith("t.toml: dkim[1].algorithms: rspamd's selector_map and path_map hold one key")
 
 
 def test_dkimsign_fragment_for_one_key():
@@ -55,6 +88,21 @@ def test_dkimsign_fragment_for_one_key():
     lines = [line for line in text.splitlines() if not line.startswith("#")]
     assert lines == ['filter "dkimsign" proc-exec "filter-dkimsign -d example.com -s 20260304 '
                      '-k /etc/mail/dkim/example.com.20260304.key"']
+    text = signers.render_dkimsign([RSA], user="_dkimsign", group="_dkimsign")
+    assert text.splitlines()[-1] == ('filter "dkimsign" proc-exec "filter-dkimsign -d example.com -s 20260304 '
+                                     '-k /etc/mail/dkim/example.com.20260304.key" user _dkimsign group _dkimsign')
+
+
+def test_signer_user_and_group_default_to_the_guides_and_key_group_follows():
+    dkimsign = ck_config.parse('[[dkim]]\ndomain = "example.com"\nsigner = "filter-dkimsign"\n', "t.toml").dkim[0]
+    assert (dkimsign.signer_user, dkimsign.signer_group, dkimsign.key_group) == ("_dkimsign", "_dkimsign", "_dkimsign")
+    rspamd = ck_config.parse('[[dkim]]\ndomain = "example.com"\n', "t.toml").dkim[0]
+    assert (rspamd.signer_user, rspamd.signer_group, rspamd.key_group) == ("_rspamd", "_rspamd", "_rspamd")
+    own = ck_config.parse('[[dkim]]\ndomain = "example.com"\nsigner = "filter-dkimsign"\nsigner_user = "dk"\n'
+                          'signer_group = "mail"\n', "t.toml").dkim[0]
+    assert (own.signer_user, own.signer_group, own.key_group) == ("dk", "mail", "mail")
+    with pytest.raises(ConfigError, match="dkim\\[1\\].signer_user: 'a b' is not a user or group name"):
+        ck_config.parse('[[dkim]]\ndomain = "example.com"\nsigner_user = "a b"\n', "t.toml")
 
 
 def test_dkimsign_fragment_chains_one_filter_per_key():
@@ -107,12 +155,16 @@ def test_apply_writes_atomically_and_runs_the_hook_only_on_change(tmp_path):
     config = make_config(tmp_path)
     item = config.dkim[0]
     lines: list[str] = []
+    operators = (tmp_path / "signer.conf").read_text()
     assert signers.apply(config, item, [RSA], lines.append) is True
-    target = tmp_path / "signer.conf"
-    assert target.read_text() == signers.render_rspamd([RSA])
-    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert (tmp_path / "signer.conf").read_text() == operators  # dkim_signing.conf is never written
+    selectors, paths = signers.render_rspamd_maps([RSA])
+    assert (tmp_path / "dkim_selectors.map").read_text() == selectors
+    assert (tmp_path / "dkim_paths.map").read_text() == paths
+    for target in (tmp_path / "dkim_selectors.map", tmp_path / "dkim_paths.map"):
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644
     assert (tmp_path / "hook.log").read_text().splitlines() == ["ran"]
-    assert not list(tmp_path.glob(".signer.conf*"))  # no temp file left behind
+    assert not list(tmp_path.glob(".dkim_*"))  # no temp file left behind
     assert signers.apply(config, item, [RSA], lines.append) is False
     assert (tmp_path / "hook.log").read_text().splitlines() == ["ran"]
     signers.apply(config, item, [RSA], lines.append, force_hook=True)  # a resumed switch re-runs it
@@ -134,6 +186,15 @@ def test_none_signer_writes_nothing(tmp_path):
     assert not (tmp_path / "signer.conf").exists() and not (tmp_path / "hook.log").exists()
 
 
+def test_rspamd_without_the_map_lines_is_an_error_and_its_file_is_left_alone(tmp_path):
+    config = make_config(tmp_path)
+    guide = "allow_username_mismatch = true;\n\ndomain {\n  example.com {\n    selector = \"default\";\n  }\n}\n"
+    (tmp_path / "signer.conf").write_text(guide)
+    with pytest.raises(LocalError, match="names no selector_map"):
+        signers.apply(config, config.dkim[0], [RSA], lambda line: None)
+    assert (tmp_path / "signer.conf").read_text() == guide and not (tmp_path / "hook.log").exists()
+
+
 def test_defaults():
     item = ck_config.DkimConfig(domain="example.com")
     assert signers.config_path(item) == Path("/etc/rspamd/local.d/dkim_signing.conf")
@@ -141,3 +202,149 @@ def test_defaults():
     smtpd = ck_config.DkimConfig(domain="example.com", signer="filter-dkimsign")
     assert signers.hook_name(smtpd) == "smtpd"
     assert signers.config_path(ck_config.DkimConfig(domain="example.com", signer="none")) is None
+
+
+# -- key files and the checks before a switch (real users, real smtpd -n and rspamadm) -------------
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A 0755 directory under /tmp: other users must be able to enter it (pytest's tmp_path is 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="certkeeper-signers-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _dkimsign_item(tmp: Path, **overrides: object) -> ck_config.DkimConfig:
+    fields: dict[str, object] = dict(domain="example.com", key_dir=tmp, key_owner="root", key_group="_dkimsign",
+                                     key_mode=0o440, signer="filter-dkimsign", signer_config=tmp / "dkimsign.conf",
+                                     signer_user="_dkimsign", signer_group="_dkimsign")
+    fields.update(overrides)
+    return ck_config.DkimConfig(**fields)  # type: ignore[arg-type]
+
+
+def _key(tmp: Path, selector: str = "20260304", mode: int = 0o600) -> signers.SigningKey:
+    path = tmp / f"example.com.{selector}.key"
+    path.write_bytes(dkim.private_key_file(dkim.generate_private_key("rsa2048")))
+    path.chmod(mode)
+    return signers.SigningKey("example.com", selector, "rsa2048", path)
+
+
+def test_key_files_follow_owner_group_and_mode_on_every_run(open_dir):
+    item = _dkimsign_item(open_dir)
+    key = _key(open_dir)
+    os.chown(key.key_file, 0, 0)
+    lines: list[str] = []
+    assert signers.enforce_key_files(item, [key.key_file, open_dir / "gone.key"], lines.append) == [key.key_file]
+    st = key.key_file.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, grp.getgrnam("_dkimsign").gr_gid, 0o440)
+    assert lines == [f"{key.key_file}: set owner root:_dkimsign mode 0440"]
+    assert signers.enforce_key_files(item, [key.key_file], lines.append) == []  # nothing to do: no line
+    assert len(lines) == 1
+    with pytest.raises(LocalError, match="key_group 'no-such-group' is no group on this host"):
+        signers.enforce_key_files(_dkimsign_item(open_dir, key_group="no-such-group"), [key.key_file], print)
+
+
+def test_run_steps_puts_a_hand_changed_key_mode_back(tmp_path):
+    from datetime import UTC, datetime
+
+    from certkeeper.network import rotation
+
+    config = ck_config.parse(f"""
+state_dir = "{tmp_path / 'state'}"
+[dns]
+backend = "manual"
+[[dkim]]
+domain = "example.com"
+key_dir = "{tmp_path}"
+key_owner = ""
+key_group = ""
+key_mode = "0400"
+signer = "none"
+""", tmp_path / "certkeeper.toml")
+    key = _key(tmp_path, mode=0o644)
+    state = rotation.DomainState("example.com", (rotation.KeyState(
+        selector="20260304", algorithm="rsa2048", state="active", key_file=str(key.key_file), record="v=DKIM1; p=x",
+        created=datetime(2026, 3, 4, tzinfo=UTC), activated=datetime(2026, 3, 4, tzinfo=UTC)),))
+    lines: list[str] = []
+    rotation.run_steps(config, config.dkim[0], state, datetime(2026, 3, 5, tzinfo=UTC), lines.append,
+                       LocalKeeper(config))
+    assert stat.S_IMODE(key.key_file.stat().st_mode) == 0o400
+    assert any("mode 0400" in line for line in lines)
+
+
+def test_readable_as_checks_as_the_signers_user(open_dir):
+    key = _key(open_dir, mode=0o440)
+    os.chown(key.key_file, 0, grp.getgrnam("_dkimsign").gr_gid)
+    assert signers.readable_as(key.key_file, "_dkimsign", "_dkimsign") == ""
+    os.chown(key.key_file, 0, 0)  # root:root 0440: the guide's mistake that stopped smtpd
+    assert signers.readable_as(key.key_file, "_dkimsign", "_dkimsign") == (
+        f"{key.key_file}: _dkimsign:_dkimsign cannot read it: Permission denied")
+    os.chown(key.key_file, 0, grp.getgrnam("_dkimsign").gr_gid)
+    open_dir.chmod(0o700)  # the key is fine, its directory is not
+    assert "Permission denied" in signers.readable_as(key.key_file, "_dkimsign", "_dkimsign")
+    open_dir.chmod(0o755)
+    assert signers.readable_as(open_dir / "missing.key", "_dkimsign", "") == (
+        f"{open_dir / 'missing.key'}: _dkimsign:{pwd.getpwnam('_dkimsign').pw_gid} cannot read it: "
+        "No such file or directory")
+    assert signers.readable_as(key.key_file, "no-such-user", "") == "signer_user 'no-such-user' is no user on this host"
+
+
+def _smtpd_conf(tmp: Path, fragment: Path) -> Path:
+    conf = tmp / "smtpd.conf"
+    conf.write_text(f'include "{fragment}"\nlisten on 127.0.0.1 port 2525 filter "dkimsign"\n'
+                    'action "out" relay host smtp://127.0.0.1:2526\nmatch from local for any action "out"\n')
+    return conf
+
+
+def test_smtpd_config_test_runs_smtpd_n_with_the_new_fragment(open_dir):
+    from tests.fixtures.mailservices import require_smtpd_74
+
+    require_smtpd_74()
+    fragment = open_dir / "dkimsign.conf"
+    good = signers.render_dkimsign([_key(open_dir)], user="_dkimsign", group="_dkimsign")
+    fragment.write_text(good)
+    conf = _smtpd_conf(open_dir, fragment)
+    assert signers.smtpd_config_test(fragment, good, conf) == ""
+    broken = good.replace("proc-exec", "proc-exex")
+    problem = signers.smtpd_config_test(fragment, broken, conf)
+    assert problem.startswith("smtpd -n with the new dkimsign.conf: exit 1: ") and "syntax error" in problem
+    assert fragment.read_text() == good  # the live fragment was never touched
+    # (smtpd -n does not look the filter's user up; check_before_switch's readable_as does.)
+    conf.write_text("listen on 127.0.0.1 port 2525\n")
+    assert signers.smtpd_config_test(fragment, good, conf) == (
+        f'{conf}: does not include {fragment} (add: include "{fragment}")')
+
+
+def test_rspamd_config_test_runs_rspamadm_configtest(tmp_path):
+    from tests.fixtures.peers import require_binary
+
+    require_binary("rspamadm")
+    local = tmp_path / "local.d"
+    local.mkdir()
+    for module in ("fuzzy_check", "rbl"):  # no name lookups of rspamd.com while testing the config
+        (local / f"{module}.conf").write_text("enabled = false;\n")
+    (local / "dkim_signing.conf").write_text(DKIM_SIGNING_CONF.format(tmp=tmp_path))
+    assert signers.rspamd_config_test(variables={"LOCAL_CONFDIR": str(tmp_path)}) == ""
+    (local / "dkim_signing.conf").write_text("selector_map = {{\n")
+    problem = signers.rspamd_config_test(variables={"LOCAL_CONFDIR": str(tmp_path)})
+    assert problem.startswith("rspamadm configtest: exit 1: ") and "dkim_signing.conf" in problem
+
+
+def test_check_before_switch_names_every_problem(open_dir):
+    from tests.fixtures.mailservices import require_smtpd_74
+
+    require_smtpd_74()
+    item = _dkimsign_item(open_dir)
+    config = ck_config.Config(path=open_dir / "certkeeper.toml", dkim=(item,))
+    key = _key(open_dir)
+    conf = _smtpd_conf(open_dir, item.signer_config)  # type: ignore[arg-type]
+    os.chown(key.key_file, 0, 0)
+    assert signers.check_before_switch(config, item, [key], smtpd_conf=conf) == [
+        f"{key.key_file}: _dkimsign:_dkimsign cannot read it: Permission denied"]
+    signers.enforce_key_files(item, [key.key_file], lambda line: None)
+    assert signers.check_before_switch(config, item, [key], smtpd_conf=conf) == []
+    assert not item.signer_config.exists()  # type: ignore[union-attr]  # checks write nothing

@@ -329,6 +329,8 @@ key = "{tmp_path}/k2"
 cert = "{tmp_path}/c2"
 chain = "{tmp_path}/ch2"
 fullchain = "{tmp_path}/f2"
+[hooks.smtpd]
+verify = []  # smtpd's default endpoint turned off
 """
     (tmp_path / "t.toml").write_text(text)
     config = parse(text, tmp_path / "t.toml")

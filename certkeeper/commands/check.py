@@ -1,8 +1,13 @@
 """``certkeeper check``: the configuration was read and validated by the CLI before this runs.
 
-What only the host can tell is checked here: the unprivileged ``user``/``group``
-exist (an error when run as root, which needs them; a warning otherwise) and
-can reach this interpreter and package.
+What the file alone cannot say is checked here, on this host:
+
+- every hook that will run (a certificate's, a DKIM signer's, any [hooks.NAME]
+  table) has a command that exists and is executable (for a built-in hook: the
+  command of this host's service manager); a hook a certificate uses without
+  ``verify`` endpoints is a warning: its reloads go unchecked;
+- the unprivileged ``user``/``group`` exist and can reach this interpreter and
+  package (an error when run as root, which needs them; a warning otherwise).
 """
 
 from __future__ import annotations
@@ -17,11 +22,16 @@ from certkeeper.core.errors import ConfigError
 
 
 def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
-    problems = _host_problems(config)
-    if problems and sandbox.privileged():
-        raise ConfigError([f"{config.path}: {p}" for p in problems])
-    for problem in problems:
-        print(f"certkeeper: warning: {config.path}: {problem} (needed when certkeeper runs as root)", file=sys.stderr)
+    errors, warnings = hook_problems(config)
+    problems = [f"{config.path}: {p}" for p in _host_problems(config)]
+    if sandbox.privileged():
+        errors += problems
+    else:
+        warnings += [f"{p} (needed when certkeeper runs as root)" for p in problems]
+    for line in warnings:
+        print(f"certkeeper: warning: {line}", file=sys.stderr)
+    if errors:
+        raise ConfigError(errors)
     print(f"{config.path}: configuration OK", file=out)
     return 0
 
@@ -33,3 +43,28 @@ def _host_problems(config: Config) -> list[str]:
         return list(exc.lines)
     problem = privsep.reachable(ident if sandbox.privileged() else None)
     return [problem] if problem else []
+
+
+def hook_problems(config: Config, manager: str | None = None) -> tuple[list[str], list[str]]:
+    """(errors, warnings), one line each, for the hooks of ``config`` on this host (or ``manager``)."""
+    from certkeeper.keeper import signers
+    from certkeeper.keeper.hooks import command_problem, hook_for, service_manager
+
+    manager = manager or service_manager()
+    used_by_certificates = [name for cert in config.certificates for name in cert.hooks]
+    used = dict.fromkeys([*used_by_certificates, *(signers.hook_name(d) for d in config.dkim), *config.hooks])
+    errors: list[str] = []
+    warnings: list[str] = []
+    for name in used:
+        if not name:
+            continue
+        hook = hook_for(config, name, manager)
+        problem = command_problem(hook.command)
+        if problem:
+            configured = name in config.hooks and config.hooks[name].command
+            source = "" if configured else f" (the built-in {name} command where the service manager is {manager})"
+            errors.append(f"{config.path}: hooks.{name}.command: {problem}{source}")
+        if name in used_by_certificates and not hook.verify:
+            warnings.append(f"{config.path}: hooks.{name}: no verify endpoints: a reload is not checked to serve "
+                            "the new certificate (add verify = [\"smtps://127.0.0.1:465\", ...])")
+    return errors, warnings

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,16 +30,36 @@ DEFAULT_PATH = Path("/etc/certkeeper.toml")
 KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "ecdsa-p256", "ecdsa-p384")
 DKIM_ALGORITHMS = ("rsa2048", "rsa3072", "rsa4096", "ed25519")
 DKIM_SIGNERS = ("rspamd", "filter-dkimsign", "none")
+# The user and group each signer reads its keys as, unless signer_user/signer_group say otherwise.
+DKIM_SIGNER_ACCOUNTS = {"rspamd": "_rspamd", "filter-dkimsign": "_dkimsign", "none": ""}
 MTA_STS_MODES = ("enforce", "testing", "none")
 DNS_BACKENDS = ("rfc2136", "zonefile", "manual")
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1", "hmac-md5")
-# Hook kinds with a built-in default command (OpenBSD rc.d / base tools).
-HOOK_DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
-    "smtpd": ("rcctl", "restart", "smtpd"),  # smtpd re-reads certificates only on restart
-    "dovecot": ("doveadm", "reload"),
-    "httpd": ("rcctl", "reload", "httpd"),
-    "rspamd": ("rcctl", "reload", "rspamd"),
-    "relayd": ("rcctl", "reload", "relayd"),
+# Hook kinds with a built-in default command, one per service manager; which manager runs the host
+# is found at run time (certkeeper.keeper.hooks.service_manager): "rcctl" (OpenBSD), "systemd" (Debian's
+# unit names) or "direct" (the service's own command, for a host with neither). smtpd re-reads
+# certificates only on restart and has no reload of its own; "direct" restarts it through
+# certkeeper.keeper.hooks.direct. OpenBSD's httpd does not exist on Linux: there "httpd" means nginx
+# (Debian's unit `nginx`, or `nginx -s reload`); for Apache, set command = ["apache2ctl", "graceful"].
+# relayd is OpenBSD's only: elsewhere its command must be set, which `certkeeper check` reports.
+SERVICE_MANAGERS = ("rcctl", "systemd", "direct")
+_DIRECT = (sys.executable, "-m", "certkeeper.keeper.hooks.direct")
+HOOK_DEFAULT_COMMANDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "smtpd": {"rcctl": ("rcctl", "restart", "smtpd"), "systemd": ("systemctl", "restart", "opensmtpd"),
+              "direct": (*_DIRECT, "restart", "smtpd")},
+    "dovecot": {"rcctl": ("doveadm", "reload"), "systemd": ("systemctl", "reload", "dovecot"),
+                "direct": ("doveadm", "reload")},
+    "httpd": {"rcctl": ("rcctl", "reload", "httpd"), "systemd": ("systemctl", "reload", "nginx"),
+              "direct": ("nginx", "-s", "reload")},
+    "rspamd": {"rcctl": ("rcctl", "reload", "rspamd"), "systemd": ("systemctl", "reload", "rspamd"),
+               "direct": (*_DIRECT, "reload", "rspamd")},
+    "relayd": {"rcctl": ("rcctl", "reload", "relayd")},
+}
+# Where a built-in hook's service listens in the guide's set-up: checked after each reload when the
+# [hooks.NAME] table does not set `verify` (an explicit `verify = []` turns the check off).
+HOOK_DEFAULT_VERIFY: dict[str, tuple[str, ...]] = {
+    "smtpd": ("smtp+starttls://127.0.0.1:25",),
+    "dovecot": ("imaps://127.0.0.1:993",),
 }
 VERIFY_SCHEMES = ("smtp+starttls", "smtps", "imap+starttls", "imaps", "https")
 RFC8461_MAX_AGE = 31557600  # RFC 8461 3.2: max_age is at most 31557600 seconds
@@ -96,7 +117,7 @@ class CertificateConfig:
 @dataclass(frozen=True)
 class HookConfig:
     name: str
-    command: tuple[str, ...]
+    command: tuple[str, ...]  # () for a built-in kind: the host's default, found at run time
     verify: tuple[str, ...] = ()
     timeout: float = 60.0  # seconds the command may run
     verify_timeout: float = 30.0  # seconds to keep retrying the endpoints
@@ -149,6 +170,11 @@ class DmarcConfig:
     subdomain_policy: str = "reject"
     rua: tuple[str, ...] = ()
     ruf: tuple[str, ...] = ()
+    # RFC 7489 6.3; "" / None leave the tag out (its default applies: r, r, 100, 0; fo=1 with ruf).
+    aspf: str = ""
+    adkim: str = ""
+    pct: int | None = None
+    fo: str = ""
 
 
 @dataclass(frozen=True)
@@ -172,11 +198,15 @@ class DkimConfig:
     remove_after: timedelta = timedelta(days=30)  # revoked record kept this long
     key_dir: Path = Path("/etc/mail/dkim")
     key_owner: str = "root"
-    key_group: str = "_rspamd"
+    key_group: str = "_rspamd"  # default: signer_group
     key_mode: int = 0o440
     signer: str = "rspamd"
     signer_config: Path | None = None  # rspamd dkim_signing.conf / smtpd.conf fragment
     signer_hook: str = ""  # hook run after the signer config changes
+    # The account the signer reads the key as: filter-dkimsign's `user`/`group` in the smtpd.conf
+    # fragment (the guide's _dkimsign), rspamd's own user (_rspamd); "" for signer = "none".
+    signer_user: str = "_rspamd"
+    signer_group: str = "_rspamd"
     reveal_retired: bool = False
 
 
@@ -551,11 +581,12 @@ class _Reader:
                 self.error(w, "must be a table ([hooks.NAME])")
                 continue
             self.table(item, w, {"command", "verify", "timeout", "verify_timeout"})
-            command = self.strings(item, w, "command", HOOK_DEFAULT_COMMANDS.get(name, ()))
-            if not command:
+            # () for a built-in kind: its command for this host's service manager, found at run time.
+            command = self.strings(item, w, "command")
+            if not command and name not in HOOK_DEFAULT_COMMANDS:
                 known = ", ".join(HOOK_DEFAULT_COMMANDS)
                 self.error(f"{w}.command", f"is required for a hook that is not one of {known}")
-            verify = self.strings(item, w, "verify")
+            verify = self.strings(item, w, "verify", HOOK_DEFAULT_VERIFY.get(name, ()))
             for i, url in enumerate(verify):
                 problem = verify_url_problem(url)
                 if problem:
@@ -666,13 +697,26 @@ class _Reader:
 
     def dmarc(self, data: dict[str, Any]) -> DmarcConfig:
         w = "dmarc"
-        self.table(data, w, {"policy", "subdomain_policy", "rua", "ruf"})
+        self.table(data, w, {"policy", "subdomain_policy", "rua", "ruf", "aspf", "adkim", "pct", "fo"})
         policies = ("none", "quarantine", "reject")
+        rua, ruf = self.strings(data, w, "rua"), self.strings(data, w, "ruf")
+        for key, uris in (("rua", rua), ("ruf", ruf)):
+            for i, uri in enumerate(uris):  # RFC 7489 6.4: a URI; certkeeper writes them comma-separated
+                if not re.fullmatch(r"[a-z][a-z0-9+.-]*:[^\s,;!]+(![0-9]+[kmgt]?)?", uri):
+                    self.error(f"{w}.{key}[{i + 1}]", f"{uri!r} is not a URI such as \"mailto:dmarc@example.com\"")
+        fo = self.string(data, w, "fo")
+        if fo and not re.fullmatch(r"[01ds](:[01ds])*", fo):  # RFC 7489 6.3: colon-separated 0, 1, d, s
+            self.error(f"{w}.fo", f"{fo!r} is not one or more of 0, 1, d, s separated by ':'")
+            fo = ""
         return DmarcConfig(
             policy=self.choice(data, w, "policy", policies, "reject"),
             subdomain_policy=self.choice(data, w, "subdomain_policy", policies, "reject"),
-            rua=self.strings(data, w, "rua"),
-            ruf=self.strings(data, w, "ruf"),
+            rua=rua,
+            ruf=ruf,
+            aspf=self.choice(data, w, "aspf", ("", "r", "s"), "") if "aspf" in data else "",
+            adkim=self.choice(data, w, "adkim", ("", "r", "s"), "") if "adkim" in data else "",
+            pct=self.integer(data, w, "pct", 100, 0, 100) if "pct" in data else None,
+            fo=fo,
         )
 
     def records(self, data: dict[str, Any]) -> RecordsConfig:
@@ -698,7 +742,7 @@ class _Reader:
             self.table(item, w, {
                 "domain", "algorithms", "selector_format", "rotate_every", "publish_ahead", "retire_after",
                 "remove_after", "key_dir", "key_owner", "key_group", "key_mode", "signer", "signer_config",
-                "signer_hook", "reveal_retired",
+                "signer_hook", "reveal_retired", "signer_user", "signer_group",
             })
             domain = self.domain(f"{w}.domain", self.string(item, w, "domain"))
             if domain is None:
@@ -723,6 +767,15 @@ class _Reader:
             if key_mode & 0o037:
                 self.error(f"{w}.key_mode", f"{key_mode:04o} lets others read or the group write the key")
             signer_config = self.path(item, w, "signer_config", None)
+            signer = self.choice(item, w, "signer", DKIM_SIGNERS, "rspamd")
+            if signer == "rspamd" and len(algorithms) > 1:
+                self.error(f"{w}.algorithms", "rspamd's selector_map and path_map hold one key per domain: list one "
+                           "algorithm, or use signer = \"filter-dkimsign\" (one chained filter per key)")
+            signer_user = self.string(item, w, "signer_user", DKIM_SIGNER_ACCOUNTS[signer])
+            signer_group = self.string(item, w, "signer_group", DKIM_SIGNER_ACCOUNTS[signer])
+            for key, value in (("signer_user", signer_user), ("signer_group", signer_group)):
+                if value and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", value):
+                    self.error(f"{w}.{key}", f"{value!r} is not a user or group name")
             if item.get("signer") == "filter-dkimsign":
                 # filter-dkimsign(8) takes one -k and one -s: one smtpd.conf fragment signs for one domain.
                 other = dkimsign_files.setdefault(str(signer_config), domain)
@@ -740,12 +793,14 @@ class _Reader:
                 remove_after=self.duration(item, w, "remove_after", timedelta(days=30)),
                 key_dir=self.required_path(item, w, "key_dir", Path("/etc/mail/dkim")),
                 key_owner=self.string(item, w, "key_owner", "root"),
-                key_group=self.string(item, w, "key_group", "_rspamd"),
+                key_group=self.string(item, w, "key_group", signer_group),
                 key_mode=key_mode,
-                signer=self.choice(item, w, "signer", DKIM_SIGNERS, "rspamd"),
+                signer=signer,
                 signer_config=signer_config,
                 signer_hook=self.string(item, w, "signer_hook"),
                 reveal_retired=self.boolean(item, w, "reveal_retired", False),
+                signer_user=signer_user,
+                signer_group=signer_group,
             )
 
     def alerts(self, data: dict[str, Any]) -> AlertsConfig:
@@ -788,10 +843,14 @@ class _Reader:
 
 
 def hook_config(config: Config, name: str) -> HookConfig:
-    """The hook's table, or the built-in default for a known kind without one."""
+    """The hook's table, or the built-in default for a known kind without one.
+
+    ``command`` is () for a built-in kind whose table does not set it: certkeeper.keeper.hooks
+    picks the command of the host's service manager when it runs.
+    """
     if name in config.hooks:
         return config.hooks[name]
-    return HookConfig(name=name, command=HOOK_DEFAULT_COMMANDS[name])
+    return HookConfig(name=name, command=(), verify=HOOK_DEFAULT_VERIFY.get(name, ()))
 
 
 # ---------------------------------------------------------------------------

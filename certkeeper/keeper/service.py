@@ -234,6 +234,37 @@ class LocalKeeper:
             chosen.append(signers.SigningKey(key_domain, selector, algorithm, key_path))
         signers.apply(self.config, item, chosen, progress, force_hook=True)
 
+    def enforce_dkim_keys(self, domain: str, progress: Callable[[str], None]) -> None:
+        """Put the configured owner, group and mode back on every key file of the domain (every run)."""
+        item = self.dkim_item(domain)
+        paths = [self.dkim_key_path(domain, selector) for selector in self.dkim_selectors(domain)]
+        signers.enforce_key_files(item, paths, progress)
+
+    def adopt_dkim_key(self, domain: str, selector: str, record: str, progress: Callable[[str], None]) -> str:
+        """A key made by hand: find its private key (key_dir, or where the signer's file names it), and when
+        it matches the published ``record`` copy it into key_dir; its algorithm, or "" when none matches."""
+        item = self.dkim_item(domain)
+        target = self.dkim_key_path(domain, selector)
+        try:
+            public = dkim.parse_key_record(record).public_key
+        except ValueError as exc:
+            raise Refusal(f"dkim {domain}: not a DKIM key record: {exc}") from None
+        named = signers.keys_named(item).get(selector)
+        for path in [target] + ([named] if named is not None and named != target else []):
+            try:
+                candidate = dkim.load_private_key(path.read_bytes())
+            except (OSError, ValueError):
+                continue
+            if dkim.key_record_for(candidate).public_key != public:
+                continue
+            if not target.exists():
+                uid, gid = dkim_owner(item)
+                write_atomic(target, dkim.private_key_file(candidate, raw_ed25519=signers.raw_ed25519(item.signer)),
+                             item.key_mode, uid, gid)
+                progress(f"{domain}: copied the private key of {selector} to {target}")
+            return dkim.algorithm_of(candidate)
+        return ""
+
     def dispose_dkim_key(self, domain: str, selector: str, algorithm: str,
                          progress: Callable[[str], None]) -> None:
         """Delete a removed selector's private key (first revealing it, with ``reveal_retired``)."""
@@ -381,6 +412,11 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
         case p.SwitchSigner(domain=domain, keys=keys):
             keeper.switch_signer(domain, [(k.domain, k.selector, k.algorithm) for k in keys], emit)
             return p.Ok()
+        case p.EnforceDkimKeys(domain=domain):
+            keeper.enforce_dkim_keys(domain, emit)
+            return p.Ok()
+        case p.AdoptDkimKey(domain=domain, selector=selector, record=record):
+            return p.DkimAlgorithm(keeper.adopt_dkim_key(domain, selector, record, emit))
         case p.DisposeDkimKey(domain=domain, selector=selector, algorithm=algorithm):
             keeper.dispose_dkim_key(domain, selector, algorithm, emit)
             return p.Ok()

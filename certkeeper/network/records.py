@@ -8,7 +8,8 @@ from the configuration (section A plus DKIM, DMARC, CAA, TLSRPT and MTA-STS):
 - SPF ``v=spf1 mx -all`` (RFC 7208);
 - the DKIM key records certkeeper published (``certkeeper.network.rotation``'s state);
 - DMARC from ``[dmarc]`` (RFC 7489 6.3);
-- CAA ``0 issue "letsencrypt.org"`` or the configured CA's (RFC 8659);
+- CAA ``0 issue "NAME"`` for each of the ACME directory's ``meta.caaIdentities``
+  (RFC 8555 7.1.1; ``[records] caa_issuer`` overrides; RFC 8659);
 - ``_mta-sts`` (RFC 8461 3.1) and ``_smtp._tls`` (RFC 8460 3);
 - the PTR record(s) to ask the hosting provider for (reverse DNS, FCrDNS).
 
@@ -39,7 +40,8 @@ from certkeeper.network.dns.propagation import make_resolver
 
 log = logging.getLogger(__name__)
 
-# ACME directory host → the CAA issuer domain of that CA (RFC 8659 4.2 issuer-domain-name).
+# ACME directory host → the CAA issuer domain of that CA (RFC 8659 4.2 issuer-domain-name): used only
+# when the directory cannot be fetched or lists no meta.caaIdentities.
 KNOWN_ISSUERS = {
     "acme-v02.api.letsencrypt.org": "letsencrypt.org",
     "acme-staging-v02.api.letsencrypt.org": "letsencrypt.org",
@@ -87,25 +89,62 @@ def mx_hosts(config: Config) -> tuple[str, ...]:
     return (config.certificates[0].name.lower(),) if config.certificates else ()
 
 
-def caa_issuer(config: Config) -> str:
-    """``[records] caa_issuer``, or the CA behind ``[acme] directory`` (Let's Encrypt by default)."""
+_DIRECTORY_META: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {}  # one fetch per directory and run
+
+
+def directory_caa_identities(config: Config) -> tuple[tuple[str, ...], str]:
+    """The ``meta.caaIdentities`` of ``[acme] directory`` (RFC 8555 7.1.1: the names the CA recognises
+    in CAA records), and "" or why there are none. Fetched once per process, through ``ca_bundle``."""
+    import requests
+
+    directory = config.acme.directory
+    key = (directory, str(config.acme.ca_bundle or ""))
+    if key not in _DIRECTORY_META:
+        verify: bool | str = str(config.acme.ca_bundle) if config.acme.ca_bundle else True
+        try:
+            response = requests.get(directory, timeout=config.acme.timeout, verify=verify)
+            response.raise_for_status()
+            meta = response.json().get("meta") or {}
+            found = meta.get("caaIdentities") if isinstance(meta, dict) else None
+        except (requests.RequestException, ValueError, AttributeError) as exc:
+            _DIRECTORY_META[key] = ((), f"cannot fetch {directory}: {' '.join(str(exc).split())}")
+        else:
+            names = tuple(n.lower() for n in found if isinstance(n, str) and n) if isinstance(found, list) else ()
+            _DIRECTORY_META[key] = (names, "" if names else f"{directory} lists no meta.caaIdentities")
+    return _DIRECTORY_META[key]
+
+
+def caa_issuers(config: Config) -> tuple[tuple[str, ...], str]:
+    """The CAA issuer names for ``[acme] directory``'s CA, and a note on where they came from when that
+    is not the directory itself: ``[records] caa_issuer``, else the directory's ``meta.caaIdentities``,
+    else (directory unreachable or silent) certkeeper's table of known CAs; () when none of them knows."""
     if config.records.caa_issuer:
-        return config.records.caa_issuer
+        return (config.records.caa_issuer,), ""
+    names, problem = directory_caa_identities(config)
+    if names:
+        return names, ""
     host = (urlsplit(config.acme.directory).hostname or "").lower()
     if host in KNOWN_ISSUERS:
-        return KNOWN_ISSUERS[host]
-    labels = host.split(".")
-    return ".".join(labels[-2:]) if len(labels) >= 2 else host
+        return (KNOWN_ISSUERS[host],), f"{problem}; {KNOWN_ISSUERS[host]} from certkeeper's list of known CAs"
+    return (), f"{problem}: set [records] caa_issuer to the CA's CAA name"
+
+
+def caa_issuer(config: Config) -> str:
+    """The first CAA issuer name (see ``caa_issuers``), "" when unknown."""
+    names, _ = caa_issuers(config)
+    return names[0] if names else ""
 
 
 def render_dmarc(config: Config) -> str:
-    """RFC 7489 6.3: v and p first; rua/ruf are comma-separated URIs."""
+    """RFC 7489 6.3: v and p first; then the guide's order (sp, pct, aspf, adkim, fo); rua/ruf are
+    comma-separated URIs. fo=1 (report any failure) goes with ruf unless ``fo`` says otherwise."""
     d = config.dmarc
     text = f"v=DMARC1; p={d.policy}; sp={d.subdomain_policy}"
-    if d.rua:
-        text += "; rua=" + ",".join(d.rua)
-    if d.ruf:
-        text += "; ruf=" + ",".join(d.ruf) + "; fo=1"
+    fo = d.fo or ("1" if d.ruf else "")
+    for tag, value in (("pct", "" if d.pct is None else str(d.pct)), ("aspf", d.aspf), ("adkim", d.adkim),
+                       ("fo", fo), ("rua", ",".join(d.rua)), ("ruf", ",".join(d.ruf))):
+        if value:
+            text += f"; {tag}={value}"
     return text
 
 
@@ -123,7 +162,7 @@ def expected_records(config: Config, domain: str) -> list[Expected]:
         out.append(Expected("MX", domain, "MX", tuple(f"{10 * (i + 1)} {h}." for i, h in enumerate(hosts)), "mx"))
     out.append(Expected("SPF (RFC 7208): only the MX hosts may send", domain, "TXT", ("v=spf1 mx -all",), "spf"))
     out += _dkim_records(config, domain)
-    out.append(Expected("DMARC (RFC 7489)", f"_dmarc.{domain}", "TXT", (render_dmarc(config),), "tags"))
+    out.append(Expected("DMARC (RFC 7489)", f"_dmarc.{domain}", "TXT", (render_dmarc(config),), "dmarc"))
     out += _caa_records(config, domain)
     out += _mta_sts_records(config, domain)
     out += _ptr_records(config)
@@ -164,9 +203,15 @@ def _dkim_records(config: Config, domain: str) -> list[Expected]:
 
 def _caa_records(config: Config, domain: str) -> list[Expected]:
     names = sorted({d.removeprefix("*.") for c in config.certificates for d in c.domains if in_domain(d, domain)})
-    issuer = caa_issuer(config)
-    return [Expected("CAA (RFC 8659): only this CA may issue", name, "CAA", (f'0 issue "{issuer}"',), "caa")
-            for name in names or [domain]]
+    issuers, note = caa_issuers(config)
+    if not issuers:
+        log.warning("CAA: %s", note)
+        return [Expected("CAA (RFC 8659)", name, "CAA", (), "none", f"no CAA issuer known: {note}")
+                for name in names or [domain]]
+    if note:
+        log.info("CAA: %s", note)
+    return [Expected("CAA (RFC 8659): only this CA may issue", name, "CAA",
+                     tuple(f'0 issue "{issuer}"' for issuer in issuers), "caa") for name in names or [domain]]
 
 
 def _mta_sts_records(config: Config, domain: str) -> list[Expected]:
@@ -273,7 +318,44 @@ def check(config: Config, domain: str, lookup: Lookup) -> list[Row]:
         rows.append(_check_one(item, lookup))
     rows += _mx_policy_rows(config, domain, lookup)
     rows += _fcrdns_rows(config, domain, lookup)
+    rows += handmade_selector_rows(config, domain, lookup)
     return rows
+
+
+# Selectors people pick by hand (the guide's "default", providers' "selector1" ...), looked up besides the
+# ones the signer's configuration and key_dir name: DNS cannot list the names under _domainkey.
+COMMON_SELECTORS = ("default", "dkim", "mail", "selector1", "selector2", "s1", "s2")
+
+
+def handmade_selector_rows(config: Config, domain: str, lookup: Lookup) -> list[Row]:
+    """DKIM key records in DNS that certkeeper's state does not know (keys made by hand), status
+    "unmanaged", each with the command that adopts it (``rotate-dkim --adopt``)."""
+    item = next((d for d in config.dkim if d.domain == domain), None)
+    if item is None:
+        return []
+    from certkeeper.keeper import signers
+    from certkeeper.network import rotation
+
+    mine = rotation.load_state(config, domain).selectors
+    prefix, suffix = f"{domain}.", ".key"
+    try:
+        names = [entry.name for entry in item.key_dir.iterdir()]
+    except OSError:
+        names = []
+    on_disk = {n[len(prefix):-len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix)}
+    candidates = (set(COMMON_SELECTORS) | set(signers.keys_named(item)) | on_disk) - mine
+    rows = []
+    for selector in sorted(candidates):
+        name = f"{selector}._domainkey.{domain}"
+        found = [v for v in lookup(name, "TXT") if _relevant("tags", v) and not _revoked(v)]
+        if found:
+            rows.append(Row(f"{name} TXT", f"made by hand? certkeeper rotate-dkim --adopt {selector} {domain}",
+                            ", ".join(found), "unmanaged"))
+    return rows
+
+
+def _revoked(value: str) -> bool:
+    return ("p", "") in _tags(value)
 
 
 def _check_one(item: Expected, lookup: Lookup) -> Row:
@@ -293,8 +375,14 @@ def _check_one(item: Expected, lookup: Lookup) -> Row:
 _PREFIX = {"spf": "v=spf1", "sts": "v=stsv1", "tlsrpt": "v=tlsrptv1"}
 
 
+# RFC 7489 6.3: a tag left out means its default, so "pct=100" and no pct are the same record.
+_DMARC_DEFAULTS = {("pct", "100"), ("aspf", "r"), ("adkim", "r"), ("fo", "0"), ("rf", "afrf"), ("ri", "86400")}
+
+
 def _relevant(kind: str, value: str) -> bool:
     """Only records of the expected kind count (a domain has other TXT records)."""
+    if kind == "dmarc":
+        return value.replace(" ", "").lower().startswith("v=dmarc1")
     prefix = _PREFIX.get(kind)
     if prefix is None:
         return kind != "tags" or value.replace(" ", "").lower().startswith(("v=dmarc1", "v=dkim1", "k=", "p="))
@@ -305,6 +393,9 @@ def _relevant(kind: str, value: str) -> bool:
 def _normal(kind: str, values: Iterable[str]) -> frozenset[object]:
     if kind in ("tags", "sts", "tlsrpt"):
         return frozenset(_tags(v) for v in values)
+    if kind == "dmarc":  # tag names and policy values are case-insensitive; defaults need not be written
+        return frozenset(frozenset((t, v if t in ("rua", "ruf") else v.lower()) for t, v in _tags(x)) -
+                         _DMARC_DEFAULTS for x in values)
     if kind == "spf":
         return frozenset(" ".join(v.lower().split()) for v in values)
     if kind == "mx":  # the hosts matter; a preference of 1 instead of 10 is not an error
@@ -343,12 +434,13 @@ def _check_caa(item: Expected, lookup: Lookup) -> Row:
         if found:
             break
         name = name.split(".", 1)[1]
+    expected = ", ".join(item.values)
     if not found:
-        return Row(label, item.values[0], "- (any CA may issue)", "missing")
-    issuer = item.values[0].split('"')[1]
+        return Row(label, expected, "- (any CA may issue)", "missing")
+    mine = {v.split('"')[1].lower() for v in item.values}  # any name the CA recognises will do
     shown = ", ".join(found) + (f" (at {name})" if name != item.name else "")
     issuers = {v.split('"')[1].split(";")[0].strip().lower() for v in found if " issue " in f" {v} " and '"' in v}
-    return Row(label, item.values[0], shown, "ok" if issuer.lower() in issuers else "wrong")
+    return Row(label, expected, shown, "ok" if mine & issuers else "wrong")
 
 
 def _mx_policy_rows(config: Config, domain: str, lookup: Lookup) -> list[Row]:
@@ -401,13 +493,41 @@ def _fcrdns_row(host: str, addr: str, lookup: Lookup) -> Row:
     return Row(label, f"PTR {host}", "PTR " + ", ".join(ptrs), "wrong")
 
 
-def render_table(rows: list[Row], width: int = 60) -> str:
-    def cut(text: str) -> str:
-        return text if len(text) <= width else text[:width - 3] + "..."
-
-    table = [("RECORD", "EXPECTED", "FOUND", "STATUS")] + [(r.record, cut(r.expected), cut(r.found), r.status)
-                                                           for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(3)]
-    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in table)
+TABLE_WIDTH = 100  # columns of `dns --check` output: fits a terminal and a mail
 
 
+def render_table(rows: list[Row], width: int = TABLE_WIDTH) -> str:
+    """RECORD, EXPECTED, FOUND, STATUS in at most ``width`` columns: long cells wrap onto more
+    lines (at spaces, else anywhere), never cut: every expected value is there whole."""
+    header = Row("RECORD", "EXPECTED", "FOUND", "STATUS")
+    status_w = max(len(r.status) for r in [header, *rows])
+    gaps = 3 * 2
+    record_w = min(max(len(r.record) for r in [header, *rows]), 40)
+    rest = max(width - gaps - status_w - record_w, 20)
+    longest_expected = max(len(r.expected) for r in [header, *rows])
+    longest_found = max(len(r.found) for r in [header, *rows])
+    expected_w = min(longest_expected, max(rest - min(longest_found, rest // 2), rest // 2))
+    found_w = max(min(longest_found, rest - expected_w), 5)
+    lines = []
+    for row in [header, *rows]:
+        cells = [_wrap(row.record, record_w), _wrap(row.expected, expected_w), _wrap(row.found, found_w),
+                 [row.status]]
+        for i in range(max(len(c) for c in cells)):
+            parts = [c[i] if i < len(c) else "" for c in cells]
+            lines.append(f"{parts[0]:<{record_w}}  {parts[1]:<{expected_w}}  {parts[2]:<{found_w}}  {parts[3]}"
+                         .rstrip())
+    return "\n".join(lines)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, broken after "; ", ", " or a space when
+    there is one, else anywhere (a base64 key); nothing is left out."""
+    out: list[str] = []
+    while len(text) > width:
+        cut = max(text.rfind(" ", 0, width + 1), 0)
+        if cut == 0:
+            cut = width
+        out.append(text[:cut].rstrip())
+        text = text[cut:].lstrip(" ")
+    out.append(text)
+    return out

@@ -240,6 +240,23 @@ def activated(state: DomainState, selector: str, now: datetime) -> DomainState:
     return state.with_key(replace(new, state="active", activated=now))
 
 
+def adopted(state: DomainState, item: DkimConfig, selector: str, algorithm: str, key_file: str, record: str,
+            now: datetime, signs: bool) -> DomainState:
+    """A selector made by hand (its record already in DNS) becomes one of certkeeper's keys.
+
+    When ``signs`` (its private key is at hand, of a configured algorithm, and no key of that
+    algorithm is active) it is active: rotated on schedule like certkeeper's own. Otherwise it is
+    retiring from ``now``: revoked after retire_after and removed after remove_after.
+    """
+    if selector in state.selectors:
+        raise LocalError(f"dkim {item.domain}: selector {selector} is already certkeeper's")
+    active = signs and algorithm in item.algorithms and state.current(algorithm, "active") is None
+    return state.with_key(KeyState(
+        selector=selector, algorithm=algorithm, state="active" if active else "retiring", created=now,
+        key_file=key_file, record=record, published=now, visible=now, activated=now if active else None,
+        retired=None if active else now))
+
+
 def signing_keys(state: DomainState) -> list[signers.SigningKey]:
     return [signers.SigningKey(state.domain, k.selector, k.algorithm, Path(k.key_file))
             for k in state.keys if k.state == "active"]
@@ -268,8 +285,10 @@ def run_steps(config: Config, item: DkimConfig, state: DomainState, now: datetim
     """Run every step due at ``now``, one at a time; each step runs at most once per call.
 
     Private keys and the signer are the keeper's: a step asks it for a key's record, to make
-    a key, to switch the signer or to dispose of a key; DNS work is done here."""
+    a key, to switch the signer or to dispose of a key; DNS work is done here. The keeper puts
+    the configured owner, group and mode back on the key files first, on every run."""
     run = _Run(config, item, now, progress, keeper)
+    keeper.enforce_dkim_keys(item.domain, run.say)
     for _ in range(8 * (len(state.keys) + len(item.algorithms)) + 8):
         due = [a for a in plan(state, item, now).actions if a not in run.done]
         if not due:
@@ -563,6 +582,69 @@ def rotate_now(config: Config, item: DkimConfig, now: datetime, emergency: bool,
             at = pending.visible + item.publish_ahead
             progress(f"{item.domain}: selector {pending.selector} becomes active at {at:%Y-%m-%d %H:%M} UTC "
                      "(publish_ahead); the daemon switches the signer then")
+
+
+def adopt(config: Config, item: DkimConfig, selector: str, now: datetime, progress: Progress,
+          keeper: Keeper) -> KeyState:
+    """``rotate-dkim --adopt SELECTOR``: take over a key made by hand (see ``adopted``).
+
+    Its record is read from the authoritative servers. Its private key is looked for in key_dir
+    (DOMAIN.SELECTOR.key) and where the signer's configuration names it; when found and matching
+    the record it is copied into key_dir (owner, group, mode from the config) and the signer is
+    switched to it. Without it, the selector is retired on schedule.
+    """
+    from certkeeper.network.dns.propagation import authoritative_servers, query, zone_of
+
+    name = dkim.record_name(selector, item.domain)
+    answers = [query(server, name, "TXT") for server in authoritative_servers(config, zone_of(config, name))]
+    values = sorted({v for a in answers for v in a.values if "p=" in v.replace(" ", "")})
+    if len(values) != 1:
+        found = "; ".join(a.describe() for a in answers) or "no authoritative server"
+        raise DNSError(f"dkim {item.domain}: {name} TXT holds no single DKIM key record to adopt ({found})")
+    try:
+        record = dkim.parse_key_record(values[0])
+    except ValueError as exc:
+        raise DNSError(f"dkim {item.domain}: {name} TXT is not a DKIM key record: {exc}") from None
+    if not record.public_key:
+        raise DNSError(f"dkim {item.domain}: {name} TXT is already revoked (p=); nothing to adopt")
+    target = item.key_dir / dkim.key_file_name(item.domain, selector)
+    with _lock(config, item.domain, wait=False) as locked:
+        if not locked:
+            raise LocalError(f"another certkeeper process is working on {item.domain}; try again later")
+        state = load_state(config, item.domain)
+        if selector in state.selectors:
+            raise LocalError(f"dkim {item.domain}: selector {selector} is already certkeeper's")
+        # The keeper looks for the private key (key_dir, or where the signer's file names it) and,
+        # when it matches the record, copies it into key_dir: "" when it has none.
+        found = keeper.adopt_dkim_key(item.domain, selector, values[0], progress)
+        private = found or None
+        algorithm = found or _record_algorithm(record)
+        state = adopted(state, item, selector, algorithm, str(target), values[0], now, signs=private is not None)
+        key = state.key(selector)
+        if key.state == "active":
+            _switch_signer(_Run(config, item, now, progress, keeper), state)
+        save_state(config, state)
+    if key.state == "active":
+        progress(f"{item.domain}: adopted selector {selector} ({algorithm}): active, the signer uses it; "
+                 f"rotated like certkeeper's own keys")
+    else:
+        why = "its private key was not found" if private is None else "another key of its algorithm is active"
+        progress(f"{item.domain}: adopted selector {selector} ({algorithm}) as retiring ({why}): revoked after "
+                 f"retire_after, removed after remove_after")
+    return key
+
+
+def _record_algorithm(record: dkim.KeyRecord) -> str:
+    """The config name of a published key (rsa2048 ...), or e.g. rsa1024 for a size certkeeper never makes."""
+    if record.key_type == "ed25519":
+        return "ed25519"
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    try:
+        bits = load_der_public_key(record.public_key).key_size  # type: ignore[union-attr]
+    except ValueError:
+        return "rsa"
+    return f"rsa{bits}"
 
 
 def status_rows(config: Config) -> list[dict[str, Any]]:

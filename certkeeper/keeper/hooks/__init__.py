@@ -12,20 +12,26 @@ also used for ``[alerts] command`` and ``sendmail``): argv only, never a shell;
 a timeout that kills the command's whole session; stdin, stdout and stderr
 through temp files (never a pipe, so a daemon that keeps its output open
 cannot hang us); the output reported as one line. One module per service
-kind knows its OpenBSD default: ``smtpd``, ``dovecot``, ``httpd``, ``rspamd``,
-``relayd``; ``command`` is any argv.
+kind knows its default command for each service manager: ``smtpd``, ``dovecot``,
+``httpd``, ``rspamd``, ``relayd``; ``command`` is any argv. Which manager runs
+this host is found when a hook runs (``service_manager``): rcctl on OpenBSD,
+systemctl where systemd runs (``/run/systemd/system`` exists, sd_booted(3)),
+otherwise the service's own command (``certkeeper.keeper.hooks.direct``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import IO
 
@@ -38,18 +44,36 @@ OUTPUT_LIMIT = 400  # characters of a command's output kept in a report line
 OUTPUT_TAIL = 65536  # bytes of a command's output read back (errors come last)
 
 
+# The file system root the service manager is looked for under (tests point it at a fake tree).
+ROOT = Path("/")
+SYSTEMD_RUNTIME = "run/systemd/system"  # sd_booted(3): exists only while systemd is PID 1
+
+
+def service_manager(root: Path | None = None) -> str:
+    """"rcctl" on OpenBSD (or wherever rcctl is on PATH), "systemd" where systemd runs, else "direct"."""
+    if sys.platform.startswith("openbsd") or shutil.which("rcctl"):
+        return "rcctl"
+    if ((root or ROOT) / SYSTEMD_RUNTIME).is_dir():
+        return "systemd"
+    return "direct"
+
+
 @dataclass(frozen=True)
 class HookKind:
-    """What one service module knows: its default command and where it usually serves TLS
-    (``certkeeper verify`` suggests those endpoints for a hook that has none)."""
+    """What one service module knows: its command per service manager and where it usually serves
+    TLS (``certkeeper verify`` suggests those endpoints for a hook that has none)."""
 
     name: str
-    default_command: tuple[str, ...]
+    default_commands: dict[str, tuple[str, ...]]
     suggested_verify: tuple[str, ...]
+
+    def default_command(self, manager: str | None = None) -> tuple[str, ...]:
+        """The command for ``manager`` (default: this host's); () when the kind has none there."""
+        return self.default_commands.get(manager or service_manager(), ())
 
 
 def _kind(module: ModuleType) -> HookKind:
-    return HookKind(module.NAME, module.DEFAULT_COMMAND, module.SUGGESTED_VERIFY)
+    return HookKind(module.NAME, module.DEFAULT_COMMANDS, module.SUGGESTED_VERIFY)
 
 
 KINDS: dict[str, HookKind] = {m.NAME: _kind(m) for m in (smtpd, dovecot, httpd, rspamd, relayd, command)}
@@ -92,12 +116,30 @@ class CommandResult:
         return f"{' '.join(self.argv)}: {status}"
 
 
-def hook_for(config: Config, name: str) -> Hook:
-    """The hook called ``name``: its [hooks.NAME] table, or the default of a known kind."""
+def hook_for(config: Config, name: str, manager: str | None = None) -> Hook:
+    """The hook called ``name``: its [hooks.NAME] table, or the default of a known kind for the
+    service manager of this host (or ``manager``)."""
     cfg: HookConfig = hook_config(config, name)
     kind = KINDS.get(name, KINDS["command"])
-    return Hook(name=name, kind=kind, command=cfg.command or kind.default_command, verify=cfg.verify,
+    command = cfg.command or kind.default_command(manager)
+    if not command and kind.default_commands:  # e.g. relayd off OpenBSD: fails as "cannot run", check says so
+        command = next(iter(kind.default_commands.values()))
+    return Hook(name=name, kind=kind, command=command, verify=cfg.verify,
                 timeout=cfg.timeout, verify_timeout=cfg.verify_timeout)
+
+
+def command_problem(argv: Sequence[str]) -> str:
+    """Why ``argv`` cannot be run here (its program missing or not executable), or ""."""
+    if not argv:
+        return "is empty"
+    program = argv[0]
+    if "/" not in program:
+        return "" if shutil.which(program) else f"{program!r} is not found on PATH"
+    if not os.path.isfile(program):
+        return f"{program!r} does not exist"
+    if not os.access(program, os.X_OK):
+        return f"{program!r} is not executable"
+    return ""
 
 
 def run_command(argv: Sequence[str], timeout: float, env: dict[str, str] | None = None,

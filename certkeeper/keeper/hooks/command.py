@@ -7,5 +7,5 @@ hook's name) and ``CERTKEEPER_CERTIFICATES`` (space-separated certificate names)
 from __future__ import annotations
 
 NAME = "command"
-DEFAULT_COMMAND: tuple[str, ...] = ()  # config requires ``command`` for a hook of this kind
+DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {}  # config requires ``command`` for a hook of this kind
 SUGGESTED_VERIFY: tuple[str, ...] = ()

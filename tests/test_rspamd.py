@@ -1,0 +1,88 @@
+"""rspamd as a real peer: Debian's rspamd 3.4 (offline, loopback) signs with the key certkeeper
+switched to, and dkimpy verifies the signature against the test BIND.
+
+certkeeper writes only the selector_map and path_map the operator's dkim_signing.conf names; the
+operator's file (the guide's, with allow_username_mismatch) is never rewritten.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import dkim as dkimpy
+
+from certkeeper.keeper import signers
+from certkeeper.keeper.hooks import direct
+from certkeeper.network import rotation
+
+T0 = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+MESSAGE = (b"From: alice@example.test\r\nTo: bob@example.org\r\nSubject: signed by rspamd\r\n"
+           b"Date: Wed, 04 Mar 2026 12:00:00 +0000\r\nMessage-ID: <rspamd-1@example.test>\r\n\r\n"
+           b"Hello from rspamd.\r\n")
+GUIDE_CONF = """# /etc/rspamd/local.d/dkim_signing.conf, as the guide writes it, plus the README's two lines
+allow_username_mismatch = true;
+selector_map = "{d}/dkim_selectors.map";
+path_map = "{d}/dkim_paths.map";
+"""
+
+
+def verified(bind, header: str) -> bool:
+    """dkimpy's verdict on MESSAGE with rspamd's header, the key looked up in the test BIND."""
+    def lookup(name: bytes, timeout: float = 5) -> bytes | None:
+        values = bind.query(name.decode().rstrip("."), "TXT")
+        return values[0].encode() if values else None
+
+    signed = b"DKIM-Signature: " + header.encode() + b"\r\n" + MESSAGE
+    return bool(dkimpy.verify(signed, dnsfunc=lookup))
+
+
+def active(config) -> str:
+    (key,) = [k for k in rotation.load_state(config, "example.test").keys if k.state == "active"]
+    return key.selector
+
+
+def test_rspamd_signs_with_the_key_certkeeper_switched_to(bind, rspamd_factory, tmp_path):
+    confdir = tmp_path / "rspamd"
+    (confdir / "local.d").mkdir(parents=True)
+    operators = confdir / "local.d" / "dkim_signing.conf"
+    operators.write_text(GUIDE_CONF.format(d=confdir))
+    before = operators.read_bytes()
+    server = rspamd_factory(confdir)
+    server.start()  # before any map exists, as on a host where rspamd runs before certkeeper
+    assert server.sign(MESSAGE) is None
+    assert server.process is not None
+    # What the built-in rspamd hook signals without a service manager: the main process, by its title.
+    mains = [pid for pid, argv in direct.processes() if argv[0].startswith("rspamd: main process")]
+    assert server.process.popen.pid in mains
+    config = bind.config(f"""
+[hooks.rspamd]
+command = ["kill", "-HUP", "{server.process.popen.pid}"]  # rspamd -f: its main process, as systemd's reload
+[[dkim]]
+domain = "example.test"
+key_dir = "{tmp_path / 'keys'}"
+key_owner = ""
+key_group = ""
+signer = "rspamd"
+signer_config = "{operators}"
+""")
+    assert config.dkim[0].signer_user == "_rspamd"  # who reads the key on a real host
+
+    assert rotation.run_due(config, T0, print).errors == ()  # the first key, active at once
+    a = active(config)
+    assert (confdir / "dkim_selectors.map").read_text().splitlines()[-1] == f"example.test {a}"
+    first = server.wait_signing(MESSAGE, a)
+    assert "d=example.test;" in first.replace(" ", "") and verified(bind, first)
+
+    for when in (T0 + 88 * DAY, T0 + 90 * DAY):  # the next key: published, then switched to
+        assert rotation.run_due(config, when, print).errors == ()
+    b = active(config)
+    assert b != a
+    second = server.wait_signing(MESSAGE, b)  # the hook's SIGHUP made rspamd read the new maps
+    assert verified(bind, second)
+    assert not verified(bind, second.replace(f"s={b};", f"s={a};"))  # the selector is what verifies
+    assert operators.read_bytes() == before  # the operator's dkim_signing.conf, byte for byte
+    assert sorted(p.name for p in confdir.iterdir() if p.suffix == ".map") == [
+        "dkim_paths.map", "dkim_selectors.map"]
+    assert f"example.test {tmp_path / 'keys'}/example.test.{b}.key" in (confdir / "dkim_paths.map").read_text()
+    assert signers.rspamd_maps(operators) == (confdir / "dkim_selectors.map", confdir / "dkim_paths.map")
