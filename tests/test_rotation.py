@@ -116,6 +116,20 @@ def test_request_rotation_never_reuses_a_selector_and_marks_emergencies():
     assert s3.keys[0].selector == "20260304-2"  # a key file already on disk counts as taken
 
 
+def test_the_planner_never_overflows_on_huge_durations():
+    """config.py refuses durations past ten years; the planner must not die of an OverflowError even so
+    (before: rotation.plan raised it for rotate_every = 3000000d and the daemon's DKIM job died)."""
+    huge = timedelta(days=3_000_000)
+    item = rotation.replace(ITEM, rotate_every=huge, retire_after=huge, remove_after=huge, publish_ahead=huge)
+    s = DomainState("example.test", (key("a", "active", record="r", visible=T0, activated=T0),
+                                     key("b", "retiring", activated=T0, retired=T0),
+                                     key("c", "revoked", revoked=T0),
+                                     key("d", "pending", record="r", visible=T0)))
+    p = plan(s, item, T0)
+    assert p.actions == () and p.next_at == datetime.max.replace(tzinfo=UTC)
+    assert plan(s, rotation.replace(item, publish_ahead=2 * DAY), T0).next_at == T0 + 2 * DAY  # d activates
+
+
 def test_state_json_round_trip():
     s = DomainState("example.test", (key("a", "retiring", record="v=DKIM1; p=", published=T0, visible=T0,
                                          activated=T0, retired=T0 + DAY, emergency=True),))
