@@ -63,7 +63,7 @@ def parse_message(raw: bytes) -> tuple[str, Any]:
     """
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         data = None
     if not isinstance(data, dict) or not data:
         raise ValueError(f"not a worker message: {raw[:80]!r}")
