@@ -325,3 +325,24 @@ def test_a_directory_url_that_is_not_an_acme_server_is_one_clear_line(pebble: Pe
     result = certkeeper(conf, "renew")
     assert result.returncode == 1
     assert f"HTTP 404 Not Found from {wrong}" in result.stdout
+
+
+def test_one_renewed_and_one_failed_exits_1(pebble: Pebble, tmp_path: Path) -> None:
+    """`certkeeper renew && rcctl restart smtpd` must not hide a failure because another certificate
+    renewed: a failure wins over a renewal (acme-client's 1)."""
+    from certkeeper.network.runner import Outcome, RenewReport
+
+    conf = write_config(pebble, tmp_path)  # mail.example.com renews; mta-sts.example.com asks for a profile
+    conf.write_text(conf.read_text().replace('name = "mta-sts.example.com"',  # Pebble does not offer
+                                             'name = "mta-sts.example.com"\nprofile = "shortlived"'))
+    result = certkeeper(conf, "renew")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("mail.example.com: renewed, valid until "), result.stdout + result.stderr
+    assert lines[1].startswith("mta-sts.example.com: failed: the ACME server offers no profiles")
+    assert result.returncode == 1
+    assert config.load(conf).certificates[0].cert.exists()
+    for order in ([Outcome("a", "renewed", ""), Outcome("b", "failed", "")],
+                  [Outcome("b", "failed", ""), Outcome("a", "renewed", ""), Outcome("c", "not-due", "")]):
+        assert RenewReport(order).exit_code == 1
+    assert RenewReport([Outcome("a", "renewed", ""), Outcome("c", "not-due", "")]).exit_code == 0
+    assert RenewReport([Outcome("c", "not-due", "")]).exit_code == 2

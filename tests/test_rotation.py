@@ -482,6 +482,23 @@ def test_selector_made_by_hand_in_dns_is_never_taken(bind_factory, tmp_path):
     assert server.query(f"{today}._domainkey.example.test", "CNAME") == ["key.provider.example."]
 
 
+def test_a_key_file_in_key_dir_is_never_reused_when_the_state_is_lost(bind, tmp_path):
+    """The state file is gone and DNS no longer has the record, but the key file is still in key_dir:
+    its selector must not be taken again (the new key would overwrite or silently reuse that file)."""
+    config = bind.config(dkim_toml(tmp_path))
+    assert run(config, T0).errors == ()
+    (old,) = rotation.load_state(config, "example.test").keys
+    old_file = Path(old.key_file)
+    old_bytes = old_file.read_bytes()
+    backend_for(config).remove(f"{old.selector}._domainkey.example.test", "TXT")
+    rotation.state_path(config, "example.test").unlink()
+    assert run(config, T0).errors == ()  # the same day: the selector format gives the same name first
+    (new,) = rotation.load_state(config, "example.test").keys
+    assert new.selector != old.selector and new.selector == f"{old.selector}-2"
+    assert old_file.read_bytes() == old_bytes
+    assert Path(new.key_file).exists() and Path(new.key_file) != old_file
+
+
 def test_revoke_and_remove_wait_for_every_authoritative_server(bind, bind_factory, tmp_path):
     extra = dkim_toml(tmp_path, algorithms='["ed25519"]', extra="reveal_retired = true")
     config = bind.config(extra)
