@@ -36,7 +36,6 @@ from tests.certfactory import make_set
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
-SECOND = dt.timedelta(seconds=1)
 
 # ---------------------------------------------------------------------------
 # Shared strategies.
@@ -126,17 +125,6 @@ def test_a_pending_backoff_postpones_everything_but_force(days: int, failures: i
     assert decision.due == force
     if not force:
         assert decision.when == state.retry_not_before > now
-
-
-def test_the_short_lived_boundary_is_ten_days() -> None:
-    """A lifetime under 10 days renews at half of it, 10 days and more at two thirds."""
-    for lifetime, share in ((dt.timedelta(days=10) - SECOND, 2), (dt.timedelta(days=10), 3)):
-        on_disk = make_set(("mail.example.com",), not_before=T0, days=lifetime / DAY)
-        info = on_disk.info()
-        assert info is not None and info.not_after - info.not_before == lifetime
-        when, why = renewal.renewal_time(info, CertState(name="mail.example.com"))
-        assert when == info.not_after - lifetime / share, (lifetime, why)
-        assert ("half" in why) == (share == 2)
 
 
 # ---------------------------------------------------------------------------
