@@ -54,7 +54,7 @@ def render_request(command: str, payload: dict[str, Any]) -> bytes:
 def parse_request(raw: bytes) -> tuple[str, dict[str, Any]]:
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise ValueError("the request is not JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("command"), str) \
             or not isinstance(data.get("payload", {}), dict):
@@ -74,7 +74,7 @@ def parse_answer(raw: bytes) -> tuple[str | None, int | None]:
     """(line, None) for an output line, (None, code) for the end."""
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise LocalError(f"the daemon sent a malformed answer: {raw[:80]!r}") from None
     if isinstance(data, dict) and isinstance(data.get("line"), str):
         return data["line"], None

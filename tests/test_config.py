@@ -174,3 +174,36 @@ def test_usage_errors_exit_1_never_2_which_means_nothing_was_due() -> None:
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == "certkeeper: unrecognized arguments: --bogus"
+
+
+@pytest.mark.parametrize("value", ['"3000000d"', '"9999999999999999999990d"', "9999999999999999999999",
+                                   '"3651d"', '"522w"'])
+def test_absurd_durations_are_one_line_errors(tmp_path: Path, value: str) -> None:
+    """A duration past ten years is a typo; before, "3000000d" passed and killed the DKIM job with an
+    OverflowError, and a 22-digit one made `check` print a traceback."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[dkim]]\ndomain = "example.com"\nrotate_every = {value}\n')
+    out = io.StringIO()
+    assert cli.main(["--config", str(path), "check"], out=out) == 1
+    assert errors_of(path.read_text()) == [
+        f"etc/certkeeper.toml: dkim[1].rotate_every: {value.replace(chr(34), chr(39))} is longer than 3650d "
+        "(ten years)"]
+    assert config.parse('[[dkim]]\ndomain = "example.com"\nrotate_every = "3650d"\n').dkim[0].rotate_every \
+        == config.MAX_DURATION
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("x = " + "[" * 5000 + "]" * 5000, "etc/certkeeper.toml: arrays or tables nested too deeply"),
+    ("x = " + "9" * 5000, "etc/certkeeper.toml: Exceeds the limit (4300 digits) for integer string conversion"),
+])
+def test_pathological_toml_is_a_config_error(text: str, expected: str) -> None:
+    lines = errors_of(text)
+    assert len(lines) == 1 and lines[0].startswith(expected) and "\n" not in lines[0], lines
+
+
+def test_a_group_writable_dkim_key_mode_is_refused() -> None:
+    for mode in ("0660", "0460", "0444"):
+        lines = errors_of(f'[[dkim]]\ndomain = "example.com"\nkey_mode = "{mode}"\n')
+        assert lines == [f"etc/certkeeper.toml: dkim[1].key_mode: {mode} lets others read or the group write "
+                         "the key"]
+    assert config.parse('[[dkim]]\ndomain = "example.com"\nkey_mode = "0640"\n').dkim[0].key_mode == 0o640

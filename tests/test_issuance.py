@@ -110,7 +110,9 @@ def test_failed_order_keeps_the_working_set_and_backs_off(pebble: Pebble, tmp_pa
     before = {role: getattr(cert_cfg, role).read_bytes() for role in ("key", "cert", "chain", "fullchain")}
     # The challenge listener moves to a port Pebble's validator does not dial: the order fails half way.
     broken = write_config(pebble, tmp_path, names=["mail.example.com"], http_listen=[f"127.0.0.1:{free_port()}"])
+    started = dt.datetime.now(dt.UTC).replace(microsecond=0)  # the state keeps whole seconds at most
     failed = certkeeper(broken, "renew", "--force")
+    ended = dt.datetime.now(dt.UTC)
     assert failed.returncode == 1
     assert failed.stdout.startswith("mail.example.com: failed: ")
     assert "urn:ietf:params:acme:error:" in failed.stdout and "Traceback" not in failed.stderr + failed.stdout
@@ -120,7 +122,9 @@ def test_failed_order_keeps_the_working_set_and_backs_off(pebble: Pebble, tmp_pa
     state = load_cert_state(cfg.state_dir, "mail.example.com")
     assert state.consecutive_failures == 1 and "urn:ietf:params:acme:error:" in state.last_error
     assert state.retry_not_before is not None
-    assert dt.timedelta(seconds=50) < state.retry_not_before - dt.datetime.now(dt.UTC) <= dt.timedelta(minutes=1)
+    # one minute after the failed attempt, however long the order took on a loaded machine
+    assert started + dt.timedelta(minutes=1) <= state.retry_not_before <= ended + dt.timedelta(minutes=1)
+    assert state.last_attempt is not None and started <= state.last_attempt <= ended
     # The next (fixed) run succeeds and clears the backoff.
     fixed = certkeeper(write_config(pebble, tmp_path, names=["mail.example.com"]), "renew", "--force")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
@@ -294,11 +298,12 @@ def test_a_reload_that_keeps_failing_backs_off_further_each_time(pebble: Pebble,
     state_dir = config.load(conf).state_dir
     delays = []
     for _ in range(2):
+        started = dt.datetime.now(dt.UTC)
         result = certkeeper(conf, "renew", "--force")
         assert result.returncode == 1 and "broken: " in result.stdout
         assert len(result.stdout.splitlines()) == 1  # one line per certificate
         state = load_cert_state(state_dir, "mail.example.com")
-        delays.append(round((state.retry_not_before - dt.datetime.now(dt.UTC)).total_seconds() / 60))
+        delays.append(round((state.retry_not_before - started).total_seconds() / 60))  # from the attempt
     assert delays == [1, 10]
     assert load_cert_state(state_dir, "mail.example.com").consecutive_failures == 2
 
@@ -320,3 +325,24 @@ def test_a_directory_url_that_is_not_an_acme_server_is_one_clear_line(pebble: Pe
     result = certkeeper(conf, "renew")
     assert result.returncode == 1
     assert f"HTTP 404 Not Found from {wrong}" in result.stdout
+
+
+def test_one_renewed_and_one_failed_exits_1(pebble: Pebble, tmp_path: Path) -> None:
+    """`certkeeper renew && rcctl restart smtpd` must not hide a failure because another certificate
+    renewed: a failure wins over a renewal (acme-client's 1)."""
+    from certkeeper.network.runner import Outcome, RenewReport
+
+    conf = write_config(pebble, tmp_path)  # mail.example.com renews; mta-sts.example.com asks for a profile
+    conf.write_text(conf.read_text().replace('name = "mta-sts.example.com"',  # Pebble does not offer
+                                             'name = "mta-sts.example.com"\nprofile = "shortlived"'))
+    result = certkeeper(conf, "renew")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("mail.example.com: renewed, valid until "), result.stdout + result.stderr
+    assert lines[1].startswith("mta-sts.example.com: failed: the ACME server offers no profiles")
+    assert result.returncode == 1
+    assert config.load(conf).certificates[0].cert.exists()
+    for order in ([Outcome("a", "renewed", ""), Outcome("b", "failed", "")],
+                  [Outcome("b", "failed", ""), Outcome("a", "renewed", ""), Outcome("c", "not-due", "")]):
+        assert RenewReport(order).exit_code == 1
+    assert RenewReport([Outcome("a", "renewed", ""), Outcome("c", "not-due", "")]).exit_code == 0
+    assert RenewReport([Outcome("c", "not-due", "")]).exit_code == 2

@@ -21,7 +21,7 @@ from tests.fixtures.throwaway_ca import ThrowawayCA
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
-def make_config(tmp_path: Path, listen: str) -> config.Config:
+def make_config(tmp_path: Path, listen: str, extra: str = "") -> config.Config:
     blocks = "".join(f"""
 [[certificate]]
 name = "{name}"
@@ -30,7 +30,7 @@ cert = "{tmp_path}/ssl/{name}.crt"
 chain = "{tmp_path}/ssl/{name}.chain.pem"
 fullchain = "{tmp_path}/ssl/{name}.fullchain.pem"
 """ for name in ("mail.example.com", "mta-sts.example.com"))
-    text = f'state_dir = "{tmp_path}/state"\n[metrics]\nlisten = "{listen}"\n' + blocks
+    text = f'state_dir = "{tmp_path}/state"\n[metrics]\nlisten = "{listen}"\n' + extra + blocks
     return config.parse(text, tmp_path / "certkeeper.toml")
 
 
@@ -97,10 +97,28 @@ def test_scrape_reads_state_at_scrape_time(served):
                  name="mail.example.com") == 5
 
 
-def test_verify_and_dkim_metrics(served, monkeypatch):
-    from certkeeper.network import verification
-    cfg, listen, _ = served
+def test_verify_and_dkim_metrics(bind, tmp_path):
+    from certkeeper.network import rotation, verification
+
+    listen = f"127.0.0.1:{free_port()}"
+    # The operator's dkim_signing.conf, as the README shows it: certkeeper writes the two maps it names.
+    (tmp_path / "signer.conf").write_text(f'selector_map = "{tmp_path}/selectors.map";\n'
+                                          f'path_map = "{tmp_path}/paths.map";\n')
+    cfg = make_config(tmp_path, listen, extra=bind.dns_toml() + f"""
+[hooks.signer]
+command = ["true"]
+[[dkim]]
+domain = "example.test"
+algorithms = ["ed25519"]
+key_dir = "{tmp_path / 'keys'}"
+key_owner = ""
+key_group = ""
+signer_config = "{tmp_path / 'signer.conf'}"
+signer_hook = "signer"
+""")
     store = CertificateStore(cfg.state_dir)
+    store.install(cfg.certificate("mail.example.com"),
+                  ThrowawayCA().issue(["mail.example.com"], NOW - timedelta(days=30), NOW + timedelta(days=60)))
     info = verification.on_disk(store, cfg.certificate("mail.example.com"))
     checks = [
         verification.Check("mail.example.com", "smtpd", info,
@@ -109,18 +127,23 @@ def test_verify_and_dkim_metrics(served, monkeypatch):
                            verification.Observation("imaps://127.0.0.1:993", None, "connection refused", NOW)),
     ]
     verification.save_results(cfg, "mail.example.com", checks)
-    from certkeeper.network import rotation
-
-    monkeypatch.setattr(rotation, "status_rows", lambda config: [  # plain-data fake of the DKIM module's rows
-        {"domain": "example.com", "selector": "s1", "algorithm": "ed25519", "state": "active",
-         "next_action_at": "2027-01-01T00:00:00Z"}])
-    families = scrape(listen)
+    t0 = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)  # the DKIM state as the rotation executor writes it
+    assert rotation.run_due(cfg, t0, lambda line: None).errors == ()
+    (selector,) = rotation.load_state(cfg, "example.test").selectors
+    stop = start_metrics_server(cfg, started_at=NOW)
+    try:
+        families = scrape(listen)
+    finally:
+        stop()
     assert value(families, "certkeeper_verify_ok", hook="smtpd", endpoint="smtp+starttls://127.0.0.1:25") == 1
     assert value(families, "certkeeper_verify_ok", hook="dovecot", endpoint="imaps://127.0.0.1:993") == 0
     assert value(families, "certkeeper_verify_checked_seconds", hook="smtpd") == NOW.timestamp()
-    assert value(families, "certkeeper_dkim_selector_state", selector="s1", state="active") == 1
-    assert value(families, "certkeeper_dkim_selector_next_action_seconds", selector="s1") == \
-        datetime(2027, 1, 1, tzinfo=UTC).timestamp()
+    assert selector == "20260304"
+    assert value(families, "certkeeper_dkim_selector_state", selector=selector, algorithm="ed25519",
+                 state="active") == 1
+    # the next step is the rotation: publish_ahead (2d) before rotate_every (90d) is up
+    assert value(families, "certkeeper_dkim_selector_next_action_seconds", selector=selector) == \
+        (t0 + timedelta(days=88)).timestamp()
 
 
 def test_stop_closes_the_port(tmp_path):

@@ -34,6 +34,7 @@ class PolicyServer:
     def __init__(self, ca: trustme.CA, events: list[str], name: str = "mta-sts.example.test") -> None:
         self.text = ""
         self.status = 200
+        self.content_type = "text/plain"
         self.events = events
         owner = self
 
@@ -42,7 +43,7 @@ class PolicyServer:
                 owner.events.append(f"fetch {self.headers.get('Host')}")
                 body = owner.text.encode()
                 self.send_response(owner.status if self.path == "/.well-known/mta-sts.txt" else 404)
-                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Type", owner.content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -55,7 +56,9 @@ class PolicyServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # serve_forever polls for shutdown every 0.5 s by default: every teardown waited that long
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                       daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
@@ -290,6 +293,33 @@ def test_fetch_refuses_a_non_200(bind, tmp_path, policy_server, ca):
     policy_server.status = 302
     with pytest.raises(ServiceError, match="HTTP 302"):
         check_served(config, "example.test", Policy.from_config(config.mta_sts[0]), fetch_policy)
+
+
+def test_fetch_wants_text_plain(bind, tmp_path, policy_server, ca):
+    config = make_config(bind, tmp_path, policy_server, ca)
+    serve(policy_server, config)
+    policy = Policy.from_config(config.mta_sts[0])
+    policy_server.content_type = "text/plain; charset=us-ascii"  # parameters are fine
+    check_served(config, "example.test", policy, fetch_policy)
+    for wrong in ("text/html", "application/octet-stream", "text/plainx"):
+        policy_server.content_type = wrong
+        with pytest.raises(ServiceError, match=f"served as '{wrong}', not text/plain"):
+            fetch_policy(config, "example.test")
+
+
+def test_fetch_takes_64_kib_and_not_a_byte_more(bind, tmp_path, policy_server, ca):
+    """RFC 8461 3.3: senders may refuse a larger policy; certkeeper's self-check refuses it too."""
+    config = make_config(bind, tmp_path, policy_server, ca)
+    policy = Policy.from_config(config.mta_sts[0])
+    text = policy.render()
+    padding = 65536 - len(text) - len("x_pad: \r\n")  # an extension field (RFC 8461 3.2) fills it up
+    policy_server.text = text + "x_pad: " + "a" * padding + "\r\n"
+    assert len(policy_server.text.encode()) == 65536
+    assert fetch_policy(config, "example.test") == policy_server.text
+    check_served(config, "example.test", policy, fetch_policy)
+    policy_server.text += "b"
+    with pytest.raises(ServiceError, match="larger than 65536 bytes"):
+        fetch_policy(config, "example.test")
 
 
 def test_cli_mta_sts_publish(bind, tmp_path, policy_server, ca):

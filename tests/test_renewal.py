@@ -43,6 +43,17 @@ def test_half_of_the_lifetime_for_short_lived_certificates() -> None:
     assert "half" in decision.reason
 
 
+def test_the_short_lived_boundary_is_ten_days() -> None:
+    """A lifetime under 10 days renews at half of it, 10 days and more at two thirds."""
+    for lifetime, share in ((dt.timedelta(days=10, seconds=-1), 2), (dt.timedelta(days=10), 3)):
+        on_disk = make_set(("mail.example.com",), not_before=T0, days=lifetime / dt.timedelta(days=1))
+        info = on_disk.info()
+        assert info is not None and info.not_after - info.not_before == lifetime
+        when, why = renewal.renewal_time(info, CertState(name="mail.example.com"))
+        assert when == info.not_after - lifetime / share, (lifetime, why)
+        assert ("half" in why) == (share == 2)
+
+
 def test_force_renews_a_fresh_certificate() -> None:
     decision = renewal.plan(cfg(), make_set(not_before=T0), state(), T0, force=True)
     assert decision.due and decision.reason == "forced"

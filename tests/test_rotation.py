@@ -116,6 +116,20 @@ def test_request_rotation_never_reuses_a_selector_and_marks_emergencies():
     assert s3.keys[0].selector == "20260304-2"  # a key file already on disk counts as taken
 
 
+def test_the_planner_never_overflows_on_huge_durations():
+    """config.py refuses durations past ten years; the planner must not die of an OverflowError even so
+    (before: rotation.plan raised it for rotate_every = 3000000d and the daemon's DKIM job died)."""
+    huge = timedelta(days=3_000_000)
+    item = rotation.replace(ITEM, rotate_every=huge, retire_after=huge, remove_after=huge, publish_ahead=huge)
+    s = DomainState("example.test", (key("a", "active", record="r", visible=T0, activated=T0),
+                                     key("b", "retiring", activated=T0, retired=T0),
+                                     key("c", "revoked", revoked=T0),
+                                     key("d", "pending", record="r", visible=T0)))
+    p = plan(s, item, T0)
+    assert p.actions == () and p.next_at == datetime.max.replace(tzinfo=UTC)
+    assert plan(s, rotation.replace(item, publish_ahead=2 * DAY), T0).next_at == T0 + 2 * DAY  # d activates
+
+
 def test_state_json_round_trip():
     s = DomainState("example.test", (key("a", "retiring", record="v=DKIM1; p=", published=T0, visible=T0,
                                          activated=T0, retired=T0 + DAY, emergency=True),))
@@ -477,6 +491,23 @@ def test_selector_made_by_hand_in_dns_is_never_taken(bind_factory, tmp_path):
     assert cli.main(["rotate-dkim", "--now", "-c", str(config.path)], out=out) == 0
     assert set(signer_keys(tmp_path / "signer.conf")) == {f"{today}-2"}
     assert server.query(f"{today}._domainkey.example.test", "CNAME") == ["key.provider.example."]
+
+
+def test_a_key_file_in_key_dir_is_never_reused_when_the_state_is_lost(bind, tmp_path):
+    """The state file is gone and DNS no longer has the record, but the key file is still in key_dir:
+    its selector must not be taken again (the new key would overwrite or silently reuse that file)."""
+    config = bind.config(dkim_toml(tmp_path))
+    assert run(config, T0).errors == ()
+    (old,) = rotation.load_state(config, "example.test").keys
+    old_file = Path(old.key_file)
+    old_bytes = old_file.read_bytes()
+    backend_for(config).remove(f"{old.selector}._domainkey.example.test", "TXT")
+    rotation.state_path(config, "example.test").unlink()
+    assert run(config, T0).errors == ()  # the same day: the selector format gives the same name first
+    (new,) = rotation.load_state(config, "example.test").keys
+    assert new.selector != old.selector and new.selector == f"{old.selector}-2"
+    assert old_file.read_bytes() == old_bytes
+    assert Path(new.key_file).exists() and Path(new.key_file) != old_file
 
 
 def test_revoke_and_remove_wait_for_every_authoritative_server(bind, bind_factory, tmp_path):

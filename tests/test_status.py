@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from certkeeper.cli import main
-from certkeeper.core import config, renewal, state
+from certkeeper.core import config, mtasts, renewal, state
 from certkeeper.core.errors import ConfigError
 from certkeeper.keeper import status
 from certkeeper.keeper.store import CertificateStore
@@ -131,26 +131,56 @@ def test_endpoints_from_the_last_verify(setup):
     assert "smtpd smtp+starttls://127.0.0.1:25: served serial" in text and ", ok," in text
 
 
-def test_human_output_fits_80_columns_with_every_table(setup, monkeypatch):
-    path, cfg = setup
-    from certkeeper.network import mtasts_publish, rotation
+T0 = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
 
-    monkeypatch.setattr(rotation, "status_rows", lambda config: [  # plain-data fakes of rotation.status_rows
-        {"domain": "example.com", "selector": "20261125-rsa2048", "algorithm": "rsa2048", "state": "active",
-         "created": "2026-11-23T00:00:00+00:00", "activated": "2026-11-25T00:00:00+00:00", "retired": None,
-         "revoked": None},
-        {"domain": "example.com", "selector": "20260827-rsa2048", "algorithm": "rsa2048", "state": "retiring",
-         "created": "2026-08-25T00:00:00+00:00", "activated": "2026-08-27T00:00:00+00:00",
-         "retired": "2026-11-25T00:00:00+00:00", "revoked": None},
-    ])
-    monkeypatch.setattr(mtasts_publish, "status_rows", lambda config: [  # ... and of mtasts_publish's
-        {"domain": "example.com", "mode": "enforce", "max_age": 604800, "policy_id": "a" * 32,
-         "published_id": "a" * 32, "published_at": "2026-11-20T00:00:00+00:00", "status": "published",
-         "drain_until": None, "tlsrpt": ""},
-        {"domain": "old.example.com", "mode": "none", "max_age": 86400, "policy_id": "b" * 32,
-         "published_id": "b" * 32, "published_at": "2026-11-20T00:00:00+00:00", "status": "draining",
-         "drain_until": "2026-12-04T00:00:00+00:00", "tlsrpt": ""},
-    ])
+
+def dkim_block(tmp_path: Path) -> str:
+    # The operator's dkim_signing.conf, as the README shows it: certkeeper writes the two maps it names.
+    (tmp_path / "signer.conf").write_text(f'selector_map = "{tmp_path}/selectors.map";\n'
+                                          f'path_map = "{tmp_path}/paths.map";\n')
+    return f"""
+[hooks.signer]
+command = ["true"]
+[[dkim]]
+domain = "example.test"
+algorithms = ["rsa2048"]
+rotate_every = "90d"
+publish_ahead = "2d"
+retire_after = "7d"
+key_dir = "{tmp_path / 'keys'}"
+key_owner = ""
+key_group = ""
+signer = "rspamd"
+signer_config = "{tmp_path / 'signer.conf'}"
+signer_hook = "signer"
+[[mta_sts]]
+domain = "example.com"
+mode = "enforce"
+mx = ["mail.example.com"]
+"""
+
+
+def real_state(cfg: config.Config) -> None:
+    """DKIM and MTA-STS state as certkeeper itself writes it: the rotation executor against a real BIND
+    (one key retired, its successor active), and the MTA-STS history publish_all records."""
+    from certkeeper.core import mtasts, mtasts_state
+    from certkeeper.network import rotation
+
+    for when in (T0, T0 + 88 * DAY, T0 + 90 * DAY):  # first key; its successor published; the switch
+        assert rotation.run_due(cfg, when, lambda line: None).errors == ()
+    published = mtasts_state.DomainState("example.com").with_published(
+        mtasts.Policy.from_config(cfg.mta_sts[0]), T0)
+    mtasts_state.save_state(cfg, published)
+    old = mtasts_state.DomainState("old.example.com").with_published(
+        mtasts.Policy(mode="enforce", mx=("mail.example.com",), max_age=86400), T0)
+    mtasts_state.save_state(cfg, old.with_published(mtasts_state.drain_policy(old), T0 + 10 * DAY))
+
+
+def test_human_output_fits_80_columns_with_every_table(setup, bind, tmp_path):
+    path = write_config(tmp_path, extra=dkim_block(tmp_path) + bind.dns_toml())
+    cfg = config.load(path)
+    real_state(cfg)
     code, text = run(path)
     assert code == 0
     lines = text.splitlines()
@@ -164,16 +194,23 @@ def test_human_output_fits_80_columns_with_every_table(setup, monkeypatch):
     assert any("retry " in line and "failing" in line for line in lines)
     assert "Timeout" in text  # the long error is wrapped, not cut
     # a cell cut to fit its column is repeated in full under its row: nothing the operator needs is lost
-    assert f"  name: {LONG}" in lines and f"  policy id: {'a' * 32}" in lines
-    # next actions derived from the [[dkim]] timings (defaults: rotate 90d, retire 7d)
-    assert any("20261125-rsa2048" in line and "rotate 2027-02-23" in line for line in lines)
-    assert any("20260827-rsa2048" in line and "revoke 2026-12-02" in line for line in lines)
+    policy_id = mtasts.Policy.from_config(cfg.mta_sts[0]).policy_id()
+    assert f"  name: {LONG}" in lines and f"  policy id: {policy_id}" in lines
+    # what the planner will do: the next key is made publish_ahead before rotate_every is up
+    # (activated 2026-06-02 + 90d - 2d), the retired key is revoked retire_after after it retired
+    assert any("20260531" in line and "active" in line and "rotate 2026-08-29" in line for line in lines)
+    assert any("20260304" in line and "retiring" in line and "revoke 2026-06-09" in line for line in lines)
+    assert "2026-08-31" not in text  # activated + rotate_every: a date certkeeper never acts on
     assert any(line.startswith("example.com") and "enforce" in line and line.endswith("none") for line in lines)
-    assert any(line.startswith("old.example.com") and "remove record 2026-12-04" in line for line in lines)
-    doc = status.collect(config.load(path))
-    assert doc["dkim"][0]["next_action"] == "rotate"
-    assert doc["dkim"][0]["next_action_at"] == "2027-02-23T00:00:00Z"
-    assert doc["mta_sts"][1]["next_action_at"] == "2026-12-04T00:00:00Z"  # one time format throughout
+    assert any(line.startswith("old.example.com") and "remove record 2026-03-15" in line for line in lines)
+    doc = status.collect(cfg)
+    rows = {row["selector"]: row for row in doc["dkim"]}
+    assert set(rows) == {"20260304", "20260531"}
+    assert rows["20260531"]["next_action"] == "rotate"
+    assert rows["20260531"]["next_action_at"] == "2026-08-29T12:00:00Z"
+    assert rows["20260304"]["next_action"] == "revoke"
+    assert rows["20260304"]["next_action_at"] == "2026-06-09T12:00:00Z"
+    assert doc["mta_sts"][1]["next_action_at"] == "2026-03-15T12:00:00Z"  # one time format throughout
 
 
 def test_empty_tables_say_so(tmp_path):
@@ -195,14 +232,14 @@ def test_next_action_is_the_runners_plan_when_a_config_change_lifts_the_backoff(
     assert long_row(changed)["next_action"] == "renew now"  # the settings that failed are gone: no wait
 
 
-def test_json_times_have_one_format_and_unknown_values_are_null(setup, monkeypatch):
-    from certkeeper.network import mtasts_publish
+def test_json_times_have_one_format_and_unknown_values_are_null(tmp_path):
+    from certkeeper.core import mtasts_state
 
-    path, cfg = setup
-    monkeypatch.setattr(mtasts_publish, "status_rows", lambda config: [
-        {"domain": "example.com", "mode": "enforce", "max_age": 604800, "policy_id": "a" * 32,
-         "published_id": "a" * 32, "published_at": "2026-11-20T00:00:00.123456+00:00", "status": "published",
-         "drain_until": None, "tlsrpt": ""}])
+    path = write_config(tmp_path, extra='[[mta_sts]]\ndomain = "example.com"\nmx = ["mail.example.com"]\n')
+    cfg = config.load(path)
+    published_at = datetime(2026, 11, 20, 0, 0, 0, 123456, tzinfo=UTC)  # publish_all records microseconds
+    mtasts_state.save_state(cfg, mtasts_state.DomainState("example.com").with_published(
+        mtasts.Policy.from_config(cfg.mta_sts[0]), published_at))
     row = status.collect(cfg)["mta_sts"][0]
     assert row["published_at"] == "2026-11-20T00:00:00Z"
-    assert row["tlsrpt"] is None
+    assert row["tlsrpt"] is None  # no TLSRPT record: "" in the state, null in the document

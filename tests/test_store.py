@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
-import subprocess
-import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,51 +69,99 @@ def test_unknown_owner_is_a_one_line_error_and_nothing_changes(tmp_path: Path) -
     assert not list(good.key.parent.glob(".*certkeeper-new"))
 
 
-CRASHER = """
-import os, signal, sys
-from pathlib import Path
-from certkeeper.keeper.store import CertificateSet, CertificateStore
-from tests.test_store import cert_config
-tmp = Path(sys.argv[1]); target = sys.argv[2]; nth = int(sys.argv[3])
-new = CertificateSet(key=Path(sys.argv[4]).read_bytes(), cert=Path(sys.argv[5]).read_bytes(), chain=b"")
-real = getattr(os, target); calls = [0]
-def crash(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(*args, **kwargs)
-setattr(os, target, crash)
-CertificateStore(tmp / "state").install(cert_config(tmp), new)
-print("finished")
-"""
+# Every file operation an install makes, at the level of the system calls (core/files.py and store.py call
+# them through the os module): a crash may come before any one of them.
+FILE_OPERATIONS = ("open", "write", "fchmod", "fchown", "fsync", "close", "link", "replace", "rename", "unlink",
+                   "mkdir")
+CRASHED = 77  # the exit status of a child that "crashed" at its operation
 
 
-@pytest.mark.parametrize(("target", "nth"), [
-    ("write", 1), ("write", 3), ("fsync", 2), ("fsync", 4), ("link", 2), ("replace", 1), ("replace", 3),
-    ("replace", 6), ("replace", 7), ("replace", 9),
-])
-def test_kill_9_during_install_leaves_a_working_set(tmp_path: Path, target: str, nth: int) -> None:
-    cfg = cert_config(tmp_path)
-    store = CertificateStore(tmp_path / "state")
-    old, new = make_set(), make_set()
-    store.install(cfg, old)
-    (tmp_path / "new.key").write_bytes(new.key)
-    (tmp_path / "new.crt").write_bytes(new.cert)
-    result = subprocess.run([sys.executable, "-c", CRASHER, str(tmp_path), target, str(nth),
-                             str(tmp_path / "new.key"), str(tmp_path / "new.crt")],
-                            cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
-    assert result.returncode == -9, result.stderr  # it really was killed mid-install
-    # Before recovery the files in place already form a working set or recovery completes it.
-    store.recover(cfg)
-    current = store.read(cfg)
-    assert current is not None
-    assert certs.key_matches_cert(current.key, current.cert)
-    assert current.key in (old.key, new.key)
-    assert not list(cfg.key.parent.glob(".*certkeeper-new"))
-    # And the next run succeeds.
-    newest = make_set()
-    store.install(cfg, newest)
-    assert store.read(cfg) == newest
+@contextlib.contextmanager
+def file_operations(on_call: Callable[[str, tuple[object, ...]], None]) -> Iterator[None]:
+    """Call ``on_call(name, args)`` before each file operation of this process."""
+    real = {name: getattr(os, name) for name in FILE_OPERATIONS}
+
+    def wrap(name: str) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            on_call(name, args)
+            return real[name](*args, **kwargs)
+        return call
+
+    for name in FILE_OPERATIONS:
+        setattr(os, name, wrap(name))
+    try:
+        yield
+    finally:
+        for name, function in real.items():
+            setattr(os, name, function)
+
+
+def files_of(cfg: CertificateConfig) -> tuple[bytes | None, ...]:
+    def read(path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+    return tuple(read(getattr(cfg, role)) for role in ("key", "cert", "chain", "fullchain"))
+
+
+def as_files(s: CertificateSet) -> tuple[bytes, ...]:
+    return (s.key, s.cert, s.chain, s.cert + s.chain)
+
+
+def die_before(k: int) -> Callable[[str, tuple[object, ...]], None]:
+    count = [0]
+
+    def on_call(name: str, args: tuple[object, ...]) -> None:
+        count[0] += 1
+        if count[0] == k:
+            os._exit(CRASHED)
+    return on_call
+
+
+def test_a_crash_before_any_file_operation_of_an_install_leaves_a_whole_set(tmp_path: Path) -> None:
+    """Not chosen points: every write, rename, fsync, link, unlink... of one install is counted, then for
+    each k the install runs in a forked child that dies (os._exit, as kill -9: no cleanup runs) right
+    before its k-th operation. recover() must then leave the old set or the new one, never a mix."""
+    old, new, newest = make_set(), make_set(), make_set()
+    trace: list[str] = []
+    cfg = cert_config(tmp_path / "count")
+    CertificateStore(tmp_path / "count/state").install(cfg, old)
+    with file_operations(lambda name, args: trace.append(name)):
+        CertificateStore(tmp_path / "count/state").install(cfg, new)
+    assert files_of(cfg) == as_files(new)
+    assert {"write", "fsync", "replace", "link", "unlink"} <= set(trace), trace
+    assert len(trace) > 40  # four files, their .prev links, the journal: each open, write, fsync, rename...
+    outcomes = []
+    for k in range(1, len(trace) + 2):  # k = len + 1: the install finished, the crash came after it
+        where = tmp_path / f"k{k}"
+        cfg = cert_config(where)
+        store = CertificateStore(where / "state")
+        store.install(cfg, old)
+        pid = os.fork()
+        if pid == 0:  # the child: install, dying before operation k
+            try:
+                with file_operations(die_before(k)):
+                    CertificateStore(where / "state").install(cfg, new)
+                os._exit(0)
+            finally:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        expected = 0 if k == len(trace) + 1 else CRASHED
+        assert os.waitstatus_to_exitcode(status) == expected, f"operation {k} ({trace[k - 1]}): the child did " \
+            "not stop there: the install does not repeat its own operations"
+        store.recover(cfg)
+        after = files_of(cfg)
+        assert after in (as_files(old), as_files(new)), f"a mix after a crash before operation {k}: {trace[k - 1]}"
+        current = store.read(cfg)
+        assert current is not None and certs.key_matches_cert(current.key, current.cert)
+        assert not list(cfg.key.parent.glob(".*certkeeper-new")) and not list(cfg.cert.parent.glob(".*certkeeper-new"))
+        assert not (where / "state/journal/mail.example.com.json").exists()
+        outcomes.append("new" if after == as_files(new) else "old")
+        store.install(cfg, newest)  # and the next install succeeds
+        assert files_of(cfg) == as_files(newest)
+    # the crash points really straddle the commit: early ones keep the old set, late ones the new
+    assert outcomes[0] == "old" and outcomes[-1] == "new" and outcomes == sorted(outcomes, key=["old", "new"].index)
 
 
 def test_journal_rolls_an_interrupted_install_forward(tmp_path: Path) -> None:
@@ -170,3 +218,53 @@ def test_when_neither_chain_file_holds_a_chain_it_cannot_be_rebuilt(tmp_path: Pa
     cfg.fullchain.unlink()
     assert "holds a chain" in store.check(cfg)
     assert store.repair(cfg) == ""  # the runner then orders a new certificate
+
+
+def fsync_trace(work: Callable[[], object]) -> list[tuple[str, str, str]]:
+    """(operation, path, target) of every fsync, replace and unlink ``work`` makes, in order; an fsync
+    names the file or directory its descriptor is open on."""
+    events: list[tuple[str, str, str]] = []
+
+    def on_call(name: str, args: tuple[object, ...]) -> None:
+        if name == "fsync":
+            assert isinstance(args[0], int)
+            events.append(("fsync", os.readlink(f"/proc/self/fd/{args[0]}"), ""))
+        elif name in ("replace", "rename"):
+            events.append(("rename", str(args[0]), str(args[1])))
+        elif name == "unlink":
+            events.append(("unlink", str(args[0]), ""))
+
+    with file_operations(on_call):
+        work()
+    return events
+
+
+def assert_durable(events: list[tuple[str, str, str]], final: Path) -> None:
+    """``final`` was written to a temp file that was fsynced before the rename, and its directory was
+    fsynced after the rename (else a power loss can undo the rename or leave an empty file)."""
+    renames = [i for i, (op, _, target) in enumerate(events) if op == "rename" and target == str(final)]
+    assert renames, f"{final} was not renamed into place: {events}"
+    at = renames[-1]
+    temp = events[at][1]
+    assert ("fsync", temp, "") in events[:at], f"{temp} was not fsynced before it became {final}"
+    assert ("fsync", str(final.parent), "") in events[at + 1:], f"{final.parent} was not fsynced after the rename"
+
+
+def test_every_file_and_directory_is_fsynced_on_the_real_write_path(tmp_path: Path) -> None:
+    from certkeeper.core.files import write_atomic
+
+    path = tmp_path / "d" / "state.json"
+    assert_durable(fsync_trace(lambda: write_atomic(path, b"{}\n", 0o600)), path)
+
+    cfg = cert_config(tmp_path)
+    store = CertificateStore(tmp_path / "state")
+    store.install(cfg, make_set())
+    events = fsync_trace(lambda: store.install(cfg, make_set()))
+    for role in ("key", "cert", "chain", "fullchain"):
+        assert_durable(events, getattr(cfg, role))
+    journal = tmp_path / "state" / "journal" / "mail.example.com.json"
+    assert_durable(events, journal)  # the commit point itself is durable before any rename
+    first_rename = min(i for i, (op, _, target) in enumerate(events) if op == "rename" and target == str(cfg.key))
+    assert ("fsync", str(journal.parent), "") in events[:first_rename]
+    removed = events.index(("unlink", str(journal), ""))
+    assert ("fsync", str(journal.parent), "") in events[removed + 1:]  # its removal too

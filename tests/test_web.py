@@ -112,6 +112,55 @@ async def test_challenge_only_for_get(http_client):
     assert resp.status == 404
 
 
+class RecordingTable(ChallengeTable):
+    """The real table, noting each token the listener looks up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookups: list[str] = []
+
+    def get(self, token: str) -> str | None:
+        self.lookups.append(token)
+        return super().get(token)
+
+
+@pytest.mark.parametrize("token", [
+    "%2e%2e%2fetc%2fpasswd", "tok_EN-1%2f..", "a.b", "a/b", "tok EN", "tok_EN-1=", "x" * 257, "",
+])
+async def test_a_token_that_is_not_base64url_is_never_looked_up(tmp_path, token):
+    """RFC 8555 8.3: a token is 1*256 base64url characters; the listener refuses anything else before it
+    touches the table (the table must never be asked about a path)."""
+    table = RecordingTable()
+    table.add("tok_EN-1", "tok_EN-1.thumbprint")
+    client = TestClient(RawTestServer(Handlers(Site.from_config(make_config(tmp_path)), table).http))
+    await client.start_server()
+    try:
+        resp = await client.get(f"/.well-known/acme-challenge/{token}", headers={"Host": "mail.example.com"},
+                                allow_redirects=False)
+        assert resp.status == 404 and "Location" not in resp.headers
+        assert table.lookups == []
+        longest = "y" * 256  # the longest token there can be is looked up (and unknown: 404)
+        resp = await client.get(f"/.well-known/acme-challenge/{longest}", headers={"Host": "mail.example.com"})
+        assert resp.status == 404 and table.lookups == [longest]
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(("host", "name"), [
+    ("mail.example.com", "mail.example.com"), ("MAIL.Example.COM:8080", "mail.example.com"),
+    ("mail.example.com.", "mail.example.com"), ("mail..example.com", None), ("mail.example.com..", None),
+    (".mail.example.com", None), ("a" * 254, None), ("", None),
+    ("mail.example.com:80:80", None), ("mail.example.com\\", None),
+])
+def test_request_host_refuses_empty_labels_and_malformed_names(host, name):
+    """The Host check itself (the handlers answer 404 for unknown names anyway, so only this can show it)."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from certkeeper.listener.web import request_host
+
+    assert request_host(make_mocked_request("GET", "/", headers={"Host": host})) == name
+
+
 @pytest.mark.parametrize("host, path, location", [
     ("mta-sts.example.com", "/", "https://mta-sts.example.com/"),
     ("MTA-STS.example.com:8080", "/a/b?c=d&e=%20f", "https://mta-sts.example.com/a/b?c=d&e=%20f"),

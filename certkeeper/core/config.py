@@ -65,8 +65,9 @@ VERIFY_SCHEMES = ("smtp+starttls", "smtps", "imap+starttls", "imaps", "https")
 RFC8461_MAX_AGE = 31557600  # RFC 8461 3.2: max_age is at most 31557600 seconds
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_DURATION = re.compile(r"([0-9]+)([smhdw])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_DURATION = timedelta(days=3650)  # ten years: anything longer is a typo, and overflows date arithmetic
 
 
 # ---------------------------------------------------------------------------
@@ -292,6 +293,10 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: {exc}"]) from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise ConfigError([f"{path}: {str(exc).split(';')[0]}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: arrays or tables nested too deeply"]) from None
     reader = _Reader(str(path))
     config = reader.config(data)
     if reader.errors:
@@ -397,12 +402,17 @@ class _Reader:
         if value is None:
             return default
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return timedelta(seconds=value)
-        match = _DURATION.match(value) if isinstance(value, str) else None
-        if not match:
+            seconds = value
+        elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
+            digits = match.group(1).lstrip("0") or "0"  # int() refuses more than 4300 digits
+            seconds = int(digits) * _DURATION_UNITS[match.group(2)] if len(digits) <= 15 else 10**20
+        else:
             self.error(_join(where, key), f"{_show(value)} is not a duration such as \"90d\", \"12h\" or \"30m\"")
             return default
-        return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+        if seconds > MAX_DURATION.total_seconds():
+            self.error(_join(where, key), f"{_show(value)} is longer than {MAX_DURATION.days}d (ten years)")
+            return default
+        return timedelta(seconds=seconds)
 
     def domain(self, where: str, value: str, wildcard: bool = False) -> str | None:
         problem = domain_problem(value, wildcard=wildcard)
@@ -943,7 +953,10 @@ def _join(where: str, key: str) -> str:
 
 
 def _show(value: Any) -> str:
-    return repr(value) if not isinstance(value, (dict, list)) else _kind_name(type(value))
+    if isinstance(value, (dict, list)):
+        return _kind_name(type(value))
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else "a huge integer"
+    return text if len(text) <= 80 else text[:60] + "..." + text[-1]  # one line of reasonable length
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:

@@ -117,7 +117,7 @@ class KeyRecord:
 
     def __post_init__(self) -> None:
         if self.key_type not in SIGNATURE_ALGORITHMS:
-            raise ValueError(f"k={self.key_type} is not a supported key type (rsa, ed25519)")
+            raise ValueError(f"k={_shown(self.key_type)} is not a supported key type (rsa, ed25519)")
         if not self.public_key:
             return
         if self.key_type == "ed25519" and len(self.public_key) != ED25519_KEY_BYTES:
@@ -166,13 +166,18 @@ def parse_key_record(text: str) -> KeyRecord:
         raise ValueError("p= is required")  # RFC 6376 3.6.1
     key_type = tags.get("k", "rsa")  # RFC 6376 3.6.1: k= defaults to rsa
     if key_type not in SIGNATURE_ALGORITHMS:
-        raise ValueError(f"k={key_type} is not a supported key type")
+        raise ValueError(f"k={_shown(key_type)} is not a supported key type")
     b64 = re.sub(r"[ \t\r\n]", "", tags["p"])  # RFC 6376 3.2: FWS may appear inside base64 values
     try:
         public_key = base64.b64decode(b64, validate=True)
     except binascii.Error:
         raise ValueError("p= is not base64") from None
     return KeyRecord(key_type, public_key)
+
+
+def _shown(value: str) -> str:
+    """A tag value quoted in an error: one line, at most 30 characters."""
+    return " ".join(value.split())[:30]
 
 
 def parse_tag_list(text: str) -> dict[str, str]:
@@ -185,7 +190,7 @@ def parse_tag_list(text: str) -> dict[str, str]:
         name, sep, value = spec.partition("=")
         name = name.strip(" \t\r\n")
         if not sep or not _TAG_NAME.match(name):
-            raise ValueError(f"{spec.strip()!r} is not tag=value")
+            raise ValueError(f"{spec.strip()[:60]!r} is not tag=value")
         if name in tags:
             raise ValueError(f"tag {name}= appears twice")  # RFC 6376 3.2: duplicate tags invalidate
         tags[name] = value.strip(" \t\r\n")

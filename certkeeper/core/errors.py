@@ -30,8 +30,15 @@ class ConfigError(CertkeeperError):
     """
 
     def __init__(self, lines: list[str]) -> None:
-        self.lines = [" ".join(line.split()) for line in lines]
+        self.lines = [_cut(" ".join(line.split())) for line in lines]
         super().__init__("; ".join(self.lines))
+
+
+MAX_LINE = 500  # an error line quoting a huge value from a file stays readable
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= MAX_LINE else line[:MAX_LINE - 3] + "..."
 
 
 class LocalError(CertkeeperError):

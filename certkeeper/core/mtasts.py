@@ -151,7 +151,7 @@ def _policy_from_fields(fields: dict[str, str], mx: list[str]) -> Policy:
 def render_txt(policy_id: str) -> str:
     """``v=STSv1; id=ID`` for the ``_mta-sts.DOMAIN`` TXT record."""
     if not _ID.fullmatch(policy_id):
-        raise MtaStsError(f"id {policy_id!r} is not 1 to 32 letters and digits")
+        raise MtaStsError(f"id {policy_id[:40]!r} is not 1 to 32 letters and digits")
     return f"v={VERSION}; id={policy_id}"
 
 
@@ -170,7 +170,7 @@ def parse_txt(text: str) -> str:
             raise MtaStsError(f"TXT record field {field[:60]!r} is not 'name=value'")
         if name == "id":
             if not _ID.fullmatch(value):
-                raise MtaStsError(f"TXT record id {value!r} is not 1 to 32 letters and digits")
+                raise MtaStsError(f"TXT record id {value[:40]!r} is not 1 to 32 letters and digits")
             if policy_id is not None:
                 raise MtaStsError("TXT record has more than one id")
             policy_id = value

@@ -170,3 +170,39 @@ def next_due(config: Config) -> datetime | None:
     configured = {m.domain for m in config.mta_sts}
     ends = [load_state(config, d).drain_until() for d in known_domains(config) if d not in configured]
     return min((e for e in ends if e is not None), default=None)
+
+
+def status_rows(config: Config, now: datetime | None = None) -> list[dict[str, object]]:
+    """One row per MTA-STS domain (configured or still draining), from config and state only (no DNS).
+
+    Keys: domain, mode, max_age, policy_id (of the policy that must be served), published_id (last
+    id certkeeper published; None), published_at (ISO 8601; None), status (published | pending |
+    draining | removed), drain_until (ISO 8601; None), tlsrpt (the TLSRPT value published; "").
+    """
+    now = now or datetime.now(UTC)
+    serve = domains_to_serve(config, now)
+    rows: list[dict[str, object]] = []
+    for domain in sorted(set(serve) | set(known_domains(config))):
+        st = load_state(config, domain)
+        policy = serve.get(domain)
+        current = st.current
+        configured = any(m.domain == domain for m in config.mta_sts)
+        if policy is None:
+            status = "removed"
+        elif current is None or current.policy_id != policy.policy_id():
+            status = "pending"
+        else:
+            status = "published" if configured else "draining"
+        until = st.drain_until() if not configured else None
+        rows.append({
+            "domain": domain,
+            "mode": policy.mode if policy else None,
+            "max_age": policy.max_age if policy else None,
+            "policy_id": policy.policy_id() if policy else None,
+            "published_id": current.policy_id if current else None,
+            "published_at": current.published_at.isoformat(timespec="seconds") if current else None,
+            "status": status,
+            "drain_until": until.isoformat(timespec="seconds") if until else None,
+            "tlsrpt": st.tlsrpt,
+        })
+    return rows

@@ -203,7 +203,9 @@ def start_metrics_server(config: Config, started_at: datetime,
     except OSError as exc:
         raise LocalError(f"[metrics] listen {config.metrics.listen}: cannot listen: {exc.strerror or exc}") \
             from None
-    thread = Thread(target=server.serve_forever, name="certkeeper-metrics", daemon=True)
+    # stop() waits for serve_forever to notice: poll often, not every 0.5 s (the default)
+    thread = Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="certkeeper-metrics",
+                    daemon=True)
     thread.start()
     log.info("metrics on http://%s/metrics", config.metrics.listen)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from certkeeper.core import certs, renewal, state
+from certkeeper.core import certs, dkimstate, mtasts_state, renewal, state
 from certkeeper.core.config import CertificateConfig, Config
 from certkeeper.core.errors import CertkeeperError, ConfigError
 from certkeeper.keeper.store import CertificateSet, CertificateStore
@@ -162,10 +162,8 @@ def _rows(config: Config, status_rows: Callable[[Config], list[dict[str, Any]]])
 
 
 def dkim_rows(config: Config) -> list[dict[str, Any]]:
-    """``rotation.status_rows`` plus ``next_action`` and ``next_action_at`` from the [[dkim]] timings."""
-    from certkeeper.network import rotation  # loads the DNS libraries: only when asked
-
-    rows = _rows(config, rotation.status_rows)
+    """``dkimstate.status_rows`` plus ``next_action`` and ``next_action_at`` from the [[dkim]] timings."""
+    rows = _rows(config, dkimstate.status_rows)
     timing = {item.domain: item for item in config.dkim}
     for row in rows:
         if "next_action" in row or row.get("domain") not in timing:
@@ -186,10 +184,8 @@ def dkim_rows(config: Config) -> list[dict[str, Any]]:
 
 
 def mta_sts_rows(config: Config) -> list[dict[str, Any]]:
-    """``mtasts_publish.status_rows`` plus ``next_action`` and ``next_action_at``."""
-    from certkeeper.network import mtasts_publish
-
-    rows = _rows(config, mtasts_publish.status_rows)
+    """``mtasts_state.status_rows`` plus ``next_action`` and ``next_action_at``."""
+    rows = _rows(config, mtasts_state.status_rows)
     for row in rows:
         if "next_action" in row:
             continue

@@ -20,7 +20,7 @@ when it was published and when a newer one replaced it).
 
 The daemon calls ``domains_to_serve`` to build what it serves and then
 ``publish_all`` (start, SIGHUP); ``certkeeper mta-sts publish`` runs
-``command_mta_sts``; ``certkeeper status`` shows ``status_rows``.
+``command_mta_sts``; ``certkeeper status`` shows ``status_rows`` (in core/mtasts_state.py: no DNS code).
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ from datetime import UTC, datetime
 from certkeeper.core.config import Config
 from certkeeper.core.errors import CertkeeperError, ServiceError
 from certkeeper.core.mtasts import MEDIA_TYPE, WELL_KNOWN_PATH, MtaStsError, Policy, parse_policy, render_txt
-from certkeeper.core.mtasts_state import (
+from certkeeper.core.mtasts_state import (  # noqa: F401 - status_rows: certkeeper status reads it from here too
     domains_to_serve,
     drain_policy,
     known_domains,
     load_state,
     save_state,
+    status_rows,
 )
 from certkeeper.network.dns import Backend, Progress, RecordSet, backend_for, split_host_port
 from certkeeper.network.dns.propagation import visible_everywhere, wait_until_absent, wait_until_visible
@@ -272,45 +273,3 @@ def _remove_tlsrpt(run: _Run, domain: str, record: str) -> None:
     wait_until_absent(run.config, record, "TXT", run.progress)
     save_state(run.config, replace(load_state(run.config, domain), tlsrpt=""))
     run.outcomes.append(Outcome(domain, record, "removed", "", changed=True))
-
-
-# ---------------------------------------------------------------------------
-# Status and CLI.
-
-
-def status_rows(config: Config, now: datetime | None = None) -> list[dict[str, object]]:
-    """One row per MTA-STS domain (configured or still draining), from config and state only (no DNS).
-
-    Keys: domain, mode, max_age, policy_id (of the policy that must be served), published_id (last
-    id certkeeper published; None), published_at (ISO 8601; None), status (published | pending |
-    draining | removed), drain_until (ISO 8601; None), tlsrpt (the TLSRPT value published; "").
-    """
-    now = now or datetime.now(UTC)
-    serve = domains_to_serve(config, now)
-    rows: list[dict[str, object]] = []
-    for domain in sorted(set(serve) | set(known_domains(config))):
-        st = load_state(config, domain)
-        policy = serve.get(domain)
-        current = st.current
-        configured = any(m.domain == domain for m in config.mta_sts)
-        if policy is None:
-            status = "removed"
-        elif current is None or current.policy_id != policy.policy_id():
-            status = "pending"
-        else:
-            status = "published" if configured else "draining"
-        until = st.drain_until() if not configured else None
-        rows.append({
-            "domain": domain,
-            "mode": policy.mode if policy else None,
-            "max_age": policy.max_age if policy else None,
-            "policy_id": policy.policy_id() if policy else None,
-            "published_id": current.policy_id if current else None,
-            "published_at": current.published_at.isoformat(timespec="seconds") if current else None,
-            "status": status,
-            "drain_until": until.isoformat(timespec="seconds") if until else None,
-            "tlsrpt": st.tlsrpt,
-        })
-    return rows
-
-

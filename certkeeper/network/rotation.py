@@ -21,7 +21,9 @@ already has a record on an authoritative server (a key made by hand). Right
 before the switch, the record is checked on every server once more.
 
 ``plan(state, item, now)`` is pure: it says which steps are due and when the
-next one will be. ``run_due`` executes due steps one at a time, re-planning
+next one will be. It, the state and the status rows live in
+``certkeeper.core.dkimstate`` (no DNS code: status and metrics read them); this
+module executes the steps. ``run_due`` executes due steps one at a time, re-planning
 after each. Every step is idempotent and saves the state right after its side
 effect, so a step interrupted by a crash simply runs again: a key file already
 written is reused, a record is re-published (publish replaces), the signer
@@ -32,20 +34,34 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from certkeeper.core import dkim
 from certkeeper.core.config import Config, DkimConfig
+from certkeeper.core.dkimstate import (  # noqa: F401 - the state and the planner, also used through this module
+    STATES,
+    Action,
+    DomainState,
+    KeyState,
+    Plan,
+    _selector,
+    activated,
+    load_state,
+    new_key,
+    plan,
+    request_rotation,
+    save_state,
+    schedule,
+    state_path,
+    status_rows,
+)
 from certkeeper.core.errors import CertkeeperError, ConfigError, DNSError, LocalError
-from certkeeper.core.files import write_atomic
 from certkeeper.keeper import signers
 from certkeeper.network.dns import Backend, RecordSet, backend_for
 from certkeeper.network.dns.propagation import name_in_use, visible_everywhere, wait_until_absent, wait_until_visible
@@ -55,7 +71,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
-STATES = ("pending", "active", "retiring", "revoked", "removed")
 RETRY_AFTER = timedelta(minutes=15)  # when a run failed, try again this soon
 MAX_SELECTOR_TRIES = 20  # selectors skipped because DNS already holds a record there (made by hand)
 CRASH_ENV = "CERTKEEPER_CRASH_AT"  # tests: "dkim-STEP" makes the process SIGKILL itself after STEP's side effect
@@ -63,181 +78,7 @@ REVEAL_DIR = "revealed"  # under key_dir: old private keys for a web server to p
 
 
 # ---------------------------------------------------------------------------
-# State (plain data, JSON on disk).
-
-
-@dataclass(frozen=True)
-class KeyState:
-    """One key and the times it passed each step (aware UTC datetimes)."""
-
-    selector: str
-    algorithm: str
-    state: str
-    created: datetime
-    key_file: str
-    record: str = ""  # the TXT value that publishes it ("" until the key is generated)
-    emergency: bool = False  # rotate-dkim --now: switch as soon as visible
-    published: datetime | None = None  # sent to the DNS primary
-    visible: datetime | None = None  # every authoritative server answered it
-    activated: datetime | None = None
-    retired: datetime | None = None
-    revoked: datetime | None = None
-    removed: datetime | None = None
-
-    def __post_init__(self) -> None:
-        if self.state not in STATES:
-            raise ValueError(f"unknown key state {self.state!r}")
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> KeyState:
-        times = {"created", "published", "visible", "activated", "retired", "revoked", "removed"}
-        values: dict[str, Any] = {k: datetime.fromisoformat(v) if k in times and v else v for k, v in data.items()}
-        return cls(**values)
-
-
-@dataclass(frozen=True)
-class DomainState:
-    domain: str
-    keys: tuple[KeyState, ...] = ()
-
-    @property
-    def selectors(self) -> frozenset[str]:
-        return frozenset(k.selector for k in self.keys)
-
-    def key(self, selector: str) -> KeyState:
-        return next(k for k in self.keys if k.selector == selector)
-
-    def with_key(self, new: KeyState) -> DomainState:
-        """The state with ``new`` replacing the key of the same selector, or added."""
-        if new.selector in self.selectors:
-            return replace(self, keys=tuple(new if k.selector == new.selector else k for k in self.keys))
-        return replace(self, keys=(*self.keys, new))
-
-    def current(self, algorithm: str, state: str) -> KeyState | None:
-        """The newest key of ``algorithm`` in ``state``."""
-        found = [k for k in self.keys if k.algorithm == algorithm and k.state == state]
-        return max(found, key=lambda k: k.created) if found else None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"domain": self.domain, "keys": [k.to_json() for k in self.keys]}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DomainState:
-        return cls(domain=data["domain"], keys=tuple(KeyState.from_json(k) for k in data.get("keys", [])))
-
-
-def state_path(config: Config, domain: str) -> Path:
-    return config.state_dir / "dkim" / f"{domain}.json"
-
-
-def load_state(config: Config, domain: str) -> DomainState:
-    path = state_path(config, domain)
-    try:
-        return DomainState.from_json(json.loads(path.read_text()))
-    except FileNotFoundError:
-        return DomainState(domain)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LocalError(f"{path}: unreadable DKIM state ({exc}); fix or move it aside") from None
-
-
-def save_state(config: Config, state: DomainState) -> None:
-    path = state_path(config, state.domain)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomic(path, (json.dumps(state.to_json(), indent=1) + "\n").encode(), 0o600)
-
-
-# ---------------------------------------------------------------------------
-# The planner (pure).
-
-
-@dataclass(frozen=True)
-class Action:
-    """One step: ``create`` a key for ``algorithm``, or ``generate`` | ``publish`` | ``activate`` |
-    ``retire`` | ``revoke`` | ``remove`` the key ``selector``."""
-
-    kind: str
-    algorithm: str
-    selector: str = ""
-
-
-@dataclass(frozen=True)
-class Plan:
-    actions: tuple[Action, ...]  # due now, in the order to run them
-    next_at: datetime | None  # when the next step falls due (None: nothing scheduled)
-
-
-def plan(state: DomainState, item: DkimConfig, now: datetime) -> Plan:
-    """What is due at ``now`` for one domain, and when the next step will be."""
-    steps = schedule(state, item)
-    due = tuple(action for at, action in steps if at <= now)
-    later = [at for at, _ in steps if at > now]
-    return Plan(due, min(later) if later else None)
-
-
-def schedule(state: DomainState, item: DkimConfig) -> list[tuple[datetime, Action]]:
-    """Every next step of every key with the time it falls due, earliest first."""
-    steps: list[tuple[datetime, Action]] = []
-    for algorithm in item.algorithms:
-        steps += _algorithm_steps(state, item, algorithm)
-    for key in state.keys:
-        if key.state in ("pending", "active") and key.algorithm not in item.algorithms:
-            steps.append((key.created, Action("retire", key.algorithm, key.selector)))  # algorithm dropped
-        elif key.state == "retiring" and key.retired:
-            steps.append((key.retired + item.retire_after, Action("revoke", key.algorithm, key.selector)))
-        elif key.state == "revoked" and key.revoked:
-            steps.append((key.revoked + item.remove_after, Action("remove", key.algorithm, key.selector)))
-    return sorted(steps, key=lambda step: step[0])
-
-
-def _algorithm_steps(state: DomainState, item: DkimConfig, algorithm: str) -> list[tuple[datetime, Action]]:
-    active = state.current(algorithm, "active")
-    pending = state.current(algorithm, "pending")
-    if pending is None:
-        if active is None or active.activated is None:
-            return [(datetime.min.replace(tzinfo=UTC), Action("create", algorithm))]
-        # Start early enough that the new key has been visible publish_ahead when rotate_every is up.
-        return [(active.activated + item.rotate_every - item.publish_ahead, Action("create", algorithm))]
-    if not pending.record:
-        return [(pending.created, Action("generate", algorithm, pending.selector))]
-    if pending.visible is None:
-        return [(pending.created, Action("publish", algorithm, pending.selector))]
-    # Nobody signs with this algorithm yet, or an emergency: switch as soon as every server answers.
-    ahead = timedelta(0) if pending.emergency or active is None else item.publish_ahead
-    return [(pending.visible + ahead, Action("activate", algorithm, pending.selector))]
-
-
-def new_key(state: DomainState, item: DkimConfig, algorithm: str, now: datetime, taken: frozenset[str] = frozenset(),
-            emergency: bool = False) -> KeyState:
-    """A pending key with a selector never used before (``taken``: names seen outside the state)."""
-    selector = _selector(item, algorithm, now, state.selectors | taken)
-    path = item.key_dir / dkim.key_file_name(item.domain, selector)
-    return KeyState(selector=selector, algorithm=algorithm, state="pending", created=now, key_file=str(path),
-                    emergency=emergency)
-
-
-def request_rotation(state: DomainState, item: DkimConfig, now: datetime, emergency: bool,
-                     taken: frozenset[str] = frozenset()) -> DomainState:
-    """Start a rotation now for every algorithm: a new pending key, unless one is already under way
-    (an emergency then marks it so that it switches as soon as it is visible)."""
-    for algorithm in item.algorithms:
-        pending = state.current(algorithm, "pending")
-        if pending is None:
-            state = state.with_key(new_key(state, item, algorithm, now, taken, emergency))
-        elif emergency and not pending.emergency:
-            state = state.with_key(replace(pending, emergency=True))
-    return state
-
-
-def activated(state: DomainState, selector: str, now: datetime) -> DomainState:
-    """The key becomes active; the key it replaces (same algorithm) starts retiring."""
-    new = state.key(selector)
-    old = state.current(new.algorithm, "active")
-    if old is not None:
-        state = state.with_key(replace(old, state="retiring", retired=now))
-    return state.with_key(replace(new, state="active", activated=now))
+# Adoption (pure).
 
 
 def adopted(state: DomainState, item: DkimConfig, selector: str, algorithm: str, key_file: str, record: str,
@@ -452,18 +293,6 @@ def taken_selectors(config: Config, item: DkimConfig, state: DomainState, now: d
     return frozenset(taken)
 
 
-def _selector(item: DkimConfig, algorithm: str, now: datetime, taken: frozenset[str] | set[str]) -> str:
-    """``dkim.selector_for``, its problem reported as a config error (config.py checks only sample dates)."""
-    try:
-        selector = dkim.selector_for(item.selector_format, algorithm, now, taken)
-    except ValueError as exc:
-        raise ConfigError([f"dkim {item.domain}: selector_format: {exc}"]) from None
-    name = dkim.record_name(selector, item.domain)
-    if len(name) > 253:  # RFC 1035 2.3.4
-        raise ConfigError([f"dkim {item.domain}: selector_format: {name} is longer than 253 characters"])
-    return selector
-
-
 def _record_set(run: _Run, selector: str, value: str) -> RecordSet:
     return RecordSet(dkim.record_name(selector, run.item.domain), "TXT", (value,), run.config.dns.ttl)
 
@@ -646,51 +475,3 @@ def _record_algorithm(record: dkim.KeyRecord) -> str:
         return "rsa"
     return f"rsa{bits}"
 
-
-def status_rows(config: Config) -> list[dict[str, Any]]:
-    """One row per key not yet removed (or one per algorithm without a key), for ``certkeeper status``:
-    domain, selector, algorithm, state, created, activated, retired, revoked, next_action, next_action_at
-    (ISO 8601 UTC strings or None; next_action_at None means as soon as certkeeper runs)."""
-    rows: list[dict[str, Any]] = []
-    for item in config.dkim:
-        state = load_state(config, item.domain)
-        steps = schedule(state, item)
-        keys = [k for k in state.keys if k.state != "removed"]
-        for key in sorted(keys, key=lambda k: (k.algorithm, k.created)):
-            action, at = _next_step(key, steps)
-            rows.append({
-                "domain": item.domain, "selector": key.selector, "algorithm": key.algorithm, "state": key.state,
-                "created": _iso(key.created), "activated": _iso(key.activated), "retired": _iso(key.retired),
-                "revoked": _iso(key.revoked), "next_action": action, "next_action_at": _iso(at),
-            })
-        for algorithm in item.algorithms:
-            if not any(k.algorithm == algorithm for k in keys):
-                rows.append({"domain": item.domain, "selector": None, "algorithm": algorithm, "state": "none",
-                             "created": None, "activated": None, "retired": None, "revoked": None,
-                             "next_action": "create key", "next_action_at": None})
-    return rows
-
-
-_STEP_NAMES = {"create": "rotate", "generate": "generate key", "publish": "publish", "activate": "activate",
-               "retire": "retire", "revoke": "revoke", "remove": "remove record"}
-
-
-def _next_step(key: KeyState, steps: list[tuple[datetime, Action]]) -> tuple[str | None, datetime | None]:
-    """What happens next to ``key`` and when; an active key retires when its successor activates."""
-    for at, action in steps:
-        when = None if at.year == 1 else at  # datetime.min: at once
-        if action.selector == key.selector:
-            return _STEP_NAMES[action.kind], when
-        if key.state == "active" and action.algorithm == key.algorithm:
-            if action.kind == "create":
-                return "rotate", when
-            if action.kind == "activate":
-                return "retire", when
-            if action.kind in ("generate", "publish"):
-                return "retire", None  # publish_ahead after its successor is visible
-    return None, None
-
-
-def _iso(when: datetime | None) -> str | None:
-    """ISO 8601 in UTC with "Z", as ``certkeeper status --json`` prints every time."""
-    return when.astimezone(UTC).isoformat().replace("+00:00", "Z") if when else None

@@ -41,7 +41,7 @@ from certkeeper.network.dns import Progress, RecordSet, canonical_values, from_r
 
 log = logging.getLogger(__name__)
 
-QUERY_TIMEOUT = 3.0  # seconds for one query to one server
+QUERY_TIMEOUT = 3.0  # seconds for one query to one server, at most (see query_timeout)
 
 
 @dataclass(frozen=True)
@@ -73,18 +73,26 @@ class Answer:
 # Lookups.
 
 
+def query_timeout(config: Config) -> float:
+    """The limit of one query: ``QUERY_TIMEOUT``, or ``[dns] propagation_timeout`` when that is shorter
+    (one query never outlasts the whole wait)."""
+    return max(0.2, min(QUERY_TIMEOUT, config.dns.propagation_timeout))
+
+
 def make_resolver(config: Config) -> dns.resolver.Resolver:
     """``[dns] resolver`` ("addr:port") or the system's resolver."""
     if not config.dns.resolver:
         try:
-            return dns.resolver.Resolver()
+            resolver = dns.resolver.Resolver()
         except dns.resolver.NoResolverConfiguration:
             raise DNSError("no system resolver is configured; set [dns] resolver") from None
-    host, port = split_host_port(config.dns.resolver)
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [_address(host, port)]
-    resolver.port = port
-    resolver.lifetime = QUERY_TIMEOUT * 2
+    else:
+        host, port = split_host_port(config.dns.resolver)
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [_address(host, port)]
+        resolver.port = port
+    resolver.timeout = query_timeout(config)
+    resolver.lifetime = query_timeout(config) * 2
     return resolver
 
 
@@ -187,7 +195,7 @@ def visible_everywhere(config: Config, rrset: RecordSet) -> bool:
     """One round, no waiting: does every authoritative server answer exactly ``rrset.values``?"""
     want = canonical_values(rrset.rtype, rrset.values)
     for server in authoritative_servers(config, zone_of(config, rrset.name)):
-        answer = query(server, rrset.name, rrset.rtype)
+        answer = query(server, rrset.name, rrset.rtype, timeout=query_timeout(config))
         if answer.status != "NOERROR" or canonical_values(rrset.rtype, answer.values) != want:
             return False
     return True
@@ -197,7 +205,7 @@ def name_in_use(config: Config, name: str, rtype: str = "TXT") -> bool:
     """One round, no waiting: does any authoritative server hold ``rtype`` (or a CNAME) at ``name``?
     Used before choosing a new DKIM selector, so a record made by hand is never replaced."""
     for server in authoritative_servers(config, zone_of(config, name)):
-        answer = query(server, name, rtype)
+        answer = query(server, name, rtype, timeout=query_timeout(config))
         if answer.values or answer.other_types:
             return True
     return False
@@ -224,7 +232,7 @@ def _wait(config: Config, name: str, rtype: str, good: Callable[[Answer], bool],
     last_line = ""
     while True:
         for server in list(lagging):
-            answer = query(server, name, rtype, timeout=min(QUERY_TIMEOUT, max(0.2, deadline - clock())))
+            answer = query(server, name, rtype, timeout=min(query_timeout(config), max(0.2, deadline - clock())))
             if good(answer):
                 del lagging[server]  # once a server has the data, it keeps it
             else:
