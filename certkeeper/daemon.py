@@ -151,6 +151,15 @@ def detach() -> Callable[[str], None]:
     return ready
 
 
+_early_stop: list[int] = []  # SIGTERM/SIGINT received before the event loop took the signals over
+
+
+def hold_stop_signals() -> None:
+    """Until ``Daemon.run`` handles them, remember SIGTERM/SIGINT instead of dying half-started."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: _early_stop.append(number))
+
+
 def write_pid_file(path: Path) -> None:
     """Write our pid atomically (``files.write_atomic``: temp file, fsync, rename)."""
     files.write_atomic(path, f"{os.getpid()}\n".encode(), mode=0o644)
@@ -205,6 +214,9 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        if _early_stop:
+            self.stopping.set()
+        write_pid_file(self.config.pid_file)  # once a SIGTERM is sure to stop it cleanly
         if self.control is None:
             self.bind()
         assert self.control is not None

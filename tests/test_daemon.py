@@ -734,6 +734,28 @@ def test_detaches_without_d(pebble, tmp_path):
         time.sleep(0.05)
 
 
+def test_a_sigterm_while_starting_stops_it_cleanly(pebble, tmp_path):
+    """A SIGTERM that comes before the event loop handles signals is kept, not fatal: the daemon stops
+    cleanly (no pid file, no socket, no listener left) as soon as it can."""
+    config_path = tmp_path / "certkeeper.toml"
+    text = pebble.config_text(tmp_path, ["early.example.com"], http_listen=[f"127.0.0.1:{free_port()}"])
+    config_path.write_text(text)
+    config = parse(text, config_path)
+    for delay in (0.3, 0.6, 0.9):  # somewhere in interpreter start-up, binding and starting the listener
+        proc = subprocess.Popen([sys.executable, "-m", "certkeeper", "-c", str(config_path), "run", "-d"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        # -SIGTERM: it came before certkeeper's own code ran (nothing was started); else a clean exit 0.
+        assert code in (0, -signal.SIGTERM), proc.stderr.read() if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
+        assert not config.pid_file.exists() and not control.daemon_listening(config.control_socket)
+        assert not [pid for pid in _process_tree(os.getpid())
+                    if b"certkeeper.listener" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
 def test_address_in_use_is_reported_before_detaching(pebble, tmp_path):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))

@@ -17,6 +17,7 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     verbosity = max(int(getattr(args, "verbose", 0) or 0), 1)
     text, config = daemon.read_config(config.path)  # the exact text, handed to every worker
     service = daemon.Daemon(config, text, foreground, verbosity)
+    daemon.hold_stop_signals()  # a SIGTERM while starting stops the daemon once it can, never half-started
     if foreground:
         service.bind()
     else:
@@ -28,7 +29,6 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
             return 1
         ready("")
     logs.setup_daemon(foreground, verbosity)
-    daemon.write_pid_file(config.pid_file)
     try:
         return daemon.run_loop(service.run())
     finally:
