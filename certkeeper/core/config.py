@@ -71,6 +71,9 @@ class AcmeConfig:
 class HttpConfig:
     listen: tuple[str, ...] = ("0.0.0.0:80", "[::]:80")
     tls_listen: tuple[str, ...] = ("0.0.0.0:443", "[::]:443")
+    max_connections: int = 512  # open connections over all listeners (lowered to fit RLIMIT_NOFILE)
+    max_connections_per_address: int = 32  # per source address (IPv6: per /64)
+    max_handshakes: int = 128  # TLS connections still in their handshake
 
 
 @dataclass(frozen=True)
@@ -453,13 +456,19 @@ class _Reader:
 
     def http(self, data: dict[str, Any]) -> HttpConfig:
         w = "http"
-        self.table(data, w, {"listen", "tls_listen"})
+        self.table(data, w, {"listen", "tls_listen", "max_connections", "max_connections_per_address",
+                             "max_handshakes"})
         listen = self.strings(data, w, "listen", HttpConfig.listen)
         tls_listen = self.strings(data, w, "tls_listen", HttpConfig.tls_listen)
         for key, values in (("listen", listen), ("tls_listen", tls_listen)):
             for i, value in enumerate(values):
                 self.address(f"{w}.{key}[{i + 1}]", value)
-        return HttpConfig(listen=listen, tls_listen=tls_listen)
+        total = self.integer(data, w, "max_connections", HttpConfig.max_connections, 1, 1_000_000)
+        per_address = self.integer(data, w, "max_connections_per_address", HttpConfig.max_connections_per_address,
+                                   1, 1_000_000)
+        handshakes = self.integer(data, w, "max_handshakes", HttpConfig.max_handshakes, 1, 1_000_000)
+        return HttpConfig(listen=listen, tls_listen=tls_listen, max_connections=total,
+                          max_connections_per_address=per_address, max_handshakes=handshakes)
 
     def certificates(self, data: dict[str, Any]) -> Iterator[CertificateConfig]:
         seen: dict[str, str] = {}
