@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import ipaddress
 import logging
@@ -233,11 +234,22 @@ class Connection:
             self.sock.close()
 
 
+def release_memory() -> None:
+    """Hand freed heap memory back to the system, which glibc otherwise keeps (TLS read buffers
+    of a burst of handshakes: tens of MB)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 class ConnectionPool:
     """Open connections in least-recently-active order: in total, per address, and still shaking hands.
 
     ``admit`` makes room for one more from ``key`` (closing the longest idle of each cap that is
-    full); ``touch`` marks one active; ``forget`` drops one that closed. All on the event loop."""
+    full); ``touch`` marks one active; ``forget`` drops one that closed. All on the event loop.
+    Once ``BURST`` connections or more have come and the pool has drained to a few, the memory
+    they used is given back (``release_memory``)."""
+
+    BURST = 256
 
     def __init__(self, total: int, per_address: int, handshakes: int) -> None:
         self.total, self.per_address, self.handshakes = total, per_address, handshakes
@@ -245,6 +257,7 @@ class ConnectionPool:
         self.by_key: dict[str, OrderedDict[Connection, None]] = {}
         self.shaking: OrderedDict[Connection, None] = OrderedDict()
         self.evicted = 0
+        self._since_release = 0  # connections admitted since memory was last given back
 
     def __len__(self) -> int:
         return len(self.all)
@@ -258,6 +271,7 @@ class ConnectionPool:
         if tls and len(self.shaking) >= self.handshakes:
             self.evict(next(iter(self.shaking)))
         self.all[conn] = None
+        self._since_release += 1
         self.by_key.setdefault(conn.key, OrderedDict())[conn] = None
         if tls:
             self.shaking[conn] = None
@@ -291,6 +305,12 @@ class ConnectionPool:
             mine.pop(conn, None)
             if not mine:
                 del self.by_key[conn.key]
+        if self._since_release >= self.BURST and len(self.all) <= 8:
+            self._since_release = 0
+            try:
+                asyncio.get_running_loop().call_later(1.0, release_memory)  # once the transports are gone
+            except RuntimeError:
+                release_memory()
 
     def close_all(self) -> None:
         for conn in list(self.all):
@@ -641,6 +661,10 @@ class WebServer:
             pool.forget(conn)
             conn.sock.close()
             log.debug("connection from %s closed in the handshake: %s", conn.key, exc)
+        else:
+            if conn.transport is None:  # asyncio: the client left mid-handshake without an error
+                pool.forget(conn)
+                conn.sock.close()
         finally:
             conn.task = None
 
