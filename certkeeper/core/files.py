@@ -20,6 +20,43 @@ from typing import Any
 from certkeeper.core.errors import LocalError
 
 TEMP_SUFFIX = ".certkeeper-new"
+PRIVATE_UMASK = 0o077  # set at process start (cli.main): nothing certkeeper creates is open to others by accident
+_inherited_umask: int | None = None
+
+
+def restrict_umask() -> None:
+    """Set the umask to 077 for this process, remembering the one it was started with."""
+    global _inherited_umask
+    previous = os.umask(PRIVATE_UMASK)
+    if _inherited_umask is None:
+        _inherited_umask = previous
+
+
+def inherited_umask() -> int:
+    """The umask the process was started with: what hook and reload commands (which may start
+    services) get, rather than certkeeper's own 077."""
+    if _inherited_umask is not None:
+        return _inherited_umask
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def make_dirs(directory: Path, mode: int) -> None:
+    """Create ``directory`` with exactly ``mode`` and its missing parents 0755 (the umask narrows
+    neither: /etc/ssl must stay readable when /etc/ssl/private is made 0700); existing ones are kept."""
+    missing: list[Path] = []
+    path = directory
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for path in reversed(missing):
+        wanted = mode if path == directory else 0o755
+        try:
+            os.mkdir(path, wanted)
+        except FileExistsError:
+            continue
+        os.chmod(path, wanted)
 
 
 def temp_path(final: Path) -> Path:
@@ -30,13 +67,14 @@ def write_temp(final: Path, data: bytes, uid: int = -1, gid: int = -1, mode: int
     """Write ``data`` to the temp name beside ``final`` (owner and mode set first, fsynced); return it.
 
     A missing directory is created 0755, or 0700 when the file itself is private
-    (nobody but its owner may read it): /etc/ssl/private is 0700 on OpenBSD.
+    (nobody but its owner may read it): /etc/ssl/private is 0700 on OpenBSD. The temp
+    file is created with O_EXCL and O_NOFOLLOW: a link planted under its name is never followed.
     """
     temp = temp_path(final)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if mode & 0o077 == 0 else 0o755)
+        make_dirs(final.parent, 0o700 if mode & 0o077 == 0 else 0o755)
         temp.unlink(missing_ok=True)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise LocalError(f"{final}: cannot write: {exc.strerror}") from None
     try:

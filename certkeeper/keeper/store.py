@@ -142,7 +142,12 @@ class CertificateStore:
         self._finish(journal)
 
     def restore_previous(self, cert: CertificateConfig) -> CertificateSet:
-        """Put the ``.prev`` set back in place (after a failed reload)."""
+        """Put the ``.prev`` set back in place (after a failed reload). A ``.prev`` that is a symbolic
+        link is refused, never followed: certkeeper makes them as hard links or copies only."""
+        for path in _paths(cert).values():
+            prev = Path(f"{path}{PREV_SUFFIX}")
+            if prev.is_symlink():
+                raise LocalError(f"{cert.name}: {prev} is a symbolic link; not restoring from it")
         previous = self.read_previous(cert)
         if previous is None:
             raise LocalError(f"{cert.name}: no previous certificate set to restore")
@@ -192,10 +197,12 @@ def _paths(cert: CertificateConfig) -> dict[str, Path]:
 
 def _read_set(cert: CertificateConfig, suffix: str) -> CertificateSet | None:
     paths = {role: Path(f"{p}{suffix}") for role, p in _paths(cert).items()}
+    # The previous set is certkeeper's own (hard links or copies): never read through a symbolic link.
+    read = _read_nofollow if suffix else Path.read_bytes
     try:
-        key = paths["key"].read_bytes()
-        leaf_file = paths["cert"].read_bytes()
-        chain = paths["chain"].read_bytes() if paths["chain"].exists() else b""
+        key = read(paths["key"])
+        leaf_file = read(paths["cert"])
+        chain = read(paths["chain"]) if paths["chain"].exists() else b""
     except OSError:
         return None
     try:
@@ -203,6 +210,12 @@ def _read_set(cert: CertificateConfig, suffix: str) -> CertificateSet | None:
     except ValueError:
         return None
     return CertificateSet(key=key, cert=leaf, chain=chain or rest)
+
+
+def _read_nofollow(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        return file.read()
 
 
 def _best_chain(cert: CertificateConfig, leaf: bytes) -> bytes | None:

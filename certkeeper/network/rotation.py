@@ -47,7 +47,7 @@ from typing import Any
 from certkeeper.core import dkim
 from certkeeper.core.config import Config, DkimConfig
 from certkeeper.core.errors import CertkeeperError, ConfigError, DNSError, LocalError
-from certkeeper.core.files import fsync_dir, write_atomic
+from certkeeper.core.files import fsync_dir, make_dirs, write_atomic
 from certkeeper.keeper import signers
 from certkeeper.network.dns import Backend, RecordSet, backend_for
 from certkeeper.network.dns.propagation import name_in_use, visible_everywhere, wait_until_absent, wait_until_visible
@@ -417,7 +417,7 @@ def _dispose_private_key(run: _Run, key: KeyState) -> None:
         private = _existing_key(path, key.algorithm)
         if private is not None:
             target = run.item.key_dir / REVEAL_DIR / dkim.reveal_name(dkim.parse_key_record(key.record))
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(target.parent, 0o755)  # not narrowed by certkeeper's umask 077: revealed keys are public
             write_atomic(target, dkim.private_key_file(private), 0o644)
             run.say(f"revealed the retired private key as {target}")
     if path.exists():
@@ -512,7 +512,7 @@ def _lock(config: Config, name: str, wait: bool = True) -> Iterator[bool]:
     """An flock on STATE/dkim/NAME.lock: one process at a time works on a domain (daemon or CLI)."""
     path = config.state_dir / "dkim" / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
