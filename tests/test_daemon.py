@@ -303,19 +303,21 @@ async def test_two_renewals_of_one_certificate_never_overlap(fake_daemon, tmp_pa
     assert log.read_text() == "start\nend\n" * 3
 
 
-async def test_sighup_with_unreadable_mta_sts_state_changes_nothing(fake_daemon, caplog):
+async def test_sighup_with_unreadable_mta_sts_state_sets_it_aside_and_reloads(fake_daemon, caplog):
+    """Issue 12: a corrupt state file of a withdrawn domain is moved aside and named; it no longer
+    stops a reload (nor a start)."""
     d = fake_daemon
-    d.reload_lock = asyncio.Lock()
-    d.config.path.write_text(d.config_text.replace("a.example.com", "b.example.com"))
+    new = parse(d.config_text.replace("a.example.com", "b.example.com"), d.config.path)
     corrupt = d.config.state_dir / "mta-sts" / "gone.example.json"
     corrupt.parent.mkdir(parents=True)
     corrupt.write_text("{not json")
-    running, site = d.config, d.web.handlers.site
-    await d.reload()
-    assert d.config is running and d.web.handlers.site is site
-    [line] = [r.getMessage() for r in caplog.records if "not reloaded" in r.getMessage()]
-    assert line.startswith("configuration not reloaded, keeping the running one: ")
-    assert str(corrupt) in line and "\n" not in line
+    await asyncio.to_thread(d.web.reload, new)  # what Daemon.reload does first; it raised before
+    assert d.web.handlers.site.hosts == {"b.example.com"}
+    assert not corrupt.exists()
+    [moved] = corrupt.parent.glob("gone.example.json.corrupt-*")
+    assert moved.read_text() == "{not json"
+    [line] = [r.getMessage() for r in caplog.records if "moved aside" in r.getMessage()]
+    assert line.startswith(f"{corrupt}: unreadable (MTA-STS state of gone.example: ") and moved.name in line
 
 
 async def test_late_scheduled_runs_are_never_dropped(fake_daemon):

@@ -13,11 +13,15 @@ journal); everything else calls ``write_atomic`` or ``write_json_atomic``.
 from __future__ import annotations
 
 import json
+import logging
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from certkeeper.core.errors import LocalError
+
+log = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".certkeeper-new"
 PRIVATE_UMASK = 0o077  # set at process start (cli.main): nothing certkeeper creates is open to others by accident
@@ -102,6 +106,38 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, uid: int = -1, gid:
         temp.unlink(missing_ok=True)
         raise LocalError(f"{path}: cannot write: {exc.strerror}") from None
     fsync_dir(path.parent)
+
+
+CORRUPT_SUFFIX = ".corrupt-"
+
+
+def set_aside(path: Path, why: str) -> Path | None:
+    """Move an unreadable state or journal file out of the way as ``NAME.corrupt-TIMESTAMP`` (kept for
+    the operator to read), saying so in one log line; the caller then goes on as if it were absent,
+    so one bad file affects only its own certificate or domain. None when it could not be moved."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}{stamp}")
+    for n in range(2, 100):
+        if not target.exists():
+            break
+        target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}{stamp}-{n}")
+    why = " ".join(why.split())[:200]
+    try:
+        os.replace(path, target)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        log.error("%s: unreadable (%s), and cannot be moved aside: %s", path, why, exc.strerror or exc)
+        return None
+    log.warning("%s: unreadable (%s); moved aside to %s", path, why, target.name)
+    return target
+
+
+def set_aside_copies(path: Path) -> list[Path]:
+    """The copies of ``path`` that ``set_aside`` made, oldest first (the operator removes them)."""
+    try:
+        return sorted(path.parent.glob(f"{path.name}{CORRUPT_SUFFIX}*"))
+    except OSError:
+        return []
 
 
 def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
