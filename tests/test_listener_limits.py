@@ -293,3 +293,20 @@ def flood_the_daemon(pebble, bind, tmp_path) -> None:
         if flood is not None:
             flood.stop()
         proc.stop()
+
+
+async def test_reload_applies_new_caps_to_the_next_connections(tmp_path, ca):
+    server = await start_server(tmp_path, ca)
+    try:
+        lower = parse(f'state_dir = "{tmp_path}/state"\n[http]\nmax_connections = 5\n'
+                      "max_connections_per_address = 2\nmax_handshakes = 3\n", tmp_path / "ck.toml")
+        server.reload(lower)
+        assert (server.pool.total, server.pool.per_address, server.pool.handshakes) == (5, 2, 3)
+        port = port_of(server, "http")
+        clients = [await connect_from("127.0.0.2", port) for _ in range(3)]
+        await settle(server, 3)
+        assert await closed_by_server(clients[0][0]) and len(server.pool.by_key["127.0.0.2"]) == 2
+        for _, writer in clients:
+            writer.close()
+    finally:
+        await server.stop()

@@ -669,11 +669,15 @@ class WebServer:
             conn.task = None
 
     def reload(self, config: Config) -> None:
-        """SIGHUP: new host names, policies and certificates; listen addresses need a restart.
+        """SIGHUP: new host names, policies, certificates and connection caps (applied to the next
+        connection; none is closed for it); listen addresses need a restart.
 
         Raises ``LocalError`` before changing anything when the new site cannot be built."""
         self.handlers.site = Site.from_config(config)
         self._certificates = config.certificates
+        caps = Limits.from_config(config.http)
+        self.pool.total = connection_budget(caps, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.pool.per_address, self.pool.handshakes = caps.max_connections_per_address, caps.max_handshakes
         for problem in self.tls.load_all(config.certificates):
             log.info("%s", problem)
         if (config.http.listen, config.http.tls_listen) != (self.listen, self.tls_listen):
