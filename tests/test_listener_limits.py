@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -277,6 +279,12 @@ def flood_the_daemon(pebble, bind, tmp_path) -> None:
         time.sleep(6)
         status = subprocess.run([sys.executable, "-m", "certkeeper", "-c", str(config_path), "status"],
                                 capture_output=True, text=True, timeout=60, cwd=root)
+        mark = len(proc.output())
+        os.kill(proc.popen.pid, signal.SIGHUP)  # re-reading the config needs descriptors too
+        deadline = time.monotonic() + 20
+        while "configuration reloaded" not in proc.output()[mark:]:
+            assert time.monotonic() < deadline, proc.output()[-3000:]
+            time.sleep(0.1)
         result = probe.stop()
         fds = open_fds(proc.popen.pid)
         stats, greedy_stats = flood.stop(), greedy.stop()
