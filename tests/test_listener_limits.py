@@ -141,7 +141,8 @@ async def test_stop_closes_every_connection_and_handshake(tmp_path, ca):
             writer.close()
 
 
-async def test_malformed_requests_are_one_short_line_each_and_rate_limited(tmp_path, ca, caplog):
+async def test_malformed_requests_are_one_short_line_each_and_rate_limited(tmp_path, ca, caplog, monkeypatch):
+    monkeypatch.setattr(web, "_request_errors", [])  # a fresh minute, not shared with earlier tests
     server = await start_server(tmp_path, ca)
     port = port_of(server, "http")
     caplog.set_level(logging.DEBUG, logger="certkeeper")

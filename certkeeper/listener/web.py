@@ -49,9 +49,11 @@ buffer: about 52 KiB on uvloop, 256 KiB on asyncio's own loop). A new
 connection over a cap closes the one of that cap that has been idle longest
 (least recently received bytes), so a flood of idle connections never locks
 out a real client; an accept that fails for lack of descriptors closes the
-longest idle one too, and never stops the listener. A malformed request is one
-short log line (``RequestErrorLog``), at most ``ERROR_LINES_PER_MINUTE`` a
-minute plus one line counting the rest.
+longest idle one too, and never stops the listener. Once a burst of
+connections has drained, the memory their buffers held is handed back
+(``release_memory``). A malformed request is one short log line
+(``RequestErrorLog``), at most ``ERROR_LINES_PER_MINUTE`` a minute over all
+listeners plus one line counting the rest.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ class Limits:
         return {
             "max_line_size": self.max_line_size, "max_field_size": self.max_field_size,
             "max_headers": self.max_headers, "keepalive_timeout": self.request_timeout,
-            "access_log": None, "logger": RequestErrorLog(),
+            "access_log": None, "logger": request_error_log(),
         }
 
 
@@ -198,6 +200,16 @@ class RequestErrorLog(logging.Logger):
     def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
         if log.isEnabledFor(logging.DEBUG):
             self._one_line(logging.DEBUG, msg, args, kwargs.get("exc_info"))
+
+
+_request_errors: list[RequestErrorLog] = []
+
+
+def request_error_log() -> RequestErrorLog:
+    """The one ``RequestErrorLog`` of the process: every listener shares its rate limit."""
+    if not _request_errors:
+        _request_errors.append(RequestErrorLog())
+    return _request_errors[0]
 
 
 def address_key(peer: str) -> str:
