@@ -12,6 +12,7 @@ start-up stays fast). Exit codes follow acme-client(1) where they overlap:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -110,15 +111,34 @@ def config_path(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
-    out = out or sys.stdout
-    args = build_parser().parse_args(argv)
+    from certkeeper.core import files
+
+    # State, locks, sockets and temp files are private unless a mode says otherwise. Put back at the
+    # end for callers in the same process (tests); hook commands get the inherited umask meanwhile.
+    files.restrict_umask()
+    try:
+        return _main(argv, out or sys.stdout)
+    finally:
+        os.umask(files.inherited_umask())
+
+
+def _main(argv: Sequence[str] | None, out: TextIO) -> int:
     from certkeeper.core import logs
 
+    args = build_parser().parse_args(argv)
     logs.setup_cli(getattr(args, "verbose", 0) or 0)
     try:
         if args.command in NO_CONFIG:
-            return NO_CONFIG[args.command](args, out)
-        return COMMANDS[args.command](load(config_path(args)), args, out)
+            code = NO_CONFIG[args.command](args, out)
+        else:
+            code = COMMANDS[args.command](load(config_path(args)), args, out)
+        out.flush()  # a closed pipe shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:
+        # The reader of our output went away (`certkeeper status | head -1`): nothing more to say.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        return EXIT_ERROR
     except ConfigError as exc:
         for line in exc.lines:
             print(f"certkeeper: {line}", file=sys.stderr)

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024  # bytes of the one request line
 REQUEST_TIMEOUT = 10.0  # seconds a client has to send its request
 CONNECT_TIMEOUT = 5.0
+STATUS_TIMEOUT = 60.0  # seconds the CLI waits for the daemon's next line of a status
+SLACK = 120.0  # seconds on top of the longest a renewal may be silent, before the CLI gives up
 
 Emit = Callable[[str], None]
 Command = Callable[[dict[str, Any], Emit], Awaitable[int]]
@@ -87,21 +89,53 @@ def parse_answer(raw: bytes) -> tuple[str | None, int | None]:
 # Client side.
 
 
-def forward(config: Config, command: str, payload: dict[str, Any], out: TextIO) -> int | None:
-    """Have the daemon run ``command``; stream its lines to ``out``; its exit code, or None without a daemon."""
-    sock = _connect(config.control_socket)
+def answer_timeout(config: Config, command: str) -> float:
+    """Seconds the CLI waits for the daemon's next line before calling it wedged: a status is quick; a
+    renewal may be silent for a whole order, then for each hook and its verification (twice, with a
+    rollback), plus ``SLACK``."""
+    if command == "status":
+        return STATUS_TIMEOUT
+    hooks = sum(h.timeout + h.verify_timeout for h in config.hooks.values())
+    return config.acme.order_timeout + 2 * hooks + SLACK
+
+
+def forward(config: Config, command: str, payload: dict[str, Any], out: TextIO,
+            timeout: float | None = None) -> int | None:
+    """Have the daemon run ``command``; stream its lines to ``out``; its exit code, or None without a daemon.
+
+    A daemon that sends nothing for ``timeout`` seconds (default ``answer_timeout``), or that drops the
+    connection, is one ``LocalError`` line; the CLI never hangs on it nor shows a traceback."""
+    path = config.control_socket
+    wait = answer_timeout(config, command) if timeout is None else timeout
+    sock = _connect(path)
     if sock is None:
         return None
     with sock:
-        sock.settimeout(None)  # a renewal may take minutes; the daemon bounds each order
-        sock.sendall(render_request(command, payload))
-        with sock.makefile("rb") as answers:
-            for raw in answers:
+        try:
+            sock.settimeout(wait)
+            sock.sendall(render_request(command, payload))
+            answers = sock.makefile("rb")
+        except TimeoutError:
+            raise LocalError(f"{path}: the daemon did not take the request in {wait:g} s; it may be wedged "
+                             "(see its log)") from None
+        except OSError as exc:
+            raise LocalError(f"{path}: cannot talk to the daemon: {exc.strerror or exc}") from None
+        with answers:
+            while True:
+                try:
+                    raw = answers.readline()
+                except TimeoutError:
+                    raise LocalError(f"{path}: the daemon sent nothing for {wait:g} s; it may be wedged "
+                                     "(see its log)") from None
+                except OSError as exc:
+                    raise LocalError(f"{path}: lost the daemon: {exc.strerror or exc}") from None
+                if not raw:
+                    break
                 line, code = parse_answer(raw)
                 if code is not None:
                     return code
                 print(line, file=out, flush=True)
-    raise LocalError(f"{config.control_socket}: the daemon closed the connection before finishing {command!r}")
+    raise LocalError(f"{path}: the daemon closed the connection before finishing {command!r}")
 
 
 def _connect(path: Path) -> socket.socket | None:
@@ -140,7 +174,7 @@ def lock_instance(path: Path) -> int:
     """
     lock = path.with_name(path.name + ".lock")
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise LocalError(f"{lock}: cannot create the lock file: {exc.strerror or exc}") from None
     try:

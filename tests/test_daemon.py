@@ -293,18 +293,32 @@ async def test_two_renewals_of_one_certificate_never_overlap(fake_daemon, tmp_pa
     assert log.read_text() == "start\nend\n" * 3
 
 
-async def test_sighup_with_unreadable_mta_sts_state_changes_nothing(fake_daemon, caplog):
+async def test_sighup_with_unreadable_mta_sts_state_sets_it_aside_and_reloads(fake_daemon, caplog):
+    """Issue 12: a corrupt state file of a withdrawn domain no longer stops a reload (nor a start); the
+    first reader that may write there (the keeper's status, the network worker) moves it aside, named."""
+    from certkeeper.keeper import status
+
     d = fake_daemon
     d.reload_lock = asyncio.Lock()
+    jobs: list[str] = []
+
+    async def job(why: str) -> None:
+        jobs.append(why)
+
+    d.check, d.background = job, job  # what follows a reload: a check and a publication
     d.config.path.write_text(d.config_text.replace("a.example.com", "b.example.com"))
     corrupt = d.config.state_dir / "mta-sts" / "gone.example.json"
     corrupt.write_text("{not json")
-    running = d.config
-    await d.reload()
-    assert d.config is running
-    [line] = [r.getMessage() for r in caplog.records if "not reloaded" in r.getMessage()]
-    assert line.startswith("configuration not reloaded, keeping the running one: ")
-    assert str(corrupt) in line and "\n" not in line
+    await d.reload()  # the listener rebuilds its site from the new configuration despite the bad file
+    assert d.config.certificate_names() == ("b.example.com",)
+    assert jobs == ["configuration reloaded", "publish"]
+    assert not [r for r in caplog.records if "not reloaded" in r.getMessage()]
+    await asyncio.to_thread(status.collect, d.config)
+    assert not corrupt.exists()
+    [moved] = corrupt.parent.glob("gone.example.json.corrupt-*")
+    assert moved.read_text() == "{not json"
+    [line] = [r.getMessage() for r in caplog.records if "moved aside" in r.getMessage()]
+    assert line.startswith(f"{corrupt}: unreadable (MTA-STS state of gone.example: ") and moved.name in line
 
 
 async def test_late_scheduled_runs_are_never_dropped(fake_daemon):

@@ -280,7 +280,7 @@ def test_a_root_owned_state_directory_is_converted_in_place(tmp_path):
         assert (st.st_uid, st.st_mode & 0o777) == (want, entry.mode), entry.path
     assert (state / "certificates" / "mail.json").stat().st_uid == ident.uid
     assert (state / "acme" / "account.json").stat().st_uid == ident.uid
-    assert state.stat().st_uid == 0 and state.stat().st_mode & 0o777 == 0o755
+    assert state.stat().st_uid == 0 and state.stat().st_mode & 0o777 == 0o711
     layout.prepare(config, ident)  # idempotent
 
 

@@ -13,7 +13,9 @@ errors: a typo must never pass silently.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
+import pwd
 import re
 import sys
 import tomllib
@@ -26,6 +28,8 @@ from typing import Any
 from certkeeper.core.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/certkeeper.toml")
+MAX_SIZE = 1024 * 1024  # bytes: a configuration file is a few KiB; anything this big is a mistake
+MAX_DEPTH = 16  # nested arrays and tables: the deepest valid key is three levels down
 
 KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "ecdsa-p256", "ecdsa-p384")
 DKIM_ALGORITHMS = ("rsa2048", "rsa3072", "rsa4096", "ed25519")
@@ -93,6 +97,9 @@ class AcmeConfig:
 class HttpConfig:
     listen: tuple[str, ...] = ("0.0.0.0:80", "[::]:80")
     tls_listen: tuple[str, ...] = ("0.0.0.0:443", "[::]:443")
+    max_connections: int = 512  # open connections over all listeners (lowered to fit RLIMIT_NOFILE)
+    max_connections_per_address: int = 32  # per source address (IPv6: per /64)
+    max_handshakes: int = 128  # TLS connections still in their handshake
 
 
 @dataclass(frozen=True)
@@ -281,14 +288,19 @@ def load(path: Path | str) -> Config:
     """Read and validate the file; raise ConfigError listing every problem."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as file:
+            raw = file.read(MAX_SIZE + 1)  # never more: /dev/zero or a huge file is refused, not read
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_SIZE:
+        raise ConfigError([f"{path}: is larger than {MAX_SIZE // 1024} KiB; not a certkeeper configuration"])
     return parse(raw.decode("utf-8", errors="replace"), path)
 
 
 def parse(text: str, path: Path | str = "<config>") -> Config:
     path = Path(path)
+    if len(text) > MAX_SIZE:
+        raise ConfigError([f"{path}: is larger than {MAX_SIZE // 1024} KiB; not a certkeeper configuration"])
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -296,13 +308,40 @@ def parse(text: str, path: Path | str = "<config>") -> Config:
     except ValueError as exc:  # an integer of more than 4300 digits
         raise ConfigError([f"{path}: {str(exc).split(';')[0]}"]) from None
     except RecursionError:
-        raise ConfigError([f"{path}: arrays or tables nested too deeply"]) from None
+        raise ConfigError([f"{path}: arrays or tables nested more than {MAX_DEPTH} deep"]) from None
+    problems = _shape_problems(data)
+    if problems:
+        raise ConfigError([f"{path}: {problem}" for problem in problems])
     reader = _Reader(str(path))
     config = reader.config(data)
     if reader.errors:
         raise ConfigError(reader.errors)
     assert config is not None
     return config
+
+
+def _shape_problems(data: dict[str, Any]) -> list[str]:
+    """What no key may hold, checked over the whole document before the keys are read: nesting deeper
+    than ``MAX_DEPTH``, and NUL bytes in any key or string (a path with one is cut short by the
+    operating system; a command or name with one breaks later). One line per problem, iteratively."""
+    problems: list[str] = []
+    stack: list[tuple[str, Any, int]] = [("", data, 0)]
+    while stack:
+        where, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            problems.append(f"{where}: arrays or tables nested more than {MAX_DEPTH} deep")
+            continue
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if "\0" in key:
+                    problems.append(f"{_join(where, _show(key))}: a key may not contain a NUL byte")
+                    continue
+                stack.append((_join(where, key), item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i + 1}]", item, depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str) and "\0" in value:
+            problems.append(f"{where}: {value!r} contains a NUL byte")
+    return sorted(problems)
 
 
 class _Reader:
@@ -393,9 +432,33 @@ class _Reader:
         # A string only: the integer 600 is six hundred, and TOML's 0o600 arrives as 384; either would
         # silently set another mode than the operator meant.
         if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3,4}", value):
-            return int(value, 8)
+            mode = int(value, 8)
+            if mode & 0o7000:
+                self.error(_join(where, key), f"{value!r} sets the setuid, setgid or sticky bit; certificates "
+                                              "and keys need none of them")
+                return default
+            if mode & 0o002:
+                self.error(_join(where, key), f"{value!r} lets anyone write the file")
+                return default
+            return mode
         self.error(_join(where, key), f"{_show(value)} is not a file mode in quotes, such as \"0600\"")
         return default
+
+    def user(self, data: dict[str, Any], where: str, key: str, default: str = "") -> str:
+        """A user name that exists here (found now, not after the CA has issued); "" keeps the process's.
+
+        Only a name the file sets is looked up here: a default that this host lacks is reported
+        where it is used, naming the key to set."""
+        name = self.string(data, where, key, default)
+        if key in data and name and not _known(pwd.getpwnam, name):
+            self.error(_join(where, key), f"{name!r} is not a user on this host")
+        return name
+
+    def group(self, data: dict[str, Any], where: str, key: str, default: str = "") -> str:
+        name = self.string(data, where, key, default)
+        if key in data and name and not _known(grp.getgrnam, name):
+            self.error(_join(where, key), f"{name!r} is not a group on this host")
+        return name
 
     def duration(self, data: dict[str, Any], where: str, key: str, default: timedelta) -> timedelta:
         value = self.get(data, where, key, (str, int), None)
@@ -520,13 +583,19 @@ class _Reader:
 
     def http(self, data: dict[str, Any]) -> HttpConfig:
         w = "http"
-        self.table(data, w, {"listen", "tls_listen"})
+        self.table(data, w, {"listen", "tls_listen", "max_connections", "max_connections_per_address",
+                             "max_handshakes"})
         listen = self.strings(data, w, "listen", HttpConfig.listen)
         tls_listen = self.strings(data, w, "tls_listen", HttpConfig.tls_listen)
         for key, values in (("listen", listen), ("tls_listen", tls_listen)):
             for i, value in enumerate(values):
                 self.address(f"{w}.{key}[{i + 1}]", value)
-        return HttpConfig(listen=listen, tls_listen=tls_listen)
+        total = self.integer(data, w, "max_connections", HttpConfig.max_connections, 1, 1_000_000)
+        per_address = self.integer(data, w, "max_connections_per_address", HttpConfig.max_connections_per_address,
+                                   1, 1_000_000)
+        handshakes = self.integer(data, w, "max_handshakes", HttpConfig.max_handshakes, 1, 1_000_000)
+        return HttpConfig(listen=listen, tls_listen=tls_listen, max_connections=total,
+                          max_connections_per_address=per_address, max_handshakes=handshakes)
 
     def certificates(self, data: dict[str, Any]) -> Iterator[CertificateConfig]:
         seen: dict[str, str] = {}
@@ -570,11 +639,11 @@ class _Reader:
                 cert=self.required_path(item, w, "cert", Path(f"/etc/ssl/{name}.crt")),
                 chain=self.required_path(item, w, "chain", Path(f"/etc/ssl/{name}.chain.pem")),
                 fullchain=self.required_path(item, w, "fullchain", Path(f"/etc/ssl/{name}.fullchain.pem")),
-                key_owner=self.string(item, w, "key_owner"),
-                key_group=self.string(item, w, "key_group"),
+                key_owner=self.user(item, w, "key_owner"),
+                key_group=self.group(item, w, "key_group"),
                 key_mode=key_mode,
-                cert_owner=self.string(item, w, "cert_owner"),
-                cert_group=self.string(item, w, "cert_group"),
+                cert_owner=self.user(item, w, "cert_owner"),
+                cert_group=self.group(item, w, "cert_group"),
                 cert_mode=self.mode(item, w, "cert_mode", 0o644),
                 reuse_key=self.boolean(item, w, "reuse_key", False),
                 profile=profile,
@@ -802,8 +871,8 @@ class _Reader:
                 retire_after=self.duration(item, w, "retire_after", timedelta(days=7)),
                 remove_after=self.duration(item, w, "remove_after", timedelta(days=30)),
                 key_dir=self.required_path(item, w, "key_dir", Path("/etc/mail/dkim")),
-                key_owner=self.string(item, w, "key_owner", "root"),
-                key_group=self.string(item, w, "key_group", signer_group),
+                key_owner=self.user(item, w, "key_owner", "root"),
+                key_group=self.group(item, w, "key_group", signer_group),
                 key_mode=key_mode,
                 signer=signer,
                 signer_config=signer_config,
@@ -946,6 +1015,14 @@ def selector_format_problem(fmt: str, algorithms: tuple[str, ...]) -> str:
     if len(algorithms) > 1 and "{alg}" not in fmt:
         return "must contain {alg} when more than one algorithm is listed"
     return ""
+
+
+def _known(lookup: Any, name: str) -> bool:
+    try:
+        lookup(name)
+    except (KeyError, ValueError):  # ValueError: a name with a NUL byte
+        return False
+    return True
 
 
 def _join(where: str, key: str) -> str:

@@ -18,8 +18,8 @@ from typing import Any
 
 from certkeeper.core import dkim
 from certkeeper.core.config import Config, DkimConfig
-from certkeeper.core.errors import ConfigError, LocalError
-from certkeeper.core.files import write_atomic
+from certkeeper.core.errors import ConfigError
+from certkeeper.core.files import set_aside, set_aside_copies, write_atomic
 
 STATES = ("pending", "active", "retiring", "revoked", "removed")
 NEVER = datetime.max.replace(tzinfo=UTC)  # a step so far ahead that datetime cannot count that far
@@ -105,13 +105,32 @@ def state_path(config: Config, domain: str) -> Path:
 
 
 def load_state(config: Config, domain: str) -> DomainState:
+    """The domain's keys; none when there is no state, or when the file cannot be read or holds another
+    shape: it is then moved aside (``files.set_aside``, one log line) and only this domain starts over
+    (its keys on disk stay where they are; a new key is made and published)."""
     path = state_path(config, domain)
     try:
-        return DomainState.from_json(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        state = DomainState.from_json(data)
+        if state.domain != domain or not all(isinstance(getattr(k, f), str) for k in state.keys
+                                             for f in ("selector", "algorithm", "key_file", "record")):
+            raise TypeError("keys of another shape")
+        for key in state.keys:
+            times = (key.created, key.published, key.visible, key.activated, key.retired, key.revoked, key.removed)
+            if not isinstance(key.created, datetime) or any(
+                    when is not None and (not isinstance(when, datetime) or when.tzinfo is None) for when in times):
+                raise TypeError(f"key {key.selector}: a time that is missing or has no time zone")
+        return state
     except FileNotFoundError:
         return DomainState(domain)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LocalError(f"{path}: unreadable DKIM state ({exc}); fix or move it aside") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        set_aside(path, f"DKIM state of {domain}: {getattr(exc, 'strerror', None) or exc}")
+        return DomainState(domain)
+
+
+def set_aside_files(config: Config, domain: str) -> list[Path]:
+    """Copies of the domain's state file that were set aside as unreadable."""
+    return set_aside_copies(state_path(config, domain))
 
 
 def save_state(config: Config, state: DomainState) -> None:

@@ -6,7 +6,7 @@ SEPARATION). What each may write follows from who owns it:
 ==========================  ========  =====  =============================================
 path under state_dir        owner     mode   what
 ==========================  ========  =====  =============================================
-``.`` (state_dir)           keeper    0755   root's; the roles' directories below
+``.`` (state_dir)           keeper    0711   root's; the roles may pass through, not list it
 ``journal/NAME.json``       keeper    0700   install journals (``keeper.store``)
 ``certificates/NAME.json``  network   0700   per-certificate state: backoff, ARI, attempts
 ``locks/NAME.lock``         network   0700   one renewal of a certificate at a time
@@ -80,10 +80,10 @@ def prepare(config: Config, identity: Identity | None) -> None:
     ``identity`` is the unprivileged user (None: everything stays the caller's).
     Idempotent and cheap when nothing needs changing."""
     state_dir = config.state_dir
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
     if identity is not None:
         os.chown(state_dir, 0, 0)
-        os.chmod(state_dir, 0o755)
+    os.chmod(state_dir, 0o711)
     for old, new in MOVED.items():
         source, target = state_dir / old, state_dir / new
         if source.exists() and not target.exists():

@@ -7,6 +7,12 @@ must serve, including domains being withdrawn with their ``mode: none``
 policy, and when a withdrawal may finish. ``mtasts_publish`` changes DNS and
 writes the history; the daemon's web listener only reads it, so the daemon
 process never loads the DNS libraries.
+
+A state file that cannot be read or holds another shape is moved aside as
+``DOMAIN.json.corrupt-TIMESTAMP`` (``files.set_aside``, one log line) and that
+domain starts with no history: a configured domain has its id published again;
+a withdrawn one is no longer served. Other domains, and the daemon's start, are
+not affected.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 
 from certkeeper.core.config import Config
 from certkeeper.core.errors import LocalError
-from certkeeper.core.files import write_json_atomic
+from certkeeper.core.files import set_aside, set_aside_copies, write_json_atomic
 from certkeeper.core.mtasts import Policy, parse_policy
 
 # RFC 8461 8.3: withdraw with "mode: none" and a short max_age; one day.
@@ -79,22 +85,47 @@ def state_path(config: Config, domain: str) -> Path:
 
 
 def load_state(config: Config, domain: str) -> DomainState:
+    """The domain's history; an empty one when there is none or the file is unreadable (moved aside)."""
     path = state_path(config, domain)
     try:
         data = json.loads(path.read_text())
-        return DomainState(
+        if not isinstance(data, dict) or not isinstance(data.get("policies", []), list):
+            raise TypeError(f"a JSON {type(data).__name__} of another shape")
+        st = DomainState(
             domain=domain,
             policies=tuple(PublishedPolicy(
-                policy_id=p["policy_id"], mode=p["mode"], max_age=int(p["max_age"]), text=p["text"],
-                published_at=_required_time(p["published_at"]), superseded_at=_time(p.get("superseded_at")))
+                policy_id=_text(p["policy_id"]), mode=_text(p["mode"]), max_age=_count(p["max_age"]),
+                text=_text(p["text"]), published_at=_required_time(p["published_at"]),
+                superseded_at=_time(p.get("superseded_at")))
                 for p in data.get("policies", [])),
             removed_at=_time(data.get("removed_at")),
-            tlsrpt=str(data.get("tlsrpt", "")),
+            tlsrpt=_text(data.get("tlsrpt", "")),
         )
+        for p in st.policies:
+            parse_policy(p.text)  # what a withdrawn domain serves must still be a policy
+        return st
     except FileNotFoundError:
         return DomainState(domain=domain)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LocalError(f"{path}: unreadable MTA-STS state ({exc}); fix or remove it") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        set_aside(path, f"MTA-STS state of {domain}: {getattr(exc, 'strerror', None) or exc}")
+        return DomainState(domain=domain)
+
+
+def set_aside_files(config: Config, domain: str) -> list[Path]:
+    """Copies of the domain's state file that were set aside as unreadable."""
+    return set_aside_copies(state_path(config, domain))
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value
+
+
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError(f"{value!r} is not a number of seconds")
+    return value
 
 
 def save_state(config: Config, st: DomainState) -> None:
@@ -129,6 +160,8 @@ def _required_time(value: str) -> datetime:
 
 
 def _time(value: str | None) -> datetime | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a time")
     return datetime.fromisoformat(value).astimezone(UTC) if value else None
 
 

@@ -3,6 +3,11 @@
 ``STATE/certificates/NAME.json`` records what the last attempts did, so that
 backoff and ARI timing survive a restart and ``status``/metrics can show them.
 Times are aware UTC datetimes. Writes are atomic (temp file, fsync, rename).
+
+A file that cannot be read, is not JSON, or holds JSON of another shape (``[]``,
+a string where a date belongs) is moved aside as ``NAME.json.corrupt-TIMESTAMP``
+and named in one log line (``files.set_aside``); that certificate starts from a
+fresh state, with ``last_error`` saying so, and no other certificate notices.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from certkeeper.core.files import write_json_atomic
+from certkeeper.core.files import set_aside, set_aside_copies, write_json_atomic
 
 
 @dataclass
@@ -35,6 +40,8 @@ class CertState:
 
 
 _TIME_FIELDS = {f.name for f in fields(CertState) if "datetime" in str(f.type)}
+_KINDS: dict[str, type] = {f.name: {"int": int, "str": str, "bool": bool}.get(str(f.type), object)
+                           for f in fields(CertState) if f.name not in _TIME_FIELDS}
 
 
 def _path(state_dir: Path, name: str) -> Path:
@@ -42,16 +49,53 @@ def _path(state_dir: Path, name: str) -> Path:
 
 
 def load_cert_state(state_dir: Path, name: str) -> CertState:
+    """The certificate's state; a fresh one when there is none, or when the file is unreadable (then
+    moved aside, see the module comment)."""
+    path = _path(state_dir, name)
     try:
-        raw: dict[str, Any] = json.loads(_path(state_dir, name).read_text())
-    except (OSError, ValueError):
+        text = path.read_text()
+    except FileNotFoundError:
         return CertState(name=name)
-    known = {f.name for f in fields(CertState)}
-    values = {k: v for k, v in raw.items() if k in known}
-    for key in _TIME_FIELDS & values.keys():
-        values[key] = datetime.fromisoformat(values[key]) if values[key] else None
+    except (OSError, UnicodeDecodeError) as exc:
+        return _set_aside(path, name, getattr(exc, "strerror", None) or str(exc))
+    try:
+        return _from_json(json.loads(text), name)
+    except (ValueError, TypeError) as exc:
+        return _set_aside(path, name, str(exc))
+
+
+def _from_json(raw: Any, name: str) -> CertState:
+    if not isinstance(raw, dict):
+        raise TypeError(f"a JSON {type(raw).__name__}, not an object")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _TIME_FIELDS:
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{key}: {value!r} is not a time")
+            when = datetime.fromisoformat(value) if value else None
+            if when is not None and when.tzinfo is None:
+                raise ValueError(f"{key}: {value!r} has no time zone")
+            values[key] = when
+        elif key in _KINDS:
+            kind = _KINDS[key]
+            if kind is not object and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+                raise TypeError(f"{key}: {value!r} is not {kind.__name__}")
+            values[key] = value
+    if values.get("consecutive_failures", 0) < 0:
+        raise ValueError("consecutive_failures is negative")
     values["name"] = name
     return CertState(**values)
+
+
+def _set_aside(path: Path, name: str, why: str) -> CertState:
+    moved = set_aside(path, why)
+    where = f"moved aside to {moved.name}" if moved else "could not be moved aside"
+    return CertState(name=name, last_error=f"{path} was unreadable ({why[:120]}); {where}; starting afresh")
+
+
+def set_aside_files(state_dir: Path, name: str) -> list[Path]:
+    """Copies of this certificate's state file that were set aside as unreadable."""
+    return set_aside_copies(_path(state_dir, name))
 
 
 def save_cert_state(state_dir: Path, st: CertState) -> None:

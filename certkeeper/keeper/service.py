@@ -34,7 +34,7 @@ from certkeeper.core import certs, dkim, renewal
 from certkeeper.core.challenges import ChallengeTable
 from certkeeper.core.config import HOOK_DEFAULT_COMMANDS, CertificateConfig, Config, DkimConfig
 from certkeeper.core.errors import AcmeError, CertkeeperError, LocalError
-from certkeeper.core.files import fsync_dir, write_atomic
+from certkeeper.core.files import fsync_dir, make_dirs, write_atomic
 from certkeeper.core.state import load_cert_state
 from certkeeper.keeper import hooks, signers
 from certkeeper.keeper.store import CertificateSet, CertificateStore
@@ -274,7 +274,7 @@ class LocalKeeper:
             private = existing_dkim_key(path, algorithm)
             if private is not None:
                 target = item.key_dir / REVEAL_DIR / dkim.reveal_name(dkim.key_record_for(private))
-                target.parent.mkdir(parents=True, exist_ok=True)
+                make_dirs(target.parent, 0o755)  # not narrowed by certkeeper's umask 077: revealed keys are public
                 write_atomic(target, dkim.private_key_file(private), 0o644)
                 progress(f"{domain}: revealed the retired private key as {target}")
         if path.exists():

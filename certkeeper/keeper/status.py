@@ -30,7 +30,7 @@ LAST_COLUMN = 26  # the NEXT ACTION column gets at least this much when a row is
 CERTIFICATE_KEYS = (
     "name", "domains", "status", "serial", "not_before", "not_after", "days_left", "next_renewal",
     "next_renewal_reason", "next_action", "last_attempt", "last_success", "consecutive_failures", "last_error",
-    "endpoints",
+    "endpoints", "set_aside",
 )
 DKIM_COLUMNS = (("DOMAIN", "domain"), ("SELECTOR", "selector"), ("ALG", "algorithm"), ("STATE", "state"),
                 ("SINCE", "since"))
@@ -111,6 +111,9 @@ def certificate_status(config: Config, store: CertificateStore, cert: Certificat
         "consecutive_failures": st.consecutive_failures,
         "last_error": st.last_error or None,
         "endpoints": _endpoints(config, cert.name),
+        # Unreadable state files and install journals of this certificate, moved aside for the operator.
+        "set_aside": [str(p) for p in state.set_aside_files(config.state_dir, cert.name)
+                      + store.set_aside_journals(cert)],
     }
     return {key: row[key] for key in CERTIFICATE_KEYS}
 
@@ -161,9 +164,17 @@ def _rows(config: Config, status_rows: Callable[[Config], list[dict[str, Any]]])
         return [{"error": str(exc), "next_action": "see the error"}]
 
 
+def _add_set_aside(rows: list[dict[str, Any]], copies: Callable[[str], list[Any]]) -> None:
+    """``set_aside``: the domain's state files moved aside as unreadable (an empty list when none)."""
+    for row in rows:
+        domain = row.get("domain")
+        row["set_aside"] = [str(p) for p in copies(domain)] if isinstance(domain, str) else []
+
+
 def dkim_rows(config: Config) -> list[dict[str, Any]]:
     """``dkimstate.status_rows`` plus ``next_action`` and ``next_action_at`` from the [[dkim]] timings."""
     rows = _rows(config, dkimstate.status_rows)
+    _add_set_aside(rows, lambda domain: dkimstate.set_aside_files(config, domain))
     timing = {item.domain: item for item in config.dkim}
     for row in rows:
         if "next_action" in row or row.get("domain") not in timing:
@@ -186,6 +197,7 @@ def dkim_rows(config: Config) -> list[dict[str, Any]]:
 def mta_sts_rows(config: Config) -> list[dict[str, Any]]:
     """``mtasts_state.status_rows`` plus ``next_action`` and ``next_action_at``."""
     rows = _rows(config, mtasts_state.status_rows)
+    _add_set_aside(rows, lambda domain: mtasts_state.set_aside_files(config, domain))
     for row in rows:
         if "next_action" in row:
             continue
@@ -256,6 +268,7 @@ def _certificate_lines(rows: list[dict[str, Any]]) -> list[str]:
         extra = [f"domains: {', '.join(row['domains'])}", f"why: {row['next_renewal_reason']}"]
         if row["last_error"] and row["last_error"] not in row["next_renewal_reason"]:
             extra.append(f"last error ({row['consecutive_failures']} failures): {row['last_error']}")
+        extra += [f"set aside as unreadable (read, then remove): {path}" for path in row["set_aside"]]
         for ep in row["endpoints"]:
             seen = f"serial {ep.get('serial')}" if ep.get("serial") else "nothing"
             verdict = "ok" if ep.get("ok") else f"MISMATCH ({ep.get('error') or 'differs from disk'})"
@@ -269,9 +282,13 @@ def _generic_lines(title: str, columns: tuple[tuple[str, str], ...], rows: list[
     if not rows:
         return [title, "  none configured"]
     cells, details = [], []
+    seen: set[str] = set()  # a domain's set-aside file is named once, under its first row
     for row in rows:
         cells.append([_column_value(row, key) for _, key in columns] + [_describe_next(row)])
-        details.append([f"error: {row['error']}"] if row.get("error") else [])
+        fresh = [path for path in row.get("set_aside") or [] if path not in seen]
+        seen.update(fresh)
+        details.append(([f"error: {row['error']}"] if row.get("error") else [])
+                       + [f"set aside as unreadable (read, then remove): {path}" for path in fresh])
     return table(title, [h for h, _ in columns] + ["NEXT ACTION"], cells, details)
 
 

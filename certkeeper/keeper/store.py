@@ -17,6 +17,10 @@ How a set is installed, crash-safe at every step:
 ``recover()`` runs before any other store work: with a journal, it finishes
 step 4 (every temp file is complete, so rolling forward is always possible);
 without one, leftover temp files are removed and the current set is untouched.
+A journal that cannot be read, or names other files than this certificate's
+four and their temp files, is moved aside (``files.set_aside``) and treated as
+absent: only this certificate is affected (the planner renews a set whose key
+and certificate no longer match), and no file it names is touched.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pathlib import Path
 from certkeeper.core import certs
 from certkeeper.core.config import CertificateConfig
 from certkeeper.core.errors import LocalError
-from certkeeper.core.files import fsync_dir, temp_path, write_json_atomic, write_temp
+from certkeeper.core.files import fsync_dir, set_aside, set_aside_copies, temp_path, write_json_atomic, write_temp
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +146,12 @@ class CertificateStore:
         self._finish(journal)
 
     def restore_previous(self, cert: CertificateConfig) -> CertificateSet:
-        """Put the ``.prev`` set back in place (after a failed reload)."""
+        """Put the ``.prev`` set back in place (after a failed reload). A ``.prev`` that is a symbolic
+        link is refused, never followed: certkeeper makes them as hard links or copies only."""
+        for path in _paths(cert).values():
+            prev = Path(f"{path}{PREV_SUFFIX}")
+            if prev.is_symlink():
+                raise LocalError(f"{cert.name}: {prev} is a symbolic link; not restoring from it")
         previous = self.read_previous(cert)
         if previous is None:
             raise LocalError(f"{cert.name}: no previous certificate set to restore")
@@ -152,10 +161,13 @@ class CertificateStore:
     def recover(self, cert: CertificateConfig) -> None:
         """Finish an install interrupted after its journal was written, or clean up."""
         journal = self._journal(cert)
-        if journal.exists():
-            log.warning("%s: finishing an interrupted certificate install", cert.name)
-            self._finish(journal)
-            return
+        if journal.exists() or journal.is_symlink():
+            problem = _journal_problem(cert, journal)
+            if not problem:
+                log.warning("%s: finishing an interrupted certificate install", cert.name)
+                self._finish(journal)
+                return
+            set_aside(journal, f"{cert.name}: install journal {problem}")
         for path in _paths(cert).values():
             temp_path(path).unlink(missing_ok=True)
             temp_path(Path(f"{path}{PREV_SUFFIX}")).unlink(missing_ok=True)
@@ -163,6 +175,10 @@ class CertificateStore:
     def recover_all(self, certificates: tuple[CertificateConfig, ...]) -> None:
         for cert in certificates:
             self.recover(cert)
+
+    def set_aside_journals(self, cert: CertificateConfig) -> list[Path]:
+        """Install journals of ``cert`` that were set aside as unreadable."""
+        return set_aside_copies(self._journal(cert))
 
     # -- internals -------------------------------------------------------------
 
@@ -186,16 +202,35 @@ class CertificateStore:
         fsync_dir(journal.parent)
 
 
+def _journal_problem(cert: CertificateConfig, journal: Path) -> str:
+    """Why ``journal`` is not this certificate's install journal (unreadable, not JSON, another shape,
+    other files), or "". Only a journal naming exactly the four files and their temp files is followed."""
+    try:
+        fd = os.open(journal, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as file:
+            entries = json.loads(file.read(65536))
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    except ValueError as exc:
+        return f"is not JSON: {exc}"
+    expected = {role: [str(temp_path(path)), str(path)] for role, path in _paths(cert).items()}
+    if entries != expected:
+        return "does not name this certificate's files"
+    return ""
+
+
 def _paths(cert: CertificateConfig) -> dict[str, Path]:
     return {role: getattr(cert, role) for role in ROLES}
 
 
 def _read_set(cert: CertificateConfig, suffix: str) -> CertificateSet | None:
     paths = {role: Path(f"{p}{suffix}") for role, p in _paths(cert).items()}
+    # The previous set is certkeeper's own (hard links or copies): never read through a symbolic link.
+    read = _read_nofollow if suffix else Path.read_bytes
     try:
-        key = paths["key"].read_bytes()
-        leaf_file = paths["cert"].read_bytes()
-        chain = paths["chain"].read_bytes() if paths["chain"].exists() else b""
+        key = read(paths["key"])
+        leaf_file = read(paths["cert"])
+        chain = read(paths["chain"]) if paths["chain"].exists() else b""
     except OSError:
         return None
     try:
@@ -203,6 +238,12 @@ def _read_set(cert: CertificateConfig, suffix: str) -> CertificateSet | None:
     except ValueError:
         return None
     return CertificateSet(key=key, cert=leaf, chain=chain or rest)
+
+
+def _read_nofollow(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        return file.read()
 
 
 def _best_chain(cert: CertificateConfig, leaf: bytes) -> bytes | None:

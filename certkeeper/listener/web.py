@@ -38,20 +38,43 @@ field sizes, header count, a TLS handshake timeout and a deadline for the
 first request (and between keep-alive requests): a client that trickles its
 headers is closed then. Each connection is its own task, so a slow client never
 holds up another.
+
+Bounded connections (``ConnectionPool``): the listeners accept connections
+themselves rather than through ``loop.create_server``, so that every
+connection is counted from the moment it is accepted, TLS handshakes
+included. ``[http] max_connections`` caps them in total (lowered to what
+``RLIMIT_NOFILE`` leaves after ``RESERVED_FDS`` for the control socket, workers
+and file reads; ``raise_nofile_limit`` first lifts the soft limit to the hard
+one), ``max_connections_per_address`` per source address (per /64 for IPv6) and
+``max_handshakes`` the TLS connections still shaking hands (each holds a read
+buffer: about 52 KiB on uvloop, 256 KiB on asyncio's own loop). A new
+connection over a cap closes the one of that cap that has been idle longest
+(least recently received bytes), so a flood of idle connections never locks
+out a real client; an accept that fails for lack of descriptors closes the
+longest idle one too, and never stops the listener. Once a burst of
+connections has drained, the memory their buffers held is handed back
+(``release_memory``). A malformed request is one short log line
+(``RequestErrorLog``), at most ``ERROR_LINES_PER_MINUTE`` a minute over all
+listeners plus one line counting the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import ipaddress
 import logging
 import os
 import re
+import resource
 import socket
 import ssl
 import tempfile
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +85,7 @@ from aiohttp.web_request import BaseRequest
 
 from certkeeper.core import mtasts_state
 from certkeeper.core.challenges import ChallengeTable
-from certkeeper.core.config import CertificateConfig, Config
+from certkeeper.core.config import CertificateConfig, Config, HttpConfig
 from certkeeper.core.errors import LocalError
 from certkeeper.core.mtasts import MEDIA_TYPE, WELL_KNOWN_PATH
 
@@ -85,13 +108,264 @@ class Limits:
     request_timeout: float = 10.0  # seconds for a whole request head, and idle keep-alive
     handshake_timeout: float = 10.0  # seconds for the TLS handshake
     shutdown_timeout: float = 1.0  # seconds open requests get to finish at stop
+    max_connections: int = HttpConfig.max_connections
+    max_connections_per_address: int = HttpConfig.max_connections_per_address
+    max_handshakes: int = HttpConfig.max_handshakes
+
+    @classmethod
+    def from_config(cls, http: HttpConfig) -> Limits:
+        return cls(max_connections=http.max_connections,
+                   max_connections_per_address=http.max_connections_per_address,
+                   max_handshakes=http.max_handshakes)
 
     def server_kwargs(self) -> dict[str, Any]:
         return {
             "max_line_size": self.max_line_size, "max_field_size": self.max_field_size,
             "max_headers": self.max_headers, "keepalive_timeout": self.request_timeout,
-            "access_log": None,
+            "access_log": None, "logger": request_error_log(),
         }
+
+
+# ---------------------------------------------------------------------------
+# Descriptors, connection caps and error lines.
+
+RESERVED_FDS = 128  # descriptors kept free for the control socket, workers, hooks and file reads
+ERROR_LINES_PER_MINUTE = 10
+
+
+def raise_nofile_limit() -> int:
+    """Lift the soft ``RLIMIT_NOFILE`` to the hard limit (systemd's soft default is 1024); return the soft
+    limit now in force. Unprivileged processes may do this; nothing is lowered."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        # Linux refuses more than fs.nr_open even with an infinite hard limit; stay below it then.
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
+def connection_budget(limits: Limits, soft_limit: int) -> int:
+    """The total cap in force: ``max_connections``, or fewer when the descriptors would not suffice."""
+    return max(1, min(limits.max_connections, soft_limit - RESERVED_FDS))
+
+
+class RateLimitedLines:
+    """At most ``per_minute`` lines a minute; then one line saying how many were left out."""
+
+    def __init__(self, logger: logging.Logger, per_minute: int = ERROR_LINES_PER_MINUTE) -> None:
+        self.logger = logger
+        self.per_minute = per_minute
+        self._window = 0.0
+        self._count = 0
+        self._dropped = 0
+
+    def __call__(self, level: int, message: str) -> None:
+        now = time.monotonic()
+        if now - self._window >= 60:
+            if self._dropped:
+                self.logger.log(level, "... and %d more like it in the last minute", self._dropped)
+            self._window, self._count, self._dropped = now, 0, 0
+        if self._count >= self.per_minute:
+            self._dropped += 1
+            return
+        self._count += 1
+        self.logger.log(level, "%s", message)
+
+
+class RequestErrorLog(logging.Logger):
+    """What aiohttp logs about a request it could not handle, as one short line each, rate-limited:
+    ``malformed request from ADDR: 400, message: ...``. Never a traceback (a bad request is the
+    client's fault, and a flood of them must not fill the disk)."""
+
+    def __init__(self) -> None:
+        super().__init__(f"{__name__}.requests")
+        self.parent = log
+        self.lines = RateLimitedLines(log)
+
+    def _one_line(self, level: int, msg: object, args: tuple[object, ...], exc_info: Any) -> None:
+        text = str(msg) % args if args else str(msg)
+        text = text.replace("Error handling request", "malformed request")
+        exc = exc_info if isinstance(exc_info, BaseException) else None
+        if exc is not None:
+            detail = " ".join(str(exc).split())[:160]
+            text = f"{text}: {detail or type(exc).__name__}"
+        self.lines(level, text[:300])
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        self._one_line(logging.INFO, msg, args, exc_info)
+
+    def error(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self._one_line(logging.INFO, msg, args, kwargs.get("exc_info"))
+
+    def warning(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self._one_line(logging.INFO, msg, args, kwargs.get("exc_info"))
+
+    def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            self._one_line(logging.DEBUG, msg, args, kwargs.get("exc_info"))
+
+
+_request_errors: list[RequestErrorLog] = []
+
+
+def request_error_log() -> RequestErrorLog:
+    """The one ``RequestErrorLog`` of the process: every listener shares its rate limit."""
+    if not _request_errors:
+        _request_errors.append(RequestErrorLog())
+    return _request_errors[0]
+
+
+def address_key(peer: str) -> str:
+    """What ``max_connections_per_address`` counts by: the address, or its /64 for IPv6."""
+    try:
+        address = ipaddress.ip_address(peer.partition("%")[0])
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(getattr(address, "ipv4_mapped", None) or address)
+
+
+class Connection:
+    """One accepted connection: its peer, and how to close it (its task while the handshake runs,
+    then its transport)."""
+
+    __slots__ = ("key", "sock", "task", "transport", "closed")
+
+    def __init__(self, key: str, sock: socket.socket) -> None:
+        self.key = key
+        self.sock = sock
+        self.task: asyncio.Task[None] | None = None
+        self.transport: asyncio.BaseTransport | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()  # type: ignore[attr-defined]
+        elif self.task is not None:
+            self.task.cancel()
+        else:
+            self.sock.close()
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system, which glibc otherwise keeps (TLS read buffers
+    of a burst of handshakes: tens of MB)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+class ConnectionPool:
+    """Open connections in least-recently-active order: in total, per address, and still shaking hands.
+
+    ``admit`` makes room for one more from ``key`` (closing the longest idle of each cap that is
+    full); ``touch`` marks one active; ``forget`` drops one that closed. All on the event loop.
+    Once ``BURST`` connections or more have come and the pool has drained to a few, the memory
+    they used is given back (``release_memory``)."""
+
+    BURST = 256
+
+    def __init__(self, total: int, per_address: int, handshakes: int) -> None:
+        self.total, self.per_address, self.handshakes = total, per_address, handshakes
+        self.all: OrderedDict[Connection, None] = OrderedDict()
+        self.by_key: dict[str, OrderedDict[Connection, None]] = {}
+        self.shaking: OrderedDict[Connection, None] = OrderedDict()
+        self.evicted = 0
+        self._since_release = 0  # connections admitted since memory was last given back
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+    def admit(self, conn: Connection, tls: bool) -> None:
+        mine = self.by_key.get(conn.key)
+        if mine is not None and len(mine) >= self.per_address:
+            self.evict(next(iter(mine)))
+        if len(self.all) >= self.total:
+            self.evict(next(iter(self.all)))
+        if tls and len(self.shaking) >= self.handshakes:
+            self.evict(next(iter(self.shaking)))
+        self.all[conn] = None
+        self._since_release += 1
+        self.by_key.setdefault(conn.key, OrderedDict())[conn] = None
+        if tls:
+            self.shaking[conn] = None
+
+    def evict_idlest(self) -> bool:
+        if not self.all:
+            return False
+        self.evict(next(iter(self.all)))
+        return True
+
+    def evict(self, conn: Connection) -> None:
+        self.forget(conn)
+        self.evicted += 1
+        conn.close()
+
+    def touch(self, conn: Connection) -> None:
+        if conn in self.all:
+            self.all.move_to_end(conn)
+            self.by_key[conn.key].move_to_end(conn)
+
+    def shaken(self, conn: Connection) -> None:
+        self.shaking.pop(conn, None)
+
+    def forget(self, conn: Connection) -> None:
+        if conn not in self.all:
+            return
+        del self.all[conn]
+        self.shaking.pop(conn, None)
+        mine = self.by_key.get(conn.key)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self.by_key[conn.key]
+        if self._since_release >= self.BURST and len(self.all) <= 8:
+            self._since_release = 0
+            try:
+                asyncio.get_running_loop().call_later(1.0, release_memory)  # once the transports are gone
+            except RuntimeError:
+                release_memory()
+
+    def close_all(self) -> None:
+        for conn in list(self.all):
+            self.evict(conn)
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with the pool told of its bytes and its end."""
+
+    __slots__ = ("inner", "conn", "pool")
+
+    def __init__(self, inner: asyncio.Protocol, conn: Connection, pool: ConnectionPool) -> None:
+        self.inner, self.conn, self.pool = inner, conn, pool
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn.transport = transport
+        self.pool.shaken(self.conn)
+        self.pool.touch(self.conn)
+        if self.conn.closed:  # evicted while its handshake finished
+            transport.abort()  # type: ignore[attr-defined]
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.pool.touch(self.conn)
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.forget(self.conn)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
 
 
 @dataclass(frozen=True)
@@ -341,7 +615,7 @@ class WebServer:
                  tls_from_files: bool = True) -> None:
         """``tls_from_files``: load each certificate's files (in one process, tests); the listener
         process passes False and is handed its certificates by the keeper (``tls.load_pem``)."""
-        self.limits = limits or Limits()
+        self.limits = limits or Limits.from_config(config.http)
         self.tls_from_files = tls_from_files
         self.handlers = Handlers(Site.from_config(config), challenges)
         self.tls = TlsContexts()
@@ -349,8 +623,12 @@ class WebServer:
         self.tls_listen = config.http.tls_listen
         self._certificates = config.certificates
         self._sockets: list[tuple[str, socket.socket, bool]] = []  # (address, socket, tls)
-        self._servers: list[asyncio.Server] = []
         self._protocols: list[web.Server] = []
+        self._readers: list[int] = []  # listening descriptors the event loop watches
+        self._paused: asyncio.TimerHandle | None = None
+        self.pool = ConnectionPool(self.limits.max_connections, self.limits.max_connections_per_address,
+                                   self.limits.max_handshakes)
+        self._accept_errors = RateLimitedLines(log)
         self.bound: list[tuple[str, int]] = []  # (scheme, port) actually bound, for logs and tests
 
     def bind(self) -> None:
@@ -368,6 +646,12 @@ class WebServer:
     async def start(self) -> None:
         if not self._sockets:
             self.bind()
+        soft = raise_nofile_limit()
+        self.pool.total = connection_budget(self.limits, soft)
+        if self.pool.total < self.limits.max_connections:
+            log.warning("at most %d connections: RLIMIT_NOFILE is %d (%d kept for other files); "
+                        "raise it to allow [http] max_connections = %d", self.pool.total, soft, RESERVED_FDS,
+                        self.limits.max_connections)
         if self.tls_listen and self.tls_from_files:
             for problem in await asyncio.to_thread(self.tls.load_all, self._certificates):
                 log.info("%s", problem)
@@ -376,20 +660,84 @@ class WebServer:
         self._protocols = [http, https]
         loop = asyncio.get_running_loop()
         for address, sock, tls in self._sockets:
-            server = await loop.create_server(
-                https if tls else http, sock=sock, ssl=self.tls.front if tls else None,
+            self.bound.append(("https" if tls else "http", sock.getsockname()[1]))
+            log.info("listening on %s (%s)", address, "https" if tls else "http")
+        self._watch(loop)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._paused = None
+        for _, sock, tls in self._sockets:
+            server = self._protocols[1] if tls else self._protocols[0]
+            loop.add_reader(sock.fileno(), self._accept, loop, sock, server, tls)
+            self._readers.append(sock.fileno())
+
+    def _unwatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        for fd in self._readers:
+            loop.remove_reader(fd)
+        self._readers.clear()
+
+    def _accept(self, loop: asyncio.AbstractEventLoop, listener: socket.socket, server: web.Server,
+                tls: bool) -> None:
+        """The listening socket is readable: take what is waiting (a bounded batch), each under the caps."""
+        for _ in range(64):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: give back the longest idle connection and go on;
+                    # with none to give, wait a moment rather than spin on a readable socket.
+                    self._accept_errors(logging.WARNING, f"cannot accept a connection: {exc.strerror}; "
+                                                         "closing the longest idle one")
+                    if not self.pool.evict_idlest():
+                        self._unwatch(loop)
+                        self._paused = loop.call_later(0.1, self._watch, loop)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the client gave up between SYN and accept
+                self._accept_errors(logging.WARNING, f"cannot accept a connection: {exc.strerror or exc}")
+                return
+            sock.setblocking(False)
+            conn = Connection(address_key(peer[0] if isinstance(peer, tuple) else str(peer)), sock)
+            self.pool.admit(conn, tls)
+            conn.task = loop.create_task(self._connect(loop, conn, server, tls))
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, conn: Connection, server: web.Server,
+                       tls: bool) -> None:
+        pool = self.pool
+
+        def protocol() -> asyncio.Protocol:
+            return _Counted(server(), conn, pool)
+
+        try:
+            await loop.connect_accepted_socket(
+                protocol, conn.sock, ssl=self.tls.front if tls else None,
                 ssl_handshake_timeout=self.limits.handshake_timeout if tls else None)
-            self._servers.append(server)
-            scheme = "https" if tls else "http"
-            self.bound.append((scheme, sock.getsockname()[1]))
-            log.info("listening on %s (%s)", address, scheme)
+        except asyncio.CancelledError:
+            pool.forget(conn)
+            conn.sock.close()
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            pool.forget(conn)
+            conn.sock.close()
+            log.debug("connection from %s closed in the handshake: %s", conn.key, exc)
+        else:
+            if conn.transport is None:  # asyncio: the client left mid-handshake without an error
+                pool.forget(conn)
+                conn.sock.close()
+        finally:
+            conn.task = None
 
     def reload(self, config: Config) -> None:
-        """SIGHUP: new host names, policies and certificates; listen addresses need a restart.
+        """SIGHUP: new host names, policies, certificates and connection caps (applied to the next
+        connection; none is closed for it); listen addresses need a restart.
 
         Raises ``LocalError`` before changing anything when the new site cannot be built."""
         self.handlers.site = Site.from_config(config)
         self._certificates = config.certificates
+        caps = Limits.from_config(config.http)
+        self.pool.total = connection_budget(caps, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.pool.per_address, self.pool.handshakes = caps.max_connections_per_address, caps.max_handshakes
         if self.tls_from_files:
             for problem in self.tls.load_all(config.certificates):
                 log.info("%s", problem)
@@ -405,12 +753,18 @@ class WebServer:
 
     async def stop(self) -> None:
         """Close the listening sockets; open requests get ``shutdown_timeout`` in all (not per listener)."""
-        for server in self._servers:
-            server.close()
+        loop = asyncio.get_running_loop()
+        self._unwatch(loop)
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        for conn in list(self.pool.shaking):  # nothing to finish in a handshake
+            self.pool.evict(conn)
         await asyncio.gather(*(protocol.shutdown(self.limits.shutdown_timeout) for protocol in self._protocols))
-        self._servers.clear()
+        self.pool.close_all()
         self._protocols.clear()
         self._close_sockets()
+        await asyncio.sleep(0)  # let cancelled handshakes close their sockets
 
     def close(self) -> None:
         """Close sockets bound but never started (a listener that could not finish starting)."""

@@ -40,7 +40,7 @@ from typing import Any
 from certkeeper.core import certs, layout, state
 from certkeeper.core.config import AlertsConfig, Config
 from certkeeper.core.errors import CertkeeperError
-from certkeeper.core.files import write_json_atomic
+from certkeeper.core.files import set_aside, write_json_atomic
 from certkeeper.keeper.hooks import run_command
 from certkeeper.keeper.store import CertificateStore
 from certkeeper.network.keeper_client import Keeper
@@ -161,14 +161,19 @@ class Alerter:
     # -- state ---------------------------------------------------------------
 
     def _load(self) -> dict[str, Any]:
+        """The episodes. A file that cannot be read, or holds entries of another shape, is moved aside
+        (``files.set_aside``, one log line); the entries that were sound are kept, so only the bad
+        ones start over (an alert may then be sent once more)."""
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        if not isinstance(data, dict):
-            data = {}
-        data.setdefault("failures", {})
-        data.setdefault("expiry", {})
+            raw: Any = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            raw = {}
+        except (OSError, ValueError) as exc:
+            set_aside(self.path, f"alert state: {getattr(exc, 'strerror', None) or exc}")
+            raw = {}
+        data, problem = _sound_alert_state(raw)
+        if problem:
+            set_aside(self.path, f"alert state: {problem}")
         return data
 
     def _save(self, data: dict[str, Any]) -> None:
@@ -385,6 +390,33 @@ def _parse(pem: bytes) -> certs.CertInfo | None:
         return certs.parse_cert(pem) if pem else None
     except ValueError:
         return None
+
+
+def _sound_alert_state(raw: Any) -> tuple[dict[str, Any], str]:
+    """(the entries of the right shape, what was wrong with the others or "")."""
+    if not isinstance(raw, dict):
+        return {"failures": {}, "expiry": {}}, f"a JSON {type(raw).__name__}, not an object"
+    problems: list[str] = []
+    failures = raw.get("failures", {})
+    expiry = raw.get("expiry", {})
+    if not isinstance(failures, dict):
+        problems.append("failures is not an object")
+        failures = {}
+    if not isinstance(expiry, dict):
+        problems.append("expiry is not an object")
+        expiry = {}
+    sound: dict[str, Any] = {}
+    for key, episode in failures.items():
+        if isinstance(episode, dict) and isinstance(episode.get("what"), str) \
+                and isinstance(episode.get("since"), str) and isinstance(episode.get("attempts"), int) \
+                and isinstance(episode.get("notified"), bool) and isinstance(episode.get("recovery", {}), dict):
+            sound[key] = episode
+        else:
+            problems.append(f"failure episode {key!r} is of another shape")
+    kept = {k: v for k, v in expiry.items() if isinstance(v, (str, int)) and not isinstance(v, bool)}
+    if len(kept) != len(expiry):
+        problems.append("an expiry entry is of another shape")
+    return {**raw, "failures": sound, "expiry": kept}, "; ".join(problems)
 
 
 def state_path(state_dir: Path) -> Path:

@@ -58,6 +58,7 @@ from certkeeper.core.dkimstate import (  # noqa: F401 - the state and the planne
     request_rotation,
     save_state,
     schedule,
+    set_aside_files,
     state_path,
     status_rows,
 )
@@ -312,7 +313,7 @@ def _lock(config: Config, name: str, wait: bool = True) -> Iterator[bool]:
     """An flock on STATE/dkim/NAME.lock: one process at a time works on a domain (daemon or CLI)."""
     path = config.state_dir / "dkim" / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

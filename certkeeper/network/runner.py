@@ -259,7 +259,7 @@ class Renewer:
 def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive ``flock`` across processes (the daemon's workers, a CLI run)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -36,6 +36,7 @@ from types import ModuleType
 from typing import IO
 
 from certkeeper.core.config import Config, HookConfig, hook_config
+from certkeeper.core.files import inherited_umask
 from certkeeper.keeper.hooks import command, dovecot, httpd, relayd, rspamd, smtpd
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ def run_command(argv: Sequence[str], timeout: float, env: dict[str, str] | None 
         given.seek(0)
         try:
             proc = subprocess.Popen(argv, stdin=given, stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **(env or {})}, start_new_session=True, close_fds=True)
+                                    env={**os.environ, **(env or {})}, start_new_session=True, close_fds=True,
+                                    umask=inherited_umask())
         except OSError as exc:
             return CommandResult(argv, None, f"cannot run: {exc.strerror or exc}", time.monotonic() - started)
         try:

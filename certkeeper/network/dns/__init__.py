@@ -33,6 +33,7 @@ import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 
 from certkeeper.core.errors import DNSError, LocalError
+from certkeeper.core.files import make_dirs
 
 if TYPE_CHECKING:
     from certkeeper.core.config import Config
@@ -259,8 +260,8 @@ def file_lock(path: Path) -> Iterator[None]:
     """Exclusive lock on ``.NAME.lock`` beside ``path`` (threads and processes alike)."""
     lock = path.with_name(f".{path.name}.lock")
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        make_dirs(lock.parent, 0o755)  # the zone file's directory: named must read it
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise LocalError(f"{lock}: cannot create the lock file: {exc.strerror}") from None
     try:

@@ -25,7 +25,7 @@ import dns.zone
 
 from certkeeper.core.config import DnsConfig
 from certkeeper.core.errors import DNSError, LocalError
-from certkeeper.core.files import write_atomic
+from certkeeper.core.files import inherited_umask, write_atomic
 from certkeeper.network.dns import Backend, RecordSet, check_in_zone, file_lock, record_set_from_rrset, sorted_sets
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class ZonefileBackend(Backend):
             return
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=RELOAD_TIMEOUT, check=False,
-                                  stdin=subprocess.DEVNULL)
+                                  stdin=subprocess.DEVNULL, umask=inherited_umask())
         except FileNotFoundError:
             raise LocalError(f"[dns] reload_command: {command[0]!r} not found") from None
         except subprocess.TimeoutExpired:
