@@ -190,7 +190,9 @@ def handed_secrets(config: Config) -> dict[str, bytes]:
     secret when configured. A file that cannot be read is left out: the worker
     then reports it as it would have (one line naming the file)."""
     files: dict[str, bytes] = {str(config.acme.account_key): account_key(config)}
-    for path in (config.acme.eab_hmac_key_file, config.dns.tsig_secret_file):
+    fleet = config.fleet  # [fleet]: the etcd client's TLS files and password (never secret_file: keeper only)
+    for path in (config.acme.eab_hmac_key_file, config.dns.tsig_secret_file, fleet.ca, fleet.cert, fleet.key,
+                 fleet.password_file):
         if path is None:
             continue
         try:

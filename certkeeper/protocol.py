@@ -158,6 +158,25 @@ class DisposeDkimKey:
 
 @message
 @dataclass(frozen=True)
+class SealDkimKey:
+    """[fleet]: the selector's private key, sealed with secret_file (answered by SealedKey)."""
+    domain: str
+    selector: str
+    algorithm: str
+
+
+@message
+@dataclass(frozen=True)
+class InstallDkimKey:
+    """[fleet]: open a sealed key and write it as the selector's key file (answered by DkimRecord)."""
+    domain: str
+    selector: str
+    algorithm: str
+    sealed: str
+
+
+@message
+@dataclass(frozen=True)
 class ZonePublish:
     name: str
     rtype: str
@@ -271,6 +290,12 @@ class HookRan:
 class DkimRecord:
     record: str  # "" when there is no key and none was asked for
     created: bool
+
+
+@message
+@dataclass(frozen=True)
+class SealedKey:
+    sealed: str  # "v1:" + base64 AEAD ciphertext (certkeeper.keeper.sealing)
 
 
 @message

@@ -108,7 +108,11 @@ def job_hourly(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tupl
     from certkeeper.network import rotation
     from certkeeper.network.alerts import Alerter
 
-    if config.dkim:
+    if config.dkim and config.fleet.enabled:  # several MX hosts: the rotation is coordinated through etcd
+        from certkeeper.network import fleet
+
+        _guard("DKIM rotation", lambda: fleet.run_due(config, datetime.now(UTC), _liner(keeper), keeper))
+    elif config.dkim:
         _guard("DKIM rotation", lambda: rotation.run_due(config, datetime.now(UTC), _liner(keeper), keeper))
     _guard("expiry check", lambda: Alerter(config, keeper=keeper).check_expiry())
     return 0, None
@@ -123,7 +127,12 @@ def job_rotate(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tupl
     now = datetime.now(UTC)
     for item in rotation.selected_items(config, args.get("domain")):
         try:
-            rotation.rotate_now(config, item, now, bool(args.get("now")), line, keeper)
+            if config.fleet.enabled:
+                from certkeeper.network import fleet
+
+                fleet.rotate_now(config, item, now, bool(args.get("now")), line, keeper)
+            else:
+                rotation.rotate_now(config, item, now, bool(args.get("now")), line, keeper)
         except CertkeeperError as exc:
             line(f"certkeeper: {item.domain}: {exc}")
             failed = True
