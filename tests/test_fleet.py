@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import re
@@ -20,8 +21,10 @@ from urllib.parse import urlsplit
 import aetcd
 import pytest
 
-from certkeeper.core.config import Config, load
-from certkeeper.keeper.service import LocalKeeper
+from certkeeper import cli, protocol
+from certkeeper.core.config import Config, load, parse
+from certkeeper.core.errors import ConfigError, LocalError
+from certkeeper.keeper.service import LocalKeeper, Refusal
 from certkeeper.network import fleet, rotation
 from certkeeper.network.rotation import DomainState, DueReport
 from tests.fixtures.etcd import EtcdCluster, etcd_cluster  # noqa: F401 - the fixture
@@ -260,3 +263,135 @@ def test_etcd_down_every_host_keeps_signing_and_nothing_changes(bind, make_host,
     finally:
         etcd_cluster.start()
     assert {k.selector for k in etcd_state(hosts[0]).keys} == {a.selector}
+
+
+def test_rotate_dkim_now_through_the_unprivileged_worker_on_two_hosts_at_once(bind, make_host) -> None:
+    """The CLI forks the real roles: the network worker (unprivileged, Landlock) talks to etcd and carries
+    only ciphertext; each host's keeper seals or opens the key."""
+    mx1, mx2 = make_host("mx1"), make_host("mx2")
+    outs = [io.StringIO(), io.StringIO()]
+    codes = in_parallel(*[lambda h=h, o=o: cli.main(["rotate-dkim", "--now", "-c", str(h.config.path)], out=o)
+                          for h, o in zip((mx1, mx2), outs, strict=True)])
+    assert codes == [0, 0], [o.getvalue() for o in outs]
+    text = "".join(o.getvalue() for o in outs)
+    assert text.count("new ed25519 key") == 1, text
+    now = datetime.now(UTC)
+    for _ in range(2):
+        for host in (mx1, mx2):  # the hourly job's DKIM part
+            assert host.run(now)[0].errors == ()
+    (key,) = etcd_state(mx1).keys
+    assert key.state == "active"
+    for host in (mx1, mx2):
+        assert signs_and_verifies(bind, host, key.selector), host.name
+        assert not any("PRIVATE KEY" in v for v in etcd_values(host))  # only ciphertext in etcd
+
+
+def etcd_values(host: Host) -> list[str]:
+    async def get() -> list[str]:
+        port = urlsplit(host.config.fleet.endpoints[0]).port
+        async with aetcd.Client(host="127.0.0.1", port=port, timeout=5) as client:
+            return [bytes(kv.value).decode(errors="replace")
+                    for kv in await client.get_prefix(host.config.fleet.prefix.encode() + b"/")]
+
+    return asyncio.run(get())
+
+
+# -- configuration and the keeper's sealing (no etcd) ---------------------------------------------
+
+
+FLEET_OK = ('[fleet]\nbackend = "etcd"\nendpoints = ["http://127.0.0.1:2379"]\n'
+            'secret_file = "/etc/certkeeper/fleet.key"\n')
+
+
+@pytest.mark.parametrize("toml, problem", [
+    ('[fleet]\nbackend = "consul"', "fleet.backend: 'consul' is not one of etcd"),
+    ('[fleet]\nendpoints = ["http://127.0.0.1:2379"]\nsecret_file = "/k"\nhost = "mx1.example.test"',
+     'fleet.backend: is required ("etcd")'),
+    ('[fleet]\nbackend = "etcd"\nsecret_file = "/k"\nhost = "mx1.example.test"', "fleet.endpoints: is required"),
+    (FLEET_OK.replace("http://127.0.0.1", "http://192.0.2.1") + 'host = "mx1.example.test"',
+     "fleet.endpoints[1]: 'http://192.0.2.1:2379' is plain http: use https://"),
+    (FLEET_OK.replace(":2379", "") + 'host = "mx1.example.test"', "needs a port"),
+    (FLEET_OK.replace("http://127.0.0.1:2379", "etcd.example:2379") + 'host = "mx1.example.test"',
+     "is not an etcd client URL"),
+    (FLEET_OK + 'host = "mx1.example.test"\ncert = "/c.pem"', "fleet.key: is required with cert"),
+    (FLEET_OK + 'host = "mx1.example.test"\nca = "/ca.pem"', "use https:// URLs with ca/cert/key"),
+    (FLEET_OK + 'host = "mx1.example.test"\nusername = "mx1"', "fleet.password_file: is required with username"),
+    (FLEET_OK.replace('secret_file = "/etc/certkeeper/fleet.key"\n', "") + 'host = "mx1.example.test"',
+     "fleet.secret_file: is required"),
+    (FLEET_OK, "fleet.host: is required when there is no [[certificate]]"),
+    (FLEET_OK + 'host = "mx 1"', "fleet.host: 'mx 1'"),
+    (FLEET_OK + 'host = "mx1.example.test"\nprefix = "certkeeper"', "fleet.prefix: 'certkeeper' is not a key prefix"),
+    (FLEET_OK + 'host = "mx1.example.test"\nlease_ttl = 1', "fleet.lease_ttl"),
+    (FLEET_OK + 'host = "mx1.example.test"\nendpoint = "x"', "fleet"),
+])
+def test_fleet_config_errors_are_one_line_each(toml: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse(toml, "/etc/certkeeper.toml")
+    assert any(problem in line and line.startswith("/etc/certkeeper.toml: ") for line in error.value.lines), \
+        error.value.lines
+
+
+def test_fleet_config_defaults_and_host_from_the_first_certificate() -> None:
+    assert not parse("").fleet.enabled  # without [fleet], nothing changes
+    text = ('[[certificate]]\nname = "MX1.example.test"\ndomains = ["mx1.example.test"]\n'
+            'cert = "/c.pem"\nkey = "/k.pem"\n' + FLEET_OK.replace('"http://127.0.0.1:2379"',
+                                                                    '"https://10.0.0.1:2379", "https://[fd00::2]:2379"'))
+    config = parse(text + 'ca = "/ca.pem"\ncert = "/c.pem"\nkey = "/k.pem"\nprefix = "/mail/"\n')
+    assert config.fleet.enabled and config.fleet.host == "mx1.example.test" and config.fleet.prefix == "/mail"
+    assert config.fleet.endpoints == ("https://10.0.0.1:2379", "https://[fd00::2]:2379")
+
+
+@pytest.fixture
+def sealing_keepers(tmp_path: Path) -> tuple[LocalKeeper, LocalKeeper, Path]:
+    secret = tmp_path / "fleet.secret"
+    secret.write_bytes(base64.b64encode(os.urandom(48)))
+    secret.chmod(0o600)
+
+    def keeper(name: str) -> LocalKeeper:
+        home = tmp_path / name
+        home.mkdir()
+        text = (f'state_dir = "{home / "state"}"\n{dkim_toml(home, algorithms=ALGORITHMS)}\n'
+                f'{FLEET_OK.replace("/etc/certkeeper/fleet.key", str(secret))}host = "{name}.example.test"\n')
+        return LocalKeeper(parse(text, home / "certkeeper.toml"))
+
+    return keeper("mx1"), keeper("mx2"), secret
+
+
+def test_a_sealed_key_opens_only_on_a_fleet_host_and_only_for_its_selector(sealing_keepers) -> None:
+    mx1, mx2, secret = sealing_keepers
+    record, _ = mx1.dkim_key("example.test", "s1", "ed25519", create=True)
+    sealed = mx1.seal_dkim_key("example.test", "s1", "ed25519")
+    assert sealed.startswith("v1:") and "PRIVATE" not in sealed
+    key_file = mx1.dkim_key_path("example.test", "s1").read_bytes()
+    assert key_file not in base64.b64decode(sealed[3:])
+    assert mx2.install_dkim_key("example.test", "s1", "ed25519", sealed) == (record, True)
+    installed = mx2.dkim_key_path("example.test", "s1")
+    assert installed.stat().st_mode & 0o777 == 0o440
+    assert mx2.install_dkim_key("example.test", "s1", "ed25519", sealed) == (record, False)  # already there
+    with pytest.raises(LocalError, match="does not open with"):  # bound to its selector
+        mx2.install_dkim_key("example.test", "s2", "ed25519", sealed)
+    tampered = sealed[:-6] + ("AAAA==" if not sealed.endswith("AAAA==") else "BBBB==")
+    with pytest.raises(LocalError, match="does not open with|not base64"):
+        mx2.install_dkim_key("example.test", "s1", "ed25519", tampered)
+    with pytest.raises(Refusal, match="is not in algorithms"):
+        mx2.install_dkim_key("example.test", "s1", "rsa2048", sealed)
+    with pytest.raises(Refusal, match="no \\[\\[dkim\\]\\] table"):
+        mx2.install_dkim_key("example.org", "s1", "ed25519", sealed)
+    with pytest.raises(Refusal, match="no key file for selector"):
+        mx1.seal_dkim_key("example.test", "s9", "ed25519")
+    secret.chmod(0o644)
+    with pytest.raises(LocalError, match="mode 0644 lets others read it"):
+        mx1.seal_dkim_key("example.test", "s1", "ed25519")
+    secret.chmod(0o600)
+    secret.write_bytes(b"short")
+    with pytest.raises(LocalError, match="holds 5 bytes"):
+        mx1.seal_dkim_key("example.test", "s1", "ed25519")
+    plain = LocalKeeper(parse(dkim_toml(mx1.config.state_dir.parent, algorithms=ALGORITHMS)))  # no [fleet]
+    with pytest.raises(Refusal, match="no \\[fleet\\] table"):
+        plain.seal_dkim_key("example.test", "s1", "ed25519")
+
+
+def test_seal_and_install_messages_round_trip_through_the_protocol() -> None:
+    for message in (protocol.SealDkimKey("example.test", "s1", "ed25519"),
+                    protocol.InstallDkimKey("example.test", "s1", "ed25519", "v1:AAAA"), protocol.SealedKey("v1:AAAA")):
+        assert protocol.parse(protocol.render(message)[4:]) == message
