@@ -24,6 +24,7 @@ import pytest
 from certkeeper import cli, protocol
 from certkeeper.core.config import Config, load, parse
 from certkeeper.core.errors import ConfigError, LocalError
+from certkeeper.keeper import status
 from certkeeper.keeper.service import LocalKeeper, Refusal
 from certkeeper.network import fleet, rotation
 from certkeeper.network.rotation import DomainState, DueReport
@@ -234,15 +235,29 @@ def test_a_host_joining_later_gets_the_active_key_and_is_waited_for(bind, make_h
     for host in (mx1, mx2):
         assert host.run(later)[0].errors == ()
     assert etcd_state(mx1).key(b.selector).state == "pending"  # mx3, seen 2 hours ago, has not got it yet
-    status = fleet.read_status(mx1.config)
-    assert status is not None and {h["host"] for h in status["hosts"]} == {"mx1.example.test", "mx2.example.test",
-                                                                          "mx3.example.test"}
+    seen = fleet.read_status(mx1.config)
+    assert seen is not None and {h["host"] for h in seen["hosts"]} == {"mx1.example.test", "mx2.example.test",
+                                                                      "mx3.example.test"}
     assert mx3.run(later)[0].errors == ()
     assert mx1.run(later)[0].errors == () and etcd_state(mx1).key(b.selector).state == "active"
     for host in (mx2, mx3):
         assert host.run(later)[0].errors == ()
     for host in (mx1, mx2, mx3):
         assert signs_and_verifies(bind, host, b.selector), host.name
+    # certkeeper status (read by the keeper from the worker's last snapshot): hosts, heartbeats, rotator, keys.
+    doc = status.collect(mx3.config, now=later + HOUR)
+    fleet_doc = doc["fleet"]
+    assert fleet_doc["leader"] == "mx3.example.test" and fleet_doc["host"] == "mx3.example.test"
+    rows = {h["host"]: h for h in fleet_doc["hosts"]}
+    assert sorted(rows) == ["mx1.example.test", "mx2.example.test", "mx3.example.test"]
+    assert all(r["live"] and r["signing"] == {"example.test": [b.selector]} for r in rows.values())
+    assert rows["mx3.example.test"]["last_heartbeat"] == later.isoformat().replace("+00:00", "Z")
+    assert set(rows["mx1.example.test"]["keys"]["example.test"]) == {a.selector, b.selector}
+    text = status.render_text(doc)
+    assert "Fleet (etcd; as of" in text and "rotator mx3.example.test" in text
+    assert f"mx3.example.test  {later:%Y-%m-%d %H:%M}  rotator  {b.selector}" in text, text
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "fleet" not in status.collect(Config(path=Path("certkeeper.toml"), state_dir=mx3.dir / "state"))
 
 
 def test_etcd_down_every_host_keeps_signing_and_nothing_changes(bind, make_host, etcd_cluster) -> None:  # noqa: F811

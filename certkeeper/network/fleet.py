@@ -45,7 +45,7 @@ import logging
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -666,9 +666,3 @@ def read_status(config: Config) -> dict[str, Any] | None:
         return None
     return data if isinstance(data, dict) else None
 
-
-def live(heartbeat: str, now: datetime, within: timedelta) -> bool:
-    try:
-        return now - datetime.fromisoformat(heartbeat) <= within
-    except (TypeError, ValueError):
-        return False
