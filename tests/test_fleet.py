@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import aetcd
 import pytest
+import trustme
 
 from certkeeper import cli, protocol
 from certkeeper.core.config import Config, load, parse
@@ -410,3 +411,30 @@ def test_seal_and_install_messages_round_trip_through_the_protocol() -> None:
     for message in (protocol.SealDkimKey("example.test", "s1", "ed25519"),
                     protocol.InstallDkimKey("example.test", "s1", "ed25519", "v1:AAAA"), protocol.SealedKey("v1:AAAA")):
         assert protocol.parse(protocol.render(message)[4:]) == message
+
+
+def test_tls_to_etcd_with_a_client_certificate(tmp_path: Path) -> None:
+    """[fleet] ca/cert/key: an etcd member that requires a client certificate of the fleet's CA."""
+    ca = trustme.CA()
+    server, client = ca.issue_cert("127.0.0.1"), ca.issue_cert("mx1.example.test")
+    files = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "server.pem", "key": tmp_path / "server.key",
+             "client_cert": tmp_path / "client.pem", "client_key": tmp_path / "client.key"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    server.private_key_pem.write_to_path(str(files["key"]))
+    client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
+    client.private_key_pem.write_to_path(str(files["client_key"]))
+    cluster = EtcdCluster(tmp_path / "etcd", members=("t1",), tls=files)
+    try:
+        cluster.start()
+        text = (f'[fleet]\n{cluster.toml("/tls")}host = "mx1.example.test"\nsecret_file = "/unused"\n'
+                f'ca = "{files["ca"]}"\ncert = "{files["client_cert"]}"\nkey = "{files["client_key"]}"\n')
+        with fleet.Etcd(parse(text).fleet) as etcd:
+            etcd.put(etcd.key("hello"), b"over TLS")
+            assert etcd.get(etcd.key("hello"))[0] == b"over TLS"
+            assert etcd.campaign("mx1.example.test") == "mx1.example.test"
+        without = parse(text.replace(f'cert = "{files["client_cert"]}"\nkey = "{files["client_key"]}"\n', "")).fleet
+        with pytest.raises(fleet.FleetError, match="etcd unreachable"):
+            fleet.Etcd(without)  # the member refuses a client without a certificate
+    finally:
+        cluster.stop()
