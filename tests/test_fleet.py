@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -16,14 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aetcd
 import pytest
 import trustme
 
 from certkeeper import cli, protocol
-from certkeeper.core.config import Config, load, parse
+from certkeeper.core.config import Config, FleetConfig, load, parse
 from certkeeper.core.errors import ConfigError, LocalError
 from certkeeper.keeper import status
 from certkeeper.keeper.service import LocalKeeper, Refusal
@@ -103,14 +103,10 @@ def make_host(bind, etcd_cluster: EtcdCluster, tmp_path: Path):  # noqa: F811 - 
 
 
 def etcd_state(host: Host) -> DomainState:
-    async def get() -> bytes:
-        port = urlsplit(host.config.fleet.endpoints[0]).port
-        async with aetcd.Client(host="127.0.0.1", port=port, timeout=5) as client:
-            got = await client.get(f"{host.config.fleet.prefix}/dkim/example.test/state".encode())
-            assert got is not None
-            return bytes(got.value)
-
-    return DomainState.from_json(json.loads(asyncio.run(get())))
+    with fleet.Etcd(host.config.fleet) as etcd:  # any member that answers
+        value, _ = etcd.get(etcd.key("dkim", "example.test", "state"))
+    assert value is not None
+    return DomainState.from_json(json.loads(value))
 
 
 def in_parallel(*calls: Callable[[], object]) -> list[object]:
@@ -285,31 +281,31 @@ def test_rotate_dkim_now_through_the_unprivileged_worker_on_two_hosts_at_once(bi
     """The CLI forks the real roles: the network worker (unprivileged, Landlock) talks to etcd and carries
     only ciphertext; each host's keeper seals or opens the key."""
     mx1, mx2 = make_host("mx1"), make_host("mx2")
+    now = datetime.now(UTC)
+    for _ in range(2):
+        for host in (mx1, mx2):  # the hourly job's DKIM part: both hosts have reported, a first key is active
+            assert host.run(now)[0].errors == ()
+    (a,) = etcd_state(mx1).keys
     outs = [io.StringIO(), io.StringIO()]
     codes = in_parallel(*[lambda h=h, o=o: cli.main(["rotate-dkim", "--now", "-c", str(h.config.path)], out=o)
                           for h, o in zip((mx1, mx2), outs, strict=True)])
     assert codes == [0, 0], [o.getvalue() for o in outs]
     text = "".join(o.getvalue() for o in outs)
-    assert text.count("new ed25519 key") == 1, text
-    now = datetime.now(UTC)
+    assert text.count("new ed25519 key") == 1 and "joined it" in text, text
     for _ in range(2):
-        for host in (mx1, mx2):  # the hourly job's DKIM part
+        for host in (mx1, mx2):
             assert host.run(now)[0].errors == ()
-    (key,) = etcd_state(mx1).keys
-    assert key.state == "active"
+    keys = {k.selector: k.state for k in etcd_state(mx1).keys}
+    (b,) = [s for s, state in keys.items() if state == "active"]
+    assert keys == {a.selector: "retiring", b: "active"}
     for host in (mx1, mx2):
-        assert signs_and_verifies(bind, host, key.selector), host.name
+        assert signs_and_verifies(bind, host, b), host.name
         assert not any("PRIVATE KEY" in v for v in etcd_values(host))  # only ciphertext in etcd
 
 
 def etcd_values(host: Host) -> list[str]:
-    async def get() -> list[str]:
-        port = urlsplit(host.config.fleet.endpoints[0]).port
-        async with aetcd.Client(host="127.0.0.1", port=port, timeout=5) as client:
-            return [bytes(kv.value).decode(errors="replace")
-                    for kv in await client.get_prefix(host.config.fleet.prefix.encode() + b"/")]
-
-    return asyncio.run(get())
+    with fleet.Etcd(host.config.fleet) as etcd:
+        return [value.decode(errors="replace") for _, value in etcd.get_prefix(etcd.key())]
 
 
 # -- configuration and the keeper's sealing (no etcd) ---------------------------------------------
@@ -438,3 +434,17 @@ def test_tls_to_etcd_with_a_client_certificate(tmp_path: Path) -> None:
             fleet.Etcd(without)  # the member refuses a client without a certificate
     finally:
         cluster.stop()
+
+
+def test_a_host_that_rotated_alone_brings_its_active_key_into_the_fleet(bind, make_host) -> None:
+    mx1, mx2 = make_host("mx1"), make_host("mx2")
+    alone = dataclasses.replace(mx1.config, fleet=FleetConfig())  # the same host before it had [fleet]
+    assert rotation.run_due(alone, T0, lambda _: None).errors == ()
+    (a,) = rotation.load_state(alone, "example.test").keys
+    assert a.state == "active" and signs_and_verifies(bind, mx1, a.selector)
+    lines = mx1.run(T0 + HOUR)[1]
+    assert any("are now the fleet's" in x for x in lines), lines
+    assert mx2.run(T0 + HOUR)[0].errors == ()
+    assert [(k.selector, k.state) for k in etcd_state(mx1).keys] == [(a.selector, "active")]
+    for host in (mx1, mx2):
+        assert signs_and_verifies(bind, host, a.selector), host.name

@@ -206,7 +206,8 @@ class Etcd:
     # -- the election ---------------------------------------------------------------
 
     def campaign(self, host: str) -> str:
-        """Become the rotator if nobody is; the rotator's name (this host's when it won)."""
+        """Become the rotator if nobody is; the rotator's name. ``leader`` says whether this run won (a key
+        still held by an earlier run of this host that died is not this run's: it waits for its lease too)."""
         ttl = self.fleet.lease_ttl
 
         async def run() -> str:
@@ -345,8 +346,10 @@ def sync(config: Config, etcd: Etcd, keeper: Keeper, now: datetime, progress: Pr
     signing = _load_signing(config)
     wanted: dict[str, list[rotation.KeyState]] = {}
     for item in config.dkim:
-        state, _ = load_domain(etcd, item.domain)
-        rotation.save_state(config, state)  # the local mirror: status and the scheduler read it
+        state, revision = load_domain(etcd, item.domain)
+        if revision == 0:
+            state = _adopt(config, etcd, item, keeper, progress)
+        rotation.save_state(config, state)  # the local mirror: status reads it
         held = _take_keys(etcd, item, state, keeper, progress)
         report.keys[item.domain] = held
         active = [k for k in state.keys if k.state == "active"]
@@ -372,6 +375,24 @@ def sync(config: Config, etcd: Etcd, keeper: Keeper, now: datetime, progress: Pr
     report.signing = {i.domain: signing.get(i.domain, []) for i in config.dkim}
     etcd.put(etcd.key("hosts", report.host), json.dumps(report.to_json(), sort_keys=True).encode())
     return report
+
+
+def _adopt(config: Config, etcd: Etcd, item: DkimConfig, keeper: Keeper, progress: Progress) -> DomainState:
+    """The fleet has no state for the domain yet: a host that rotated on its own until now brings its keys
+    (sealed) and its state, so that its active key becomes the fleet's; the first host to do so wins."""
+    local = rotation.load_state(config, item.domain)
+    if not local.keys:
+        return local
+    for key in local.keys:
+        if key.record and key.state in ("pending", "active", "retiring") and \
+                key.selector in keeper.dkim_selectors(item.domain):
+            sealed = keeper.seal_dkim_key(item.domain, key.selector, key.algorithm)
+            etcd.put_if_absent(etcd.key("dkim", item.domain, "keys", key.selector), sealed.encode())
+    data = json.dumps(local.to_json(), sort_keys=True).encode()
+    if etcd.swap(etcd.key("dkim", item.domain, "state"), data, 0, as_leader=False) is not None:
+        progress(f"{item.domain}: this host's DKIM keys and rotation state are now the fleet's")
+        return local
+    return load_domain(etcd, item.domain)[0]
 
 
 def _take_keys(etcd: Etcd, item: DkimConfig, state: DomainState, keeper: Keeper, progress: Progress) -> list[str]:
@@ -478,13 +499,14 @@ def rotate_domain(config: Config, item: DkimConfig, etcd: Etcd, keeper: Keeper, 
 
 def _gate(fleet: _Fleet, state: DomainState, action: Action) -> str:
     """Why ``action`` must wait for other hosts ("" when it need not)."""
-    live = [r for r in fleet.reports.values() if fleet.run.now - r.heartbeat <= fleet.run.config.fleet.live_within]
     domain = state.domain
+    keeping = [r for r in fleet.reports.values() if domain in r.keys]  # hosts with a [[dkim]] table for it
+    live = [r for r in keeping if fleet.run.now - r.heartbeat <= fleet.run.config.fleet.live_within]
     if action.kind == "activate":
         lacking = sorted(r.host for r in live if action.selector not in r.keys.get(domain, []))
         return f"{', '.join(lacking)} not yet holding the key" if lacking else ""
     if action.kind == "revoke":
-        recent = [r for r in fleet.reports.values() if fleet.run.now - r.heartbeat <= fleet.run.item.retire_after]
+        recent = [r for r in keeping if fleet.run.now - r.heartbeat <= fleet.run.item.retire_after]
         still = sorted(r.host for r in recent if action.selector in r.signing.get(domain, []))
         return f"{', '.join(still)} still signing with it" if still else ""
     return ""
@@ -588,7 +610,7 @@ def run_due(config: Config, now: datetime, progress: Progress, keeper: Keeper) -
         with Etcd(config.fleet) as etcd:
             me = sync(config, etcd, keeper, now, progress)
             leader = etcd.campaign(config.fleet.host)
-            if leader != config.fleet.host:
+            if not etcd.leader:
                 log.info("fleet: %s is the rotator", leader)
             else:
                 for item in config.dkim:
@@ -633,7 +655,7 @@ def rotate_now(config: Config, item: DkimConfig, now: datetime, emergency: bool,
             raise FleetError(f"fleet: dkim {item.domain}: the state kept changing; try again")
         me = sync(config, etcd, keeper, now, progress)
         leader = etcd.campaign(config.fleet.host)
-        if leader == config.fleet.host:
+        if etcd.leader:
             rotate_domain(config, item, etcd, keeper, now, progress, me)
             sync(config, etcd, keeper, now, progress)
         else:
