@@ -56,6 +56,7 @@ from certkeeper.core.errors import CertkeeperError, LocalError
 from certkeeper.core.files import write_atomic
 from certkeeper.keeper import signers
 from certkeeper.network import rotation
+from certkeeper.network.dns import RecordSet
 from certkeeper.network.dns.propagation import visible_everywhere, wait_until_absent, wait_until_visible
 from certkeeper.network.keeper_client import Keeper
 from certkeeper.network.rotation import Action, DomainState, DueReport, Progress
@@ -366,6 +367,13 @@ def sync(config: Config, etcd: Etcd, keeper: Keeper, now: datetime, progress: Pr
         chosen = {i.domain: sorted(k.selector for k in wanted[i.domain]) for i in group}
         if all(signing.get(d) == s for d, s in chosen.items()):
             continue
+        unseen = [k.selector for i in group for k in wanted[i.domain]
+                  if k.selector not in signing.get(i.domain, []) and not visible_everywhere(
+                      config, RecordSet(dkim.record_name(k.selector, i.domain), "TXT", (k.record,), config.dns.ttl))]
+        if unseen:  # verified as on one host: never sign with a key some authoritative server does not answer
+            progress(f"{group[0].domain}: selector {', '.join(unseen)} is not answered by every authoritative "
+                     "server yet; the signer keeps its keys")
+            continue
         keys = [(i.domain, k.selector, k.algorithm) for i in group for k in wanted[i.domain]]
         keeper.switch_signer(group[0].domain, keys, progress)
         signing.update(chosen)
@@ -400,7 +408,14 @@ def _take_keys(etcd: Etcd, item: DkimConfig, state: DomainState, keeper: Keeper,
     for key in state.keys:
         if not key.record or key.state not in ("pending", "active", "retiring"):
             continue
-        record, _ = keeper.dkim_key(item.domain, key.selector, key.algorithm, create=False)
+        if key.algorithm not in item.algorithms:  # the keeper would refuse it: this host's config differs
+            log.error("fleet: dkim %s: the fleet's selector %s is %s, not in this host's algorithms",
+                      item.domain, key.selector, key.algorithm)
+            continue
+        try:
+            record, _ = keeper.dkim_key(item.domain, key.selector, key.algorithm, create=False)
+        except LocalError:
+            record = ""  # an unusable file under that name: the fleet's key replaces it
         if record != key.record:
             sealed, _ = etcd.get(etcd.key("dkim", item.domain, "keys", key.selector))
             if sealed is None:
