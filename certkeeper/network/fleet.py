@@ -272,8 +272,11 @@ def _client(fleet: FleetConfig, endpoint: str) -> Any:
                 return
             from aetcd import rpc, watcher
 
-            self.channel = (rpc.secure_channel(target, credentials) if credentials is not None
-                            else rpc.insecure_channel(target))
+            # A subchannel pool of its own: a member that was down a moment ago is tried again at once,
+            # not after the backoff another channel of this process left on the shared subchannel.
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            self.channel = (rpc.secure_channel(target, credentials, options=options) if credentials is not None
+                            else rpc.insecure_channel(target, options=options))
             if fleet.username:
                 self.auth_stub = rpc.AuthStub(self.channel)
                 reply = await self.auth_stub.Authenticate(
