@@ -85,6 +85,11 @@ def job_publish(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tup
 
     line = _liner(keeper)
     domains = tuple(args["domains"]) if args.get("domains") else None
+    if config.fleet.enabled:  # several MX hosts: an id only for a policy every live host serves
+        from certkeeper.network import fleet
+
+        agreed = fleet.agreed_policies(config, line, datetime.now(UTC))
+        domains = tuple(d for d in (domains if domains is not None else agreed) if d in agreed)
     outcomes: list[mtasts_publish.Outcome] = []
     if args.get("cli"):
         outcomes = mtasts_publish.publish_all(config, line, domains=domains, keeper=keeper)
@@ -96,7 +101,8 @@ def job_publish(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tup
         if any(o.status == "failed" for o in outcomes):
             return 1, None
         return (0 if any(o.changed for o in outcomes) else 2), None
-    _guard("MTA-STS publishing", lambda: outcomes.extend(mtasts_publish.publish_all(config, line, keeper=keeper)))
+    _guard("MTA-STS publishing", lambda: outcomes.extend(mtasts_publish.publish_all(config, line, domains=domains,
+                                                                                   keeper=keeper)))
     times = [t for t in (mtasts_state.next_due(config),) if t is not None]
     if not outcomes and (config.mta_sts or config.tlsrpt.rua) or any(o.status == "failed" for o in outcomes):
         times.append(datetime.now(UTC) + PUBLISH_RETRY)  # a DNS server or the policy fetch failed: try again

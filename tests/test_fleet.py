@@ -449,3 +449,31 @@ def test_a_host_that_rotated_alone_brings_its_active_key_into_the_fleet(bind, ma
     assert [(k.selector, k.state) for k in etcd_state(mx1).keys] == [(a.selector, "active")]
     for host in (mx1, mx2):
         assert signs_and_verifies(bind, host, a.selector), host.name
+
+
+def mta_sts_host(make_host, name: str, mx: list[str]) -> Host:
+    listed = ", ".join(f'"{m}"' for m in mx)
+    return make_host(name, extra=f'[[certificate]]\nname = "mta-sts.example.test"\ndomains = ["mta-sts.example.test"]\n'
+                                 f'cert = "/c.pem"\nkey = "/k.pem"\n[[mta_sts]]\ndomain = "example.test"\n'
+                                 f'mode = "enforce"\nmx = [{listed}]\n[tlsrpt]\nrua = ["mailto:tlsrpt@example.test"]\n')
+
+
+def test_an_mta_sts_id_is_published_only_for_a_policy_every_live_host_serves(make_host) -> None:
+    """Half-way through a config roll-out the hosts serve different policies: neither id is published, and the
+    TLSRPT record of that domain waits with it; once both serve the same policy, both may publish its id."""
+    mx1 = mta_sts_host(make_host, "mx1", ["mx1.example.test", "mx2.example.test"])
+    mx2 = mta_sts_host(make_host, "mx2", ["mx1.example.test"])
+    assert fleet.agreed_policies(mx1.config, lambda _: None, T0) == ("example.test",)  # nobody else seen yet
+    lines: list[str] = []
+    assert fleet.agreed_policies(mx2.config, lines.append, T0) == ()
+    (line,) = lines
+    assert line.startswith("_mta-sts.example.test: not published: this host serves id=")
+    assert "mx1.example.test serves id=" in line and "make [[mta_sts]] the same on every host" in line
+    assert fleet.agreed_policies(mx1.config, lambda _: None, T0) == ()
+    # mx2 gets the same [[mta_sts]] as mx1 (a new host name: its own state, same config).
+    mx2b = mta_sts_host(make_host, "mx2b", ["mx1.example.test", "mx2.example.test"])
+    mx2b = Host(mx2b.name, mx2b.dir, dataclasses.replace(mx2b.config, fleet=mx2.config.fleet))
+    assert fleet.agreed_policies(mx2b.config, lambda _: None, T0) == ("example.test",)
+    assert fleet.agreed_policies(mx1.config, lambda _: None, T0) == ("example.test",)
+    # A host not seen within live_within does not hold anyone back.
+    assert fleet.agreed_policies(mx2.config, lambda _: None, T0 + 2 * DAY) == ("example.test",)

@@ -682,6 +682,49 @@ def rotate_now(config: Config, item: DkimConfig, now: datetime, emergency: bool,
 
 
 # ---------------------------------------------------------------------------
+# One MTA-STS policy: an id is published only when every live host serves that policy.
+
+
+def agreed_policies(config: Config, progress: Progress, now: datetime) -> tuple[str, ...]:
+    """The MTA-STS and TLSRPT domains this host may publish for: each host writes the ids of the policies it
+    serves to ``PREFIX/mta-sts/HOST``; a domain whose policy another live host serves differently (a config
+    rolled out to some hosts only) is held back, so senders never see an id flip between hosts' policies.
+    None while etcd cannot be reached: the records stay as they are."""
+    from certkeeper.core import mtasts_state
+    from certkeeper.core.mtasts import Policy
+    from certkeeper.network.mtasts_publish import tlsrpt_domains
+
+    host = config.fleet.host
+    ids: dict[str, str | None] = {d: None for d in mtasts_state.known_domains(config)}  # withdrawn here
+    ids.update({m.domain: Policy.from_config(m).policy_id() for m in config.mta_sts})
+    try:
+        with Etcd(config.fleet) as etcd:
+            mine = {"host": host, "at": now.isoformat(), "ids": ids}
+            etcd.put(etcd.key("mta-sts", host), json.dumps(mine, sort_keys=True).encode())
+            others = []
+            for _, value in etcd.get_prefix(etcd.key("mta-sts")):
+                try:
+                    other = json.loads(value)
+                    if other["host"] != host and now - datetime.fromisoformat(other["at"]) \
+                            <= config.fleet.live_within:
+                        others.append(other)
+                except (ValueError, KeyError, TypeError):
+                    continue
+    except FleetError as exc:
+        progress(f"fleet: {exc}; MTA-STS and TLSRPT records are left as they are until etcd is back")
+        return ()
+    held: set[str] = set()
+    for domain, policy_id in sorted(ids.items()):
+        differ = sorted(f"{o['host']} serves id={o['ids'][domain] or 'none'}" for o in others
+                        if isinstance(o.get("ids"), dict) and domain in o["ids"] and o["ids"][domain] != policy_id)
+        if differ:  # its TLSRPT record waits with it
+            progress(f"_mta-sts.{domain}: not published: this host serves id={policy_id or 'none'}, "
+                     f"{'; '.join(differ)}; make [[mta_sts]] the same on every host")
+            held.add(domain)
+    return tuple(d for d in sorted(set(ids) | set(tlsrpt_domains(config))) if d not in held)
+
+
+# ---------------------------------------------------------------------------
 # The snapshot ``certkeeper status`` shows.
 
 
