@@ -477,3 +477,20 @@ def test_an_mta_sts_id_is_published_only_for_a_policy_every_live_host_serves(mak
     assert fleet.agreed_policies(mx1.config, lambda _: None, T0) == ("example.test",)
     # A host not seen within live_within does not hold anyone back.
     assert fleet.agreed_policies(mx2.config, lambda _: None, T0 + 2 * DAY) == ("example.test",)
+
+
+def test_the_worker_is_handed_the_etcd_client_files_but_never_the_fleet_secret(tmp_path: Path) -> None:
+    from certkeeper.privsep import handed_secrets
+
+    files = {name: tmp_path / name for name in ("ca.pem", "client.pem", "client.key", "password", "fleet.key")}
+    for name, path in files.items():
+        path.write_text(f"content of {name}\n")
+        path.chmod(0o600)
+    text = (f'state_dir = "{tmp_path / "state"}"\n[acme]\naccount_key = "{tmp_path / "account.key"}"\n'
+            f'[fleet]\nbackend = "etcd"\nendpoints = ["https://127.0.0.1:2379"]\nhost = "mx1.example.test"\n'
+            f'ca = "{files["ca.pem"]}"\ncert = "{files["client.pem"]}"\nkey = "{files["client.key"]}"\n'
+            f'username = "mx1"\npassword_file = "{files["password"]}"\nsecret_file = "{files["fleet.key"]}"\n')
+    handed = handed_secrets(parse(text))
+    for name in ("ca.pem", "client.pem", "client.key", "password"):
+        assert handed[str(files[name])] == f"content of {name}\n".encode()
+    assert str(files["fleet.key"]) not in handed
