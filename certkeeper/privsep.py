@@ -187,15 +187,18 @@ def handed_secrets(config: Config) -> dict[str, bytes]:
     """What the worker's user must not read from disk but needs: path → content.
 
     The ACME account key (made here if missing), the EAB HMAC key and the TSIG
-    secret when configured. A file that cannot be read is left out: the worker
+    secret when configured, and [fleet]'s etcd client files and password (never
+    its secret_file, which only the keeper reads). A file that cannot be read is left out: the worker
     then reports it as it would have (one line naming the file)."""
     files: dict[str, bytes] = {str(config.acme.account_key): account_key(config)}
-    for path in (config.acme.eab_hmac_key_file, config.dns.tsig_secret_file):
+    fleet = config.fleet  # [fleet]: the etcd client's TLS files and password (never secret_file: keeper only)
+    for path in (config.acme.eab_hmac_key_file, config.dns.tsig_secret_file, fleet.ca, fleet.cert, fleet.key,
+                 fleet.password_file):
         if path is None:
             continue
         try:
             files[str(path)] = path.read_bytes()
-            if path.stat().st_mode & 0o077:
+            if path.stat().st_mode & 0o077 and path not in (fleet.ca, fleet.cert):  # those two are public
                 log.warning("%s: readable by others (mode %04o); use 0600", path, path.stat().st_mode & 0o777)
         except OSError as exc:
             log.debug("%s: not handed over: %s", path, exc)

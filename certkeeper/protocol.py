@@ -172,6 +172,25 @@ class DisposeDkimKey:
 
 @message
 @dataclass(frozen=True)
+class SealDkimKey:
+    """[fleet]: the selector's private key, sealed with secret_file (answered by SealedKey)."""
+    domain: str
+    selector: str
+    algorithm: str
+
+
+@message
+@dataclass(frozen=True)
+class InstallDkimKey:
+    """[fleet]: open a sealed key and write it as the selector's key file (answered by DkimRecord)."""
+    domain: str
+    selector: str
+    algorithm: str
+    sealed: str
+
+
+@message
+@dataclass(frozen=True)
 class ZonePublish:
     name: str
     rtype: str
@@ -291,6 +310,12 @@ class DkimRecord:
 @dataclass(frozen=True)
 class DkimAlgorithm:
     algorithm: str  # "" when no private key matches
+
+
+@message
+@dataclass(frozen=True)
+class SealedKey:
+    sealed: str  # "v1:" + base64 AEAD ciphertext (certkeeper.keeper.sealing)
 
 
 @message

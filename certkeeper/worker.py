@@ -85,6 +85,11 @@ def job_publish(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tup
 
     line = _liner(keeper)
     domains = tuple(args["domains"]) if args.get("domains") else None
+    if config.fleet.enabled:  # several MX hosts: an id only for a policy every live host serves
+        from certkeeper.network import fleet
+
+        agreed = fleet.agreed_policies(config, line, datetime.now(UTC))
+        domains = tuple(d for d in (domains if domains is not None else agreed) if d in agreed)
     outcomes: list[mtasts_publish.Outcome] = []
     if args.get("cli"):
         outcomes = mtasts_publish.publish_all(config, line, domains=domains, keeper=keeper)
@@ -96,7 +101,8 @@ def job_publish(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tup
         if any(o.status == "failed" for o in outcomes):
             return 1, None
         return (0 if any(o.changed for o in outcomes) else 2), None
-    _guard("MTA-STS publishing", lambda: outcomes.extend(mtasts_publish.publish_all(config, line, keeper=keeper)))
+    _guard("MTA-STS publishing", lambda: outcomes.extend(mtasts_publish.publish_all(config, line, domains=domains,
+                                                                                   keeper=keeper)))
     times = [t for t in (mtasts_state.next_due(config),) if t is not None]
     if not outcomes and (config.mta_sts or config.tlsrpt.rua) or any(o.status == "failed" for o in outcomes):
         times.append(datetime.now(UTC) + PUBLISH_RETRY)  # a DNS server or the policy fetch failed: try again
@@ -108,7 +114,11 @@ def job_hourly(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tupl
     from certkeeper.network import rotation
     from certkeeper.network.alerts import Alerter
 
-    if config.dkim:
+    if config.dkim and config.fleet.enabled:  # several MX hosts: the rotation is coordinated through etcd
+        from certkeeper.network import fleet
+
+        _guard("DKIM rotation", lambda: fleet.run_due(config, datetime.now(UTC), _liner(keeper), keeper))
+    elif config.dkim:
         _guard("DKIM rotation", lambda: rotation.run_due(config, datetime.now(UTC), _liner(keeper), keeper))
     _guard("expiry check", lambda: Alerter(config, keeper=keeper).check_expiry())
     return 0, None
@@ -123,7 +133,12 @@ def job_rotate(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tupl
     now = datetime.now(UTC)
     for item in rotation.selected_items(config, args.get("domain")):
         try:
-            rotation.rotate_now(config, item, now, bool(args.get("now")), line, keeper)
+            if config.fleet.enabled:
+                from certkeeper.network import fleet
+
+                fleet.rotate_now(config, item, now, bool(args.get("now")), line, keeper)
+            else:
+                rotation.rotate_now(config, item, now, bool(args.get("now")), line, keeper)
         except CertkeeperError as exc:
             line(f"certkeeper: {item.domain}: {exc}")
             failed = True

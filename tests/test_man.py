@@ -33,9 +33,10 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "DKIM TABLES": ('[[dkim]]\ndomain = "example.com"\nbogus_key = 1\n', config.DkimConfig),
     "ALERTS SECTION": ("[alerts]\nbogus_key = 1\n", config.AlertsConfig),
     "METRICS SECTION": ("[metrics]\nbogus_key = 1\n", config.MetricsConfig),
+    "FLEET SECTION": ('[fleet]\nbackend = "etcd"\nbogus_key = 1\n', config.FleetConfig),
 }
 SUB_TABLES = {"acme", "http", "certificate", "hooks", "mta_sts", "dns", "tlsrpt", "dmarc", "records", "dkim",
-              "alerts", "metrics"}
+              "alerts", "metrics", "fleet"}
 
 
 def read(page: str) -> str:

@@ -20,10 +20,11 @@ import re
 import sys
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from certkeeper.core.errors import ConfigError
 
@@ -234,6 +235,27 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """[fleet]: several MX hosts coordinated through etcd (certkeeper.network.fleet). Off when backend is ""."""
+    backend: str = ""  # "etcd"
+    endpoints: tuple[str, ...] = ()
+    prefix: str = "/certkeeper"
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    username: str = ""
+    password_file: Path | None = None
+    host: str = ""  # this host's name; default the first [[certificate]]'s name
+    secret_file: Path | None = None  # the fleet's shared key: seals DKIM private keys in etcd
+    lease_ttl: int = 15  # seconds: the rotator's lease; another host takes over this soon after it dies
+    live_within: timedelta = timedelta(hours=3)  # a host whose heartbeat is older is not waited for
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.backend)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     state_dir: Path = Path("/var/db/certkeeper")
@@ -254,6 +276,7 @@ class Config:
     dkim: tuple[DkimConfig, ...] = ()
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
     def certificate(self, name: str) -> CertificateConfig:
         for cert in self.certificates:
@@ -494,7 +517,7 @@ class _Reader:
     def config(self, data: dict[str, Any]) -> Config | None:
         top = {
             "state_dir", "control_socket", "pid_file", "user", "group", "acme", "http", "certificate", "hooks",
-            "mta_sts", "dns", "tlsrpt", "dmarc", "records", "dkim", "alerts", "metrics",
+            "mta_sts", "dns", "tlsrpt", "dmarc", "records", "dkim", "alerts", "metrics", "fleet",
         }
         self.table(data, "", top)
         state_dir = self.required_path(data, "", "state_dir", Config.state_dir)
@@ -514,11 +537,13 @@ class _Reader:
         dkim = tuple(self.dkim_list(data))
         alerts = self.alerts(self.section(data, "alerts"))
         metrics = self.metrics(self.section(data, "metrics"))
+        fleet = self.fleet(self.section(data, "fleet"), certificates) if "fleet" in data else FleetConfig()
         self.cross_check(certificates, hooks, dkim)
         return Config(
             path=Path(self.filename), state_dir=state_dir, control_socket=control_socket, pid_file=pid_file,
             user=user, group=group, acme=acme, http=http, certificates=certificates, hooks=hooks, mta_sts=mta_sts,
             dns=dns, tlsrpt=tlsrpt, dmarc=dmarc, records=records, dkim=dkim, alerts=alerts, metrics=metrics,
+            fleet=fleet,
         )
 
     def account_name(self, data: dict[str, Any], key: str, default: str) -> str:
@@ -908,6 +933,51 @@ class _Reader:
             self.address(f"{w}.listen", listen)
         return MetricsConfig(listen=listen)
 
+    def fleet(self, data: dict[str, Any], certificates: tuple[CertificateConfig, ...]) -> FleetConfig:
+        w = "fleet"
+        self.table(data, w, {"backend", "endpoints", "prefix", "ca", "cert", "key", "username", "password_file",
+                             "host", "secret_file", "lease_ttl", "live_within"})
+        backend = self.choice(data, w, "backend", ("etcd",), "etcd")
+        if "backend" not in data:
+            self.error(f"{w}.backend", 'is required ("etcd")')
+        endpoints = self.strings(data, w, "endpoints")
+        if not endpoints:
+            self.error(f"{w}.endpoints", 'is required: the etcd client URLs, e.g. ["https://10.0.0.1:2379"]')
+        for i, url in enumerate(endpoints):
+            problem = endpoint_problem(url)
+            if problem:
+                self.error(f"{w}.endpoints[{i + 1}]", f"{url!r} {problem}")
+        prefix = self.string(data, w, "prefix", FleetConfig.prefix)
+        if not re.fullmatch(r"/[A-Za-z0-9._/-]*", prefix) or "//" in prefix:
+            self.error(f"{w}.prefix", f"{prefix!r} is not a key prefix like \"/certkeeper\"")
+        config = FleetConfig(
+            backend=backend, endpoints=endpoints, prefix=prefix.rstrip("/") or "/",
+            ca=self.path(data, w, "ca", None), cert=self.path(data, w, "cert", None),
+            key=self.path(data, w, "key", None), username=self.string(data, w, "username"),
+            password_file=self.path(data, w, "password_file", None),
+            host=self.string(data, w, "host"), secret_file=self.path(data, w, "secret_file", None),
+            lease_ttl=self.integer(data, w, "lease_ttl", FleetConfig.lease_ttl, 2, 3600),
+            live_within=self.duration(data, w, "live_within", FleetConfig.live_within),
+        )
+        if (config.cert is None) != (config.key is None):
+            self.error(f"{w}.{'key' if config.key is None else 'cert'}", "is required with "
+                       f"{'cert' if config.key is None else 'key'} (a client certificate and its key)")
+        if (config.ca or config.cert) and any(e.startswith("http://") for e in endpoints):
+            self.error(f"{w}.endpoints", "use https:// URLs with ca/cert/key (TLS to etcd)")
+        if bool(config.username) != (config.password_file is not None):
+            self.error(f"{w}.{'password_file' if config.username else 'username'}",
+                       "is required with " + ("username" if config.username else "password_file"))
+        if config.secret_file is None:
+            self.error(f"{w}.secret_file", "is required: the fleet's shared key (32 random bytes or more, 0600)")
+        if config.host:
+            host = self.domain(f"{w}.host", config.host)
+            config = replace(config, host=host or "")
+        elif certificates:
+            config = replace(config, host=certificates[0].name.lower().rstrip("."))
+        else:
+            self.error(f"{w}.host", "is required when there is no [[certificate]] (this host's name)")
+        return config
+
     def cross_check(self, certificates: tuple[CertificateConfig, ...], hooks: dict[str, HookConfig],
                     dkim: tuple[DkimConfig, ...]) -> None:
         for i, cert in enumerate(certificates):
@@ -959,6 +1029,28 @@ def domain_problem(value: str, wildcard: bool = False) -> str:
     for label in labels:
         if not _LABEL.match(label):
             return f"has an invalid label {label!r}"
+    return ""
+
+
+def endpoint_problem(url: str) -> str:
+    """An etcd client URL: https://HOST:PORT, or http:// on a loopback address only."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username:
+        return "is not an etcd client URL like https://10.0.0.1:2379"
+    try:
+        port = parts.port
+    except ValueError:
+        return "has a bad port"
+    if port is None:
+        return "needs a port (etcd listens on 2379)"
+    if parts.scheme == "http":
+        try:
+            loopback = ipaddress.ip_address(parts.hostname).is_loopback
+        except ValueError:
+            loopback = parts.hostname == "localhost"
+        if not loopback:
+            return "is plain http: use https:// (http:// only for a cluster on loopback)"
     return ""
 
 

@@ -282,6 +282,55 @@ class LocalKeeper:
             fsync_dir(path.parent)
             progress(f"{domain}: deleted {path}")
 
+    # -- the fleet's shared DKIM keys ([fleet]) ---------------------------------------------
+
+    def seal_dkim_key(self, domain: str, selector: str, algorithm: str) -> str:
+        """The selector's private key sealed with ``[fleet] secret_file`` (for etcd), never in clear."""
+        from certkeeper.keeper import sealing
+
+        item = self.dkim_item(domain)
+        if not self.config.fleet.enabled or self.config.fleet.secret_file is None:
+            raise Refusal("dkim: no [fleet] table: keys are not shared")
+        if algorithm not in item.algorithms:
+            raise Refusal(f"dkim {domain}: {algorithm!r} is not in algorithms")
+        private = existing_dkim_key(self.dkim_key_path(domain, selector), algorithm)
+        if private is None:
+            raise Refusal(f"dkim {domain}: no key file for selector {selector!r}")
+        key = sealing.fleet_key(self.config.fleet.secret_file)
+        return sealing.seal(key, domain, selector, algorithm, dkim.private_key_file(private))
+
+    def install_dkim_key(self, domain: str, selector: str, algorithm: str, sealed: str) -> tuple[str, bool]:
+        """Open a key the fleet sealed for this selector and write it to key_dir (owner, mode, the signer's form).
+
+        Returns (record, written); an identical key file already there is left alone."""
+        from certkeeper.keeper import sealing
+
+        item = self.dkim_item(domain)
+        if not self.config.fleet.enabled or self.config.fleet.secret_file is None:
+            raise Refusal("dkim: no [fleet] table: keys are not shared")
+        if algorithm not in item.algorithms:
+            raise Refusal(f"dkim {domain}: {algorithm!r} is not in algorithms")
+        path = self.dkim_key_path(domain, selector)
+        key = sealing.fleet_key(self.config.fleet.secret_file)
+        try:
+            private = dkim.load_private_key(sealing.open_sealed(key, domain, selector, algorithm, sealed))
+        except ValueError as exc:
+            raise Refusal(f"dkim {domain}: the sealed key of selector {selector} is not a DKIM key ({exc})") from None
+        if dkim.algorithm_of(private) != algorithm:
+            raise Refusal(f"dkim {domain}: the sealed key of selector {selector} is not {algorithm}")
+        record = dkim.key_record_for(private).render()
+        try:
+            present = existing_dkim_key(path, algorithm)
+        except LocalError:
+            present = None  # unusable: replaced below
+        if present is not None and dkim.key_record_for(present).render() == record:
+            return record, False
+        uid, gid = dkim_owner(item)
+        write_atomic(path, dkim.private_key_file(private, raw_ed25519=signers.raw_ed25519(item.signer)),
+                     item.key_mode, uid, gid)
+        log.info("dkim %s: installed the fleet's key of selector %s as %s", domain, selector, path)
+        return record, True
+
     # -- the zone file -------------------------------------------------------------------
 
     def zone_publish(self, name: str, rtype: str, ttl: int, values: Sequence[str]) -> None:
@@ -420,6 +469,11 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
         case p.DisposeDkimKey(domain=domain, selector=selector, algorithm=algorithm):
             keeper.dispose_dkim_key(domain, selector, algorithm, emit)
             return p.Ok()
+        case p.SealDkimKey(domain=domain, selector=selector, algorithm=algorithm):
+            return p.SealedKey(keeper.seal_dkim_key(domain, selector, algorithm))
+        case p.InstallDkimKey(domain=domain, selector=selector, algorithm=algorithm, sealed=sealed):
+            record, written = keeper.install_dkim_key(domain, selector, algorithm, sealed)
+            return p.DkimRecord(record, written)
         case p.ZonePublish(name=name, rtype=rtype, ttl=ttl, values=values):
             keeper.zone_publish(name, rtype, ttl, values)
             return p.Ok()

@@ -76,6 +76,7 @@ def collect(config: Config, names: list[str] | None = None, now: datetime | None
         "certificates": [certificate_status(config, store, cert, now) for cert in select(config, names)],
         "dkim": dkim_rows(config),
         "mta_sts": mta_sts_rows(config),
+        **({"fleet": fleet_status(config, now)} if config.fleet.enabled else {}),
     }
 
 
@@ -207,6 +208,48 @@ def mta_sts_rows(config: Config) -> list[dict[str, Any]]:
     return rows
 
 
+FLEET_FILE = "fleet/status.json"  # written by the network worker after each [fleet] run (network.fleet)
+
+
+def fleet_status(config: Config, now: datetime) -> dict[str, Any]:
+    """[fleet]: the fleet as this host last saw it in etcd (the keeper never talks to etcd): the rotator,
+    every host with its last heartbeat, whether it counts as live, the DKIM keys it holds and signs with."""
+    import json
+
+    try:
+        data = json.loads((config.state_dir / FLEET_FILE).read_text())
+        hosts = [h for h in data.get("hosts", []) if isinstance(h, dict)]
+    except (OSError, ValueError, AttributeError):
+        return {"host": config.fleet.host, "as_of": None, "leader": None, "hosts": []}
+    rows = []
+    for h in hosts:
+        beat = _parse_time(h.get("heartbeat"))
+        rows.append({"host": str(h.get("host")), "last_heartbeat": _iso(beat),
+                     "live": beat is not None and now - beat <= config.fleet.live_within,
+                     "keys": h.get("keys", {}), "signing": h.get("signing", {})})
+    return {"host": config.fleet.host, "as_of": _iso(_parse_time(data.get("at"))), "leader": data.get("leader"),
+            "hosts": rows}
+
+
+def _fleet_lines(fleet: dict[str, Any]) -> list[str]:
+    title = (f"Fleet (etcd; as of {str(fleet['as_of'])[:16].replace('T', ' ')}, rotator {fleet['leader'] or '-'})"
+             if fleet["as_of"] else "Fleet (etcd; not reached yet)")
+    if not fleet["hosts"]:
+        return [title, "  no host seen"]
+    domains = {d for h in fleet["hosts"] for part in ("keys", "signing") for d in h[part]}
+
+    def keys(by_domain: dict[str, list[str]]) -> str:  # the domain is named only when there are several
+        return " ".join((f"{d}:" if len(domains) > 1 else "") + ",".join(s)
+                        for d, s in sorted(by_domain.items()) if s) or "-"
+
+    rows = []
+    for h in fleet["hosts"]:
+        role = "rotator" if h["host"] == fleet["leader"] else "" if h["live"] else "gone"
+        rows.append([h["host"], str(h["last_heartbeat"] or "-")[:16].replace("T", " "), role or "-",
+                     keys(h["signing"]), keys(h["keys"])])
+    return table(title, ["HOST", "LAST HEARTBEAT", "ROLE", "SIGNS WITH", "HAS KEYS"], rows)
+
+
 def _parse_time(value: Any) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
@@ -309,6 +352,8 @@ def render_text(doc: dict[str, Any]) -> str:
     lines = _certificate_lines(doc["certificates"])
     lines += [""] + _generic_lines("DKIM selectors", DKIM_COLUMNS, doc["dkim"])
     lines += [""] + _generic_lines("MTA-STS domains", MTA_STS_COLUMNS, doc["mta_sts"])
+    if "fleet" in doc:
+        lines += [""] + _fleet_lines(doc["fleet"])
     return "\n".join(lines) + "\n"
 
 

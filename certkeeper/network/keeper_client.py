@@ -48,6 +48,8 @@ class Keeper(Protocol):
     def adopt_dkim_key(self, domain: str, selector: str, record: str, progress: Callable[[str], None]) -> str: ...
     def dispose_dkim_key(self, domain: str, selector: str, algorithm: str,
                          progress: Callable[[str], None]) -> None: ...
+    def seal_dkim_key(self, domain: str, selector: str, algorithm: str) -> str: ...
+    def install_dkim_key(self, domain: str, selector: str, algorithm: str, sealed: str) -> tuple[str, bool]: ...
     def zone_publish(self, name: str, rtype: str, ttl: int, values: Sequence[str]) -> None: ...
     def zone_remove(self, name: str, rtype: str) -> None: ...
 
@@ -118,6 +120,13 @@ class PipeKeeper:
     def dispose_dkim_key(self, domain: str, selector: str, algorithm: str,
                          progress: Callable[[str], None]) -> None:
         self.call(protocol.DisposeDkimKey(domain, selector, algorithm), protocol.Ok)
+
+    def seal_dkim_key(self, domain: str, selector: str, algorithm: str) -> str:
+        return self.call(protocol.SealDkimKey(domain, selector, algorithm), protocol.SealedKey).sealed
+
+    def install_dkim_key(self, domain: str, selector: str, algorithm: str, sealed: str) -> tuple[str, bool]:
+        got = self.call(protocol.InstallDkimKey(domain, selector, algorithm, sealed), protocol.DkimRecord)
+        return got.record, got.created
 
     def zone_publish(self, name: str, rtype: str, ttl: int, values: Sequence[str]) -> None:
         self.call(protocol.ZonePublish(name, rtype, ttl, tuple(values)), protocol.Ok)
