@@ -126,6 +126,20 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except KeyboardInterrupt:
         print("certkeeper: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `certkeeper status | head`: the reader has what it wanted
+        quiet_stdout()
+        return EXIT_OK if args.command == "status" else EXIT_ERROR
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not report the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass  # stdout is not a file (tests): nothing will be flushed to a pipe
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

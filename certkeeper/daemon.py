@@ -36,6 +36,10 @@ owns the process behaviour:
   order + one DNS propagation wait + the slowest hook, plus a minute) ends the
   job as an error (a check is retried in 10 minutes); the process is killed if
   still running and its challenges leave the listener.
+- **DKIM steps** run at their exact time: each DKIM run (start-up, hourly,
+  a date job) returns when the next step is due, and a date job is planned
+  then; ``rotate-dkim`` asks the daemon (``schedule-dkim`` on the control
+  socket) to plan from the state it just wrote.
 - **Control socket**: ``renew [--force] [NAME...]`` runs a worker, with progress
   lines streamed back; ``status`` is read here (no worker, no network). The
   keeper holds one lock per certificate name around each renew worker.
@@ -87,6 +91,7 @@ log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = timedelta(hours=12)  # twice a day
 MIN_DELAY = timedelta(seconds=30)  # an extra check is never sooner than this
+DKIM_MIN_DELAY = timedelta(seconds=1)  # a DKIM step runs at its time (a failed one is retried by rotation)
 STOP_GRACE = 2.5  # seconds workers in progress get at SIGTERM (the whole stop stays under 5 s)
 HOURLY = timedelta(hours=1)
 METRICS_EVERY = timedelta(seconds=15)  # how stale /metrics may be at most
@@ -186,7 +191,8 @@ class Daemon:
         """Control socket and listener (errors reach the terminal), the state directory set for the roles."""
         layout.prepare(self.config, privsep.identity(self.config))
         path = self.config.control_socket
-        self.control = control.ControlServer.bind(path, {"renew": self.command_renew, "status": self.command_status})
+        self.control = control.ControlServer.bind(path, {"renew": self.command_renew, "status": self.command_status,
+                                                     "schedule-dkim": self.command_schedule_dkim})
         try:
             for address in self.listener.start():
                 log.info("listening on %s", address)
@@ -302,6 +308,39 @@ class Daemon:
                 when = max(soonest, datetime.now(UTC) + MIN_DELAY)
                 self.scheduler.add_job(self.background, DateTrigger(when), args=["publish"], id="publish-soon",
                                        replace_existing=True)
+        if job == "hourly" and soonest is not None:
+            self.schedule_dkim(soonest)
+
+    def schedule_dkim(self, when: datetime) -> datetime | None:
+        """The next DKIM step runs at its time (an APScheduler date job), not at the next hourly sweep.
+
+        Returns the time planned, None when the hourly sweep comes first (or the daemon stops)."""
+        if self.stopping.is_set():
+            return None
+        when = max(when, datetime.now(UTC) + DKIM_MIN_DELAY)
+        hourly = self.scheduler.get_job("hourly")
+        if hourly is not None and hourly.next_run_time is not None and hourly.next_run_time <= when:
+            if self.scheduler.get_job("dkim-step") is not None:
+                self.scheduler.remove_job("dkim-step")
+            return None
+        self.scheduler.add_job(self.background, DateTrigger(when), args=["hourly"], id="dkim-step",
+                               replace_existing=True)
+        log.info("next DKIM step at %s", when.strftime("%Y-%m-%d %H:%M:%S UTC"))
+        return when
+
+    async def command_schedule_dkim(self, payload: dict[str, Any], emit: Callable[[str], None]) -> int:
+        """``rotate-dkim`` tells the daemon that the DKIM state changed: a DKIM run (a worker, as every
+        hour) does what is due and names the next step's time, which a date job is planned for."""
+        if not self.config.dkim:
+            emit("daemon: no [[dkim]] table is configured")
+            return 0
+        await self.background("hourly")
+        step = self.scheduler.get_job("dkim-step")
+        hourly = self.scheduler.get_job("hourly")
+        when = step.next_run_time if step is not None else hourly.next_run_time if hourly is not None else None
+        emit(f"daemon: next DKIM run at {when.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC" if when is not None
+             else "daemon: no DKIM run is planned")
+        return 0
 
     def _schedule_extra(self, when: datetime, why: str) -> None:
         """One extra check at ``when`` if that is before every check already planned."""

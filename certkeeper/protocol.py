@@ -241,6 +241,8 @@ class Planned:
     when: str
     reason: str
     not_after: str  # "" when nothing is on disk
+    action: str = ""  # renewal.Decision.action
+    lifts: str = ""  # renewal.Decision.lifts
 
 
 @message

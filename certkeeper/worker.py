@@ -104,14 +104,17 @@ def job_publish(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tup
 
 
 def job_hourly(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:
-    """DKIM rotation steps that are due, and expiry warnings."""
+    """DKIM rotation steps that are due, and expiry warnings; the soonest next DKIM step."""
     from certkeeper.network import rotation
     from certkeeper.network.alerts import Alerter
 
+    reports: list[rotation.DueReport] = []
     if config.dkim:
-        _guard("DKIM rotation", lambda: rotation.run_due(config, datetime.now(UTC), _liner(keeper), keeper))
+        _guard("DKIM rotation", lambda: reports.append(rotation.run_due(config, datetime.now(UTC), _liner(keeper),
+                                                                        keeper)))
     _guard("expiry check", lambda: Alerter(config, keeper=keeper).check_expiry())
-    return 0, None
+    # When the next DKIM step is due: the daemon runs this job again then, not an hour later.
+    return 0, min((r.next_due for r in reports if r.next_due is not None), default=None)
 
 
 def job_rotate(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:

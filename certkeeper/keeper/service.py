@@ -96,12 +96,7 @@ class LocalKeeper:
 
     def plan(self, name: str, force: bool, now: datetime) -> renewal.Decision:
         """The planner's decision from the files on disk and the certificate's state."""
-        cert = self.certificate(name)
-        on_disk = self.store.read(cert)
-        state = load_cert_state(self.config.state_dir, cert.name)
-        return renewal.plan(cert, on_disk, state, now, force=force,
-                            settings=renewal.settings_digest(cert, self.config.acme),
-                            disk_problem=self.store.check(cert))
+        return decide(self.config, self.store, self.certificate(name), now, force)
 
     def make_csr(self, name: str) -> bytes:
         """A CSR for the certificate's names, for the key the next ``install`` must match.
@@ -269,6 +264,17 @@ class LocalKeeper:
         return ZonefileBackend(self.config.dns)
 
 
+def decide(config: Config, store: CertificateStore, cert: CertificateConfig, now: datetime,
+           force: bool = False) -> renewal.Decision:
+    """The one decision about ``cert`` (read-only): what the renew worker plans with, and what
+    ``status``, ``--json`` and the metrics show (the reason and time of the next action, the backoff
+    and what lifts it)."""
+    problem = store.check(cert)
+    return renewal.plan(cert, store.read(cert), load_cert_state(config.state_dir, cert.name), now, force=force,
+                        settings=renewal.config_digest(config, cert), disk_problem=problem,
+                        repairable=bool(problem) and store.repairable(cert))
+
+
 def existing_dkim_key(path: Path, algorithm: str) -> dkim.DkimPrivateKey | None:
     """The private key in ``path``, None when the file does not exist; LocalError when it is not usable."""
     try:
@@ -361,7 +367,8 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
             return p.Disk(name, view.cert.decode(), view.chain.decode(), view.previous.decode())
         case p.Plan(name=name, force=force):
             d = keeper.plan(name, force, now())
-            return p.Planned(name, d.due, d.when.isoformat(), d.reason, d.not_after.isoformat() if d.not_after else "")
+            return p.Planned(name, d.due, d.when.isoformat(), d.reason, d.not_after.isoformat() if d.not_after else "",
+                             d.action, d.lifts)
         case p.MakeCsr(name=name):
             return p.Csr(name, keeper.make_csr(name).decode())
         case p.Install(name=name, fullchain=fullchain):

@@ -30,7 +30,7 @@ LAST_COLUMN = 26  # the NEXT ACTION column gets at least this much when a row is
 CERTIFICATE_KEYS = (
     "name", "domains", "status", "serial", "not_before", "not_after", "days_left", "next_renewal",
     "next_renewal_reason", "next_action", "last_attempt", "last_success", "consecutive_failures", "last_error",
-    "endpoints",
+    "endpoints", "next_action_at", "backoff_until", "backoff_lifts",
 )
 DKIM_COLUMNS = (("DOMAIN", "domain"), ("SELECTOR", "selector"), ("ALG", "algorithm"), ("STATE", "state"),
                 ("SINCE", "since"))
@@ -93,8 +93,10 @@ def certificate_status(config: Config, store: CertificateStore, cert: Certificat
     on_disk = store.read(cert)
     info = _info(on_disk)
     st = state.load_cert_state(config.state_dir, cert.name)
-    due, when, why = _plan(config, cert, on_disk, st, now)
+    decision = _plan(config, store, cert, now)
+    due, when, why = decision.due, decision.when, decision.reason
     status = _status(on_disk, info, st, due, now)
+    backoff = decision.action == "retry"
     row: dict[str, Any] = {
         "name": cert.name,
         "domains": list(cert.domains),
@@ -105,12 +107,15 @@ def certificate_status(config: Config, store: CertificateStore, cert: Certificat
         "days_left": round((info.not_after - now).total_seconds() / 86400, 2) if info else None,
         "next_renewal": _iso(when),
         "next_renewal_reason": why,
-        "next_action": _next_action(status, due, when, st),
+        "next_action": _next_action(status, decision),
         "last_attempt": _iso(st.last_attempt),
         "last_success": _iso(st.last_success),
         "consecutive_failures": st.consecutive_failures,
         "last_error": st.last_error or None,
         "endpoints": _endpoints(config, cert.name),
+        "next_action_at": _iso(when),
+        "backoff_until": _iso(when) if backoff else None,
+        "backoff_lifts": decision.lifts if backoff else None,
     }
     return {key: row[key] for key in CERTIFICATE_KEYS}
 
@@ -119,13 +124,12 @@ def _info(on_disk: CertificateSet | None) -> certs.CertInfo | None:
     return on_disk.info() if on_disk else None
 
 
-def _plan(config: Config, cert: CertificateConfig, on_disk: CertificateSet | None, st: state.CertState,
-          now: datetime) -> tuple[bool, datetime | None, str]:
-    """(due now, next renewal time, why): the runner's own planner, with the same settings digest, so
-    a backoff that a config change has lifted shows as lifted here too."""
-    decision = renewal.plan(cert, on_disk, st, now, settings=renewal.settings_digest(cert, config.acme),
-                            disk_problem=CertificateStore(config.state_dir).check(cert))
-    return decision.due, decision.when, decision.reason
+def _plan(config: Config, store: CertificateStore, cert: CertificateConfig, now: datetime) -> renewal.Decision:
+    """The runner's own decision (``keeper.service.decide``: the same planner, digest and files), so a
+    backoff that a config change has lifted shows as lifted here too."""
+    from certkeeper.keeper.service import decide
+
+    return decide(config, store, cert, now)
 
 
 def _status(on_disk: CertificateSet | None, info: certs.CertInfo | None, st: state.CertState, due: bool,
@@ -140,18 +144,26 @@ def _status(on_disk: CertificateSet | None, info: certs.CertInfo | None, st: sta
     return "due" if due else "ok"
 
 
-def _next_action(status: str, due: bool, when: datetime | None, st: state.CertState) -> str:
+def _next_action(status: str, decision: renewal.Decision) -> str:
+    """From the decision alone: a retry time is the backoff's, and never in the past."""
+    if decision.action == "retry":
+        return f"retry {_short(decision.when)}"
     if status == "missing":
         return "obtain now"
-    if st.consecutive_failures and st.retry_not_before and not due:
-        return f"retry {_short(st.retry_not_before)}"
-    if due:
+    if decision.action == "repair":
+        return "repair on next run"
+    if decision.due:
         return "renew now"
-    return f"renew {_short(when)}"
+    return f"renew {_short(decision.when)}"
 
 
 def _endpoints(config: Config, name: str) -> list[dict[str, Any]]:
-    return verification.last_results(config, name)
+    """The last verification, its times in the document's format (whole seconds)."""
+    rows = verification.last_results(config, name)
+    for row in rows:
+        for key in ("checked_at", "not_after"):
+            row[key] = _iso(_parse_time(row.get(key))) if row.get(key) else None
+    return rows
 
 
 def _rows(config: Config, status_rows: Callable[[Config], list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -167,7 +179,10 @@ def dkim_rows(config: Config) -> list[dict[str, Any]]:
 
     rows = _rows(config, rotation.status_rows)
     timing = {item.domain: item for item in config.dkim}
+    since_of = {"pending": "created", "active": "activated", "retiring": "retired", "revoked": "revoked"}
     for row in rows:
+        if row.get("domain") in timing and "since" not in row:  # when the key entered its state
+            row["since"] = _iso(_parse_time(row.get(since_of.get(str(row.get("state")), ""))))
         if "next_action" in row or row.get("domain") not in timing:
             continue
         item = timing[row["domain"]]

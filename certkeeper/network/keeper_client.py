@@ -75,7 +75,7 @@ class PipeKeeper:
     def plan(self, name: str, force: bool, now: datetime) -> renewal.Decision:
         p = self.call(protocol.Plan(name, force), protocol.Planned)
         return renewal.Decision(p.name, p.due, datetime.fromisoformat(p.when), p.reason,
-                                datetime.fromisoformat(p.not_after) if p.not_after else None)
+                                datetime.fromisoformat(p.not_after) if p.not_after else None, p.action, p.lifts)
 
     def make_csr(self, name: str) -> bytes:
         return self.call(protocol.MakeCsr(name), protocol.Csr).csr.encode()

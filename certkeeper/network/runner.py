@@ -230,7 +230,7 @@ class Renewer:
             retry_after = now + timedelta(seconds=exc.retry_after)
         state.retry_not_before = renewal.backoff(state.consecutive_failures, retry_after, now)
         state.retry_by_server = retry_after is not None and retry_after >= state.retry_not_before
-        state.failed_settings = renewal.settings_digest(cert, self.config.acme)
+        state.failed_settings = renewal.config_digest(self.config, cert)
         save_cert_state(self.config.state_dir, state)
         log.error("%s: renewal failed: %s", cert.name, exc)  # the outcome line tells the CLI user
         return Outcome(cert.name, "failed", str(exc), state.retry_not_before)
