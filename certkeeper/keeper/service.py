@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING
 from certkeeper import protocol
 from certkeeper.core import certs, dkim, renewal
 from certkeeper.core.challenges import ChallengeTable
-from certkeeper.core.config import HOOK_DEFAULT_COMMANDS, CertificateConfig, Config, DkimConfig
+from certkeeper.core.config import HOOK_DEFAULT_COMMANDS, AlertsConfig, CertificateConfig, Config, DkimConfig
 from certkeeper.core.errors import AcmeError, CertkeeperError, LocalError
 from certkeeper.core.files import fsync_dir, write_atomic
 from certkeeper.core.state import load_cert_state
@@ -154,10 +156,16 @@ class LocalKeeper:
         return hooks.hook_for(self.config, name).reload(tuple(certificates))
 
     def run_alert(self, program: str, data: bytes) -> bool:
-        """Run ``[alerts] command`` or ``[alerts] sendmail`` with ``data`` on stdin."""
-        argv = {"command": self.config.alerts.command, "sendmail": self.config.alerts.sendmail}.get(program)
+        """Run ``[alerts] command``, ``[alerts] sendmail`` or, when SMTP failed, "sendmail-fallback"
+        (``sendmail -t``, or ``[alerts] sendmail``) with ``data`` on stdin. A message for sendmail
+        must be addressed to ``[alerts] mail_to`` only."""
+        alerts = self.config.alerts
+        argv = {"command": alerts.command, "sendmail": alerts.sendmail,
+                "sendmail-fallback": fallback_sendmail(alerts) if alerts.mail_to else ()}.get(program)
         if not argv:
             raise Refusal(f"[alerts] {program} is not configured")
+        if program != "command":
+            _check_recipients(data, alerts.mail_to, program)
         result = hooks.run_command(argv, ALERT_TIMEOUT, stdin=data, what=f"[alerts] {program}")
         if not result.ok:
             raise LocalError(f"[alerts] {program}: {result.describe()}")
@@ -262,6 +270,28 @@ class LocalKeeper:
         from certkeeper.network.dns.zonefile import ZonefileBackend
 
         return ZonefileBackend(self.config.dns)
+
+
+def fallback_sendmail(alerts: AlertsConfig) -> tuple[str, ...]:
+    """What mail falls back to when SMTP fails: ``[alerts] sendmail``, else ``sendmail -t`` from PATH
+    or the usual places (/usr/sbin, /usr/lib)."""
+    if alerts.sendmail:
+        return alerts.sendmail
+    search = os.pathsep.join(p for p in (os.environ.get("PATH", ""), "/usr/sbin", "/usr/lib") if p)
+    return (shutil.which("sendmail", path=search) or "/usr/sbin/sendmail", "-t")
+
+
+def _check_recipients(data: bytes, mail_to: Sequence[str], program: str) -> None:
+    """``sendmail -t`` mails whoever the headers name: only ``[alerts] mail_to`` may be named."""
+    from email import message_from_bytes
+    from email.utils import getaddresses
+
+    msg = message_from_bytes(data)
+    named = {address.lower() for _, address in getaddresses(msg.get_all("To", []) + msg.get_all("Cc", [])
+                                                             + msg.get_all("Bcc", []))}
+    allowed = {address.lower() for address in mail_to}
+    if not named or not named <= allowed:
+        raise Refusal(f"[alerts] {program}: the message is not addressed to [alerts] mail_to only")
 
 
 def decide(config: Config, store: CertificateStore, cert: CertificateConfig, now: datetime,
