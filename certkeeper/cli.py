@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("renew", parents=[common], help="renew certificates that are due (exit 0 renewed, 2 none due)")
     p.add_argument("--force", action="store_true", help="renew the named (or all) certificates even if not due")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the whole path against the staging directory; install nothing, run no hook")
+    p.add_argument("--directory", metavar="URL", help="with --dry-run: the ACME directory (default [acme] staging)")
     p.add_argument("names", nargs="*", metavar="NAME", help="certificate names (default: all)")
 
     p = sub.add_parser("status", parents=[common], help="show certificates, DKIM selectors and MTA-STS state")

@@ -363,7 +363,8 @@ class Daemon:
         config, text = self.config, self.config_text
         worker = privsep.WorkerProcess(config, text, job, args, self.foreground, self.verbosity)
         challenges = privsep.ListenerChallenges(self.listener)
-        keeper = LocalKeeper(config, challenges, self.installed, self.store)
+        keeper = LocalKeeper(config, challenges, self.installed, self.store,
+                             dry_run=job == "renew" and bool(args.get("dry_run")))
         self.workers.add(worker)
         try:
             await asyncio.to_thread(worker.start)
@@ -424,8 +425,15 @@ class Daemon:
             log.info("%s", line)
             emit(line)
 
-        code, soonest = await self.renew({"names": names, "force": bool(payload.get("force"))}, both)
-        if soonest is not None:
+        args: dict[str, Any] = {"names": names, "force": bool(payload.get("force"))}
+        if payload.get("dry_run"):  # the staging directory; the keeper installs nothing, runs no hook
+            directory = payload.get("directory")
+            if not isinstance(directory, str) or not directory.startswith("https://"):
+                emit("certkeeper: renew --dry-run needs an https:// directory")
+                return 1
+            args.update(dry_run=True, directory=directory)
+        code, soonest = await self.renew(args, both)
+        if soonest is not None and not args.get("dry_run"):
             self._schedule_extra(soonest, "the soonest planned renewal or retry")
         return code
 

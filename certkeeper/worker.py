@@ -68,10 +68,13 @@ def job_renew(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple
     from certkeeper.network.runner import Renewer, format_outcome
 
     line = _liner(keeper)
-    report = Renewer(config, keeper=keeper).renew(args.get("names") or None, force=bool(args.get("force")),
-                                                  progress=line if args.get("progress", True) else None)
+    dry_run = str(args.get("directory") or "") if args.get("dry_run") else ""
+    report = Renewer(config, keeper=keeper, dry_run=dry_run).renew(
+        args.get("names") or None, force=bool(args.get("force")), progress=line if args.get("progress", True) else None)
     for outcome in report.outcomes:
         line(format_outcome(outcome))
+    if dry_run:
+        return report.exit_code, None  # no alert, no state, nothing planned
     Alerter(config, keeper=keeper).after_renewal(report.outcomes)
     times = [o.next_renewal for o in report.outcomes if o.next_renewal is not None]
     return report.exit_code, min(times) if times else None
