@@ -28,7 +28,7 @@ import logging
 import socket
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from certkeeper import protocol, sandbox
@@ -39,7 +39,6 @@ from certkeeper.network.keeper_client import PipeKeeper
 
 log = logging.getLogger(__name__)
 
-PUBLISH_RETRY = timedelta(minutes=10)  # after a failed MTA-STS/TLSRPT publication
 
 # What shared libraries, a resolver, TLS and the time zone read (besides the interpreter's own files).
 SYSTEM_READ = ("/etc/ld.so.cache", "/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib",
@@ -102,7 +101,8 @@ def job_publish(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tup
     _guard("MTA-STS publishing", lambda: outcomes.extend(mtasts_publish.publish_all(config, line, keeper=keeper)))
     times = [t for t in (mtasts_state.next_due(config),) if t is not None]
     if not outcomes and (config.mta_sts or config.tlsrpt.rua) or any(o.status == "failed" for o in outcomes):
-        times.append(datetime.now(UTC) + PUBLISH_RETRY)  # a DNS server or the policy fetch failed: try again
+        # a DNS server or the policy fetch failed: try again when status says (STATE/mta-sts/DOMAIN.retry)
+        times.append(datetime.now(UTC) + mtasts_publish.RETRY_AFTER)
     return 0, min(times, default=None)
 
 

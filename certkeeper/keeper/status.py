@@ -44,7 +44,7 @@ def _iso(when: datetime | None) -> str | None:
 
 
 TIME_KEYS = ("created", "published", "activated", "retired", "revoked", "published_at", "drain_until",
-             "next_action_at", "since")
+             "next_action_at", "since", "retry_at")
 
 
 def _normalise(row: dict[str, Any]) -> dict[str, Any]:
@@ -205,12 +205,17 @@ def mta_sts_rows(config: Config) -> list[dict[str, Any]]:
     from certkeeper.network import mtasts_publish
 
     rows = _rows(config, mtasts_publish.status_rows)
+    now = _iso(datetime.now(UTC)) or ""
     for row in rows:
         if "next_action" in row:
             continue
         status = row.get("status")
         row["next_action"] = {"pending": "publish id", "draining": "remove record"}.get(str(status), "none")
         row["next_action_at"] = row.get("drain_until") if status == "draining" else None
+        retry = row.get("retry_at")
+        if row.get("error") and status == "pending":  # a failed publication: when it is tried again
+            row["next_action"] = "retry publish"
+            row["next_action_at"] = retry if retry and retry > now else None  # never in the past: at once
     return rows
 
 

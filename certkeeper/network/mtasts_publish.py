@@ -26,15 +26,18 @@ The daemon calls ``domains_to_serve`` to build what it serves and then
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from certkeeper.core.config import Config
 from certkeeper.core.errors import CertkeeperError, ServiceError
+from certkeeper.core.files import write_json_atomic
 from certkeeper.core.mtasts import MEDIA_TYPE, WELL_KNOWN_PATH, MtaStsError, Policy, parse_policy, render_txt
 from certkeeper.core.mtasts_state import (
     domains_to_serve,
@@ -48,6 +51,8 @@ from certkeeper.network.dns.propagation import visible_everywhere, wait_until_ab
 from certkeeper.network.keeper_client import Keeper
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER = timedelta(minutes=10)  # a failed publication: the daemon tries again then (worker.job_publish)
 
 FETCH_TIMEOUT = 10.0
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3: senders may refuse larger policy bodies
@@ -177,8 +182,36 @@ def publish_all(config: Config, progress: Progress, now: datetime | None = None,
         except CertkeeperError as exc:
             log.warning("%s: %s", record, exc)
             run.outcomes.append(Outcome(domain, record, "failed", str(exc)))
+            _record_failure(config, domain, str(exc), run.now + RETRY_AFTER)
+        else:
+            _record_failure(config, domain, "", None)
     _tlsrpt_all(run, domains)
     return run.outcomes
+
+
+def failure_path(config: Config, domain: str) -> Path:
+    """``STATE/mta-sts/DOMAIN.retry``: the last failed publication of ``_mta-sts.DOMAIN`` and its retry time."""
+    return config.state_dir / "mta-sts" / f"{domain}.retry"
+
+
+def _record_failure(config: Config, domain: str, error: str, retry_at: datetime | None) -> None:
+    path = failure_path(config, domain)
+    try:
+        if error and retry_at is not None:
+            write_json_atomic(path, {"error": error, "retry_at": retry_at.isoformat(timespec="seconds")})
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.error("%s: %s", path, exc.strerror or exc)
+
+
+def last_failure(config: Config, domain: str) -> tuple[str, datetime | None]:
+    """(error, retry time) of the last failed publication of the domain's id; ("", None) when none."""
+    try:
+        data = json.loads(failure_path(config, domain).read_text())
+        return str(data["error"]), datetime.fromisoformat(data["retry_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "", None
 
 
 def _rrset(config: Config, domain: str, policy: Policy) -> RecordSet:
@@ -300,6 +333,7 @@ def status_rows(config: Config, now: datetime | None = None) -> list[dict[str, o
         else:
             status = "published" if configured else "draining"
         until = st.drain_until() if not configured else None
+        error, retry_at = last_failure(config, domain)
         rows.append({
             "domain": domain,
             "mode": policy.mode if policy else None,
@@ -310,6 +344,8 @@ def status_rows(config: Config, now: datetime | None = None) -> list[dict[str, o
             "status": status,
             "drain_until": until.isoformat(timespec="seconds") if until else None,
             "tlsrpt": st.tlsrpt,
+            "error": error or None,  # the last failed publication, and when the daemon tries again
+            "retry_at": retry_at.isoformat(timespec="seconds") if retry_at else None,
         })
     return rows
 
