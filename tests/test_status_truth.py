@@ -108,6 +108,8 @@ def test_a_retry_time_is_never_in_the_past(tmp_path):
     assert waiting["next_action"] == f"retry {NOW + timedelta(minutes=90):%Y-%m-%d %H:%M}"
     assert waiting["backoff_until"] == status._iso(NOW + timedelta(minutes=90))
     assert "any of its hooks" in waiting["backoff_lifts"]
+    text = status.render_text(status.collect(cfg, now=NOW))
+    assert f"backoff until {NOW + timedelta(minutes=90):%Y-%m-%d %H:%M} UTC; ends sooner with a change" in text
     decision = LocalKeeper(cfg).plan("mail.example.com", False, NOW)
     assert (decision.action, decision.when) == ("retry", NOW + timedelta(minutes=90))
 

@@ -278,6 +278,9 @@ def _certificate_lines(rows: list[dict[str, Any]]) -> list[str]:
         not_after = row["not_after"][:10] if row["not_after"] else "-"
         cells.append([row["name"], row["status"], not_after, days, row["next_action"]])
         extra = [f"domains: {', '.join(row['domains'])}", f"why: {row['next_renewal_reason']}"]
+        if row["backoff_lifts"]:
+            extra.append(f"backoff until {_short(_parse_time(row['backoff_until']))} UTC; ends sooner with "
+                         f"{row['backoff_lifts'].removeprefix('its time, or ')}")
         if row["last_error"] and row["last_error"] not in row["next_renewal_reason"]:
             extra.append(f"last error ({row['consecutive_failures']} failures): {row['last_error']}")
         for ep in row["endpoints"]:
