@@ -52,7 +52,8 @@ owns the process behaviour:
   (host names, policies), then its certificates; then a check runs so new
   certificates are obtained at once, then MTA-STS ids are published. Listen
   addresses and ``user`` need a restart.
-- **SIGTERM/SIGINT** stop within 5 s: the scheduler and the control socket
+- **SIGTERM/SIGINT** stop within 5 s (one that comes after the pid file is
+  written but before the loop runs is held, then handled): the scheduler and the control socket
   stop taking work; workers in progress get ``STOP_GRACE`` seconds to finish
   (the listener still answers their challenges) and are killed after that;
   then the listener stops. The store makes installs crash-safe (temp files +
@@ -95,6 +96,13 @@ DKIM_MIN_DELAY = timedelta(seconds=1)  # a DKIM step runs at its time (a failed 
 STOP_GRACE = 2.5  # seconds workers in progress get at SIGTERM (the whole stop stays under 5 s)
 HOURLY = timedelta(hours=1)
 METRICS_EVERY = timedelta(seconds=15)  # how stale /metrics may be at most
+_HELD: list[int] = []  # signals that came between hold_signals() and the loop's handlers
+
+
+def hold_signals() -> None:
+    """Until ``Daemon.run`` handles them, SIGTERM, SIGINT and SIGHUP are remembered, not fatal."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda number, frame: _HELD.append(number))
 
 
 def _log_line(line: str) -> None:
@@ -210,6 +218,12 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        for held in _HELD:  # came before the handlers above
+            if held == signal.SIGHUP:
+                self._spawn(self.reload())
+            else:
+                self.stopping.set()
+        _HELD.clear()
         if self.control is None:
             self.bind()
         assert self.control is not None

@@ -28,6 +28,7 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
             return 1
         ready("")
     logs.setup_daemon(foreground, verbosity)
+    daemon.hold_signals()  # a SIGTERM from here on gets the clean-up (pid file, socket), not a bare kill
     daemon.write_pid_file(config.pid_file)
     try:
         return daemon.run_loop(service.run())
