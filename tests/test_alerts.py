@@ -343,15 +343,25 @@ def test_the_failure_text_says_what_is_served_as_measured(tmp_path, smtp):
     assert "Still serving" not in body
 
 
-def test_certkeeper_renew_with_the_mta_down_alerts_through_the_keepers_sendmail(tmp_path, pebble):
-    """The CLI as root: the worker (unprivileged, no_new_privs) cannot reach the relay; the keeper runs the
-    fallback; a failing fallback keeps the alert, and the next run delivers it once the relay is back."""
+def test_certkeeper_renew_with_smtpd_stopped_alerts_through_the_keepers_sendmail(tmp_path, pebble, mail_services):
+    """The CLI as root, the relay a real OpenSMTPD that was stopped: the worker (unprivileged, no_new_privs)
+    cannot reach it; the keeper runs the fallback; a failing fallback keeps the alert, and the next run
+    delivers it once a relay is back (aiosmtpd on smtpd's port)."""
     import subprocess
     import sys
 
+    from tests.certfactory import make_set
+    from tests.fixtures.peers import wait_for_port
+
     fallback = tmp_path / "fallback"
     stand_in_sendmail(fallback)
-    relay = free_port()
+    CertificateStore(tmp_path / "ms-state").install(mail_services.certificate_config("mail.example.test"),
+                                                    make_set(("mail.example.test",)))
+    mail_services.start_smtpd()
+    relay = mail_services.smtp_port
+    wait_for_port(relay)
+    stopped = subprocess.run([str(mail_services.mailctl), "smtpd", "stop"], capture_output=True, timeout=30)
+    assert stopped.returncode == 0
     alerts = f'[alerts]\nmail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{relay}"\n'
     broken = tmp_path / "broken.toml"  # the ACME server is unreachable
     broken.write_text(pebble.config_text(tmp_path, ["mail.example.com"], directory=f"https://127.0.0.1:{free_port()}/dir",
