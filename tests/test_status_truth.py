@@ -253,3 +253,65 @@ async def test_dkim_steps_run_at_their_time_and_rotate_dkim_tells_the_daemon(tmp
         d.scheduler.shutdown(wait=False)
         await d.control.stop()
         d.listener.stop()
+
+
+def test_a_real_daemon_switches_the_dkim_signer_at_its_time_after_rotate_dkim(tmp_path, bind):
+    """rotate-dkim announced a switch time the daemon then missed by up to an hour: now the CLI tells the
+    daemon, which runs the activation at visible + publish_ahead (a date job), and status shows it."""
+    from certkeeper.network import rotation
+
+    ahead = 12  # seconds of publish_ahead
+    path = tmp_path / "certkeeper.toml"
+    path.write_text(f"""state_dir = "{tmp_path}/state"
+control_socket = "{tmp_path}/ck.sock"
+pid_file = "{tmp_path}/ck.pid"
+[http]
+listen = ["127.0.0.1:{free_port()}"]
+tls_listen = []
+[hooks.signer]
+command = ["sh", "-c", "echo reload >> {tmp_path / 'hook.log'}"]
+[[dkim]]
+domain = "example.test"
+algorithms = ["ed25519"]
+publish_ahead = "{ahead}s"
+key_dir = "{tmp_path / 'keys'}"
+key_owner = ""
+key_group = ""
+key_mode = "0440"
+signer = "rspamd"
+signer_config = "{tmp_path / 'signer.conf'}"
+signer_hook = "signer"
+""" + bind.dns_toml())
+    cfg = config.load(path)
+
+    def keys() -> dict[str, rotation.KeyState]:
+        return {k.selector: k for k in rotation.load_state(cfg, "example.test").keys}
+
+    proc = Process("certkeeper", [sys.executable, "-m", "certkeeper", "-c", str(path), "run", "-d"],
+                   tmp_path / "daemon.log", cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(k.state == "active" for k in keys().values()):  # the first key, at start-up
+            assert proc.popen.poll() is None and time.monotonic() < deadline, proc.output()[-3000:]
+            time.sleep(0.2)
+        (first,) = keys()
+        rotated = subprocess.run([sys.executable, "-m", "certkeeper", "-c", str(path), "rotate-dkim"],
+                                 capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+        assert "daemon: next DKIM run at " in rotated.stdout
+        (second,) = set(keys()) - {first}
+        switch_at = keys()[second].visible + timedelta(seconds=ahead)  # type: ignore[operator]
+        while keys()[second].state != "active":
+            assert proc.popen.poll() is None and time.monotonic() < deadline + 60, proc.output()[-3000:]
+            time.sleep(0.2)
+        answer = subprocess.run([sys.executable, "-m", "certkeeper", "-c", str(path), "status", "--json"],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+    finally:
+        proc.stop()
+    activated = keys()[second].activated
+    assert activated is not None and switch_at <= activated < switch_at + timedelta(seconds=10)
+    assert "next DKIM step at" in proc.output()
+    assert f'selector = "{second}"' in (tmp_path / "signer.conf").read_text()
+    rows = {r["selector"]: r for r in json.loads(answer.stdout)["dkim"]}
+    assert rows[second]["state"] == "active" and rows[second]["since"] == status._iso(activated)
+    assert rows[first]["state"] == "retiring" and rows[first]["since"] is not None
