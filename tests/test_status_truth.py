@@ -23,7 +23,6 @@ from certkeeper.core import config, renewal, state
 from certkeeper.keeper import status
 from certkeeper.keeper.service import LocalKeeper, decide
 from certkeeper.keeper.store import CertificateStore
-from certkeeper.network.runner import Renewer, format_outcome
 from tests.fixtures.peers import Process, free_port
 from tests.fixtures.throwaway_ca import ThrowawayCA
 
@@ -71,23 +70,50 @@ def row(cfg: config.Config, now: datetime | None = None) -> dict:
     return status.collect(cfg, now=now)["certificates"][0]
 
 
-def test_a_chain_path_not_yet_written_is_repaired_on_the_next_run_not_renewed(tmp_path):
-    """import-acme-client names a new chain file: status said "renew now", renew "not due until 2030"."""
-    first = config.load(write_config(tmp_path))
-    install(first, NOW - timedelta(days=10), NOW + timedelta(days=80))
-    imported = config.load(write_config(tmp_path, chain="mail.chain.imported.pem"))  # the new path
-    assert not imported.certificate("mail.example.com").chain.exists()
+def test_import_acme_client_then_status_says_repair_not_renew(tmp_path):
+    """import-acme-client names a chain file acme-client never wrote: status said "renew now" while
+    renew said "not due until 2030". Now both say the same, and the next run rebuilds the file."""
+    ssl_dir = tmp_path / "ssl"
+    (ssl_dir / "private").mkdir(parents=True)
+    issued = ThrowawayCA().issue(["mail.example.com"], NOW - timedelta(days=10), NOW + timedelta(days=80),
+                                 key_type="ecdsa-p384")
+    (ssl_dir / "private" / "mail.example.com.key").write_bytes(issued.key)  # as acme-client left them
+    (ssl_dir / "mail.example.com.crt").write_bytes(issued.cert)
+    (ssl_dir / "mail.example.com.fullchain.pem").write_bytes(issued.fullchain)
+    (tmp_path / "acme-client.conf").write_text(f"""authority letsencrypt {{
+\tapi url "https://acme-v02.api.letsencrypt.org/directory"
+\taccount key "{tmp_path}/acme/privkey.pem"
+}}
+domain mail.example.com {{
+\tdomain key "{ssl_dir}/private/mail.example.com.key" ecdsa
+\tdomain certificate "{ssl_dir}/mail.example.com.crt"
+\tdomain full chain certificate "{ssl_dir}/mail.example.com.fullchain.pem"
+\tsign with letsencrypt
+}}
+""")
+    out = io.StringIO()
+    assert main(["import-acme-client", str(tmp_path / "acme-client.conf")], out=out) == 0
+    text = out.getvalue()
+    assert "mail.example.com.chain.pem\"  # new file" in text
+    text = (text.replace('state_dir = "/var/db/certkeeper"', f'state_dir = "{tmp_path}/state"\n'
+                         f'control_socket = "{tmp_path}/ck.sock"\npid_file = "{tmp_path}/ck.pid"')
+            .replace("https://acme-v02.api.letsencrypt.org/directory", f"https://127.0.0.1:{free_port()}/dir")
+            .replace('listen = ["0.0.0.0:80", "[::]:80"]', f'listen = ["127.0.0.1:{free_port()}"]\ntls_listen = []'))
+    path = tmp_path / "certkeeper.toml"
+    path.write_text(text)
+    imported = config.load(path)
+    chain = imported.certificate("mail.example.com").chain
+    assert not chain.exists()
     before = row(imported)
     assert before["next_action"] == "repair on next run" and before["status"] == "ok"
     assert "rebuilt from the files on disk at the next run, no new order" in before["next_renewal_reason"]
-    report = Renewer(imported).renew()  # in-process keeper, real files; the ACME server is unreachable
-    (outcome,) = report.outcomes
-    assert outcome.status == "not-due" and report.exit_code == 2
-    assert imported.certificate("mail.example.com").chain.exists()  # repaired, nothing ordered
+    renew = subprocess.run([sys.executable, "-m", "certkeeper", "-c", str(path), "renew"], capture_output=True,
+                           text=True, timeout=60, cwd=ROOT)  # the keeper and an unprivileged worker
+    assert renew.returncode == 2, renew.stdout + renew.stderr
+    planned = renew.stdout.split("mail.example.com: not due until ")[1][:16]
+    assert chain.read_bytes() == issued.chain  # repaired from the full chain, nothing ordered
     after = row(imported)
-    planned = f"{outcome.next_renewal:%Y-%m-%d %H:%M}"
-    assert after["next_action"] == f"renew {planned}"  # the same time renew printed
-    assert planned in format_outcome(outcome)
+    assert after["next_action"] == f"renew {planned}"  # what renew printed
 
 
 def test_a_retry_time_is_never_in_the_past(tmp_path):
