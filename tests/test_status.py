@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -135,14 +136,19 @@ def test_human_output_fits_80_columns_with_every_table(setup, monkeypatch):
     path, cfg = setup
     from certkeeper.network import mtasts_publish, rotation
 
-    monkeypatch.setattr(rotation, "status_rows", lambda config: [  # plain-data fakes of rotation.status_rows
-        {"domain": "example.com", "selector": "20261125-rsa2048", "algorithm": "rsa2048", "state": "active",
-         "created": "2026-11-23T00:00:00+00:00", "activated": "2026-11-25T00:00:00+00:00", "retired": None,
-         "revoked": None},
-        {"domain": "example.com", "selector": "20260827-rsa2048", "algorithm": "rsa2048", "state": "retiring",
-         "created": "2026-08-25T00:00:00+00:00", "activated": "2026-08-27T00:00:00+00:00",
-         "retired": "2026-11-25T00:00:00+00:00", "revoked": None},
-    ])
+    def day(text: str) -> datetime:
+        return datetime.fromisoformat(f"{text}T00:00:00+00:00")
+
+    # Real rotation state, read by the real rotation.status_rows (no fake rows: they had no next_action
+    # and no since, which the real code does).
+    keys = tuple(rotation.KeyState(
+        selector=selector, algorithm="rsa2048", state=state, created=day(created), key_file=f"/k/{selector}",
+        record="v=DKIM1; k=rsa; p=AAAA", published=day(created), visible=day(created), activated=day(activated),
+        retired=day(retired) if retired else None)
+        for selector, state, created, activated, retired in (
+            ("20261125-rsa2048", "active", "2026-11-23", "2026-11-25", ""),
+            ("20260827-rsa2048", "retiring", "2026-08-25", "2026-08-27", "2026-11-25")))
+    rotation.save_state(cfg, rotation.DomainState("example.com", keys))
     monkeypatch.setattr(mtasts_publish, "status_rows", lambda config: [  # ... and of mtasts_publish's
         {"domain": "example.com", "mode": "enforce", "max_age": 604800, "policy_id": "a" * 32,
          "published_id": "a" * 32, "published_at": "2026-11-20T00:00:00+00:00", "status": "published",
@@ -165,14 +171,17 @@ def test_human_output_fits_80_columns_with_every_table(setup, monkeypatch):
     assert "Timeout" in text  # the long error is wrapped, not cut
     # a cell cut to fit its column is repeated in full under its row: nothing the operator needs is lost
     assert f"  name: {LONG}" in lines and f"  policy id: {'a' * 32}" in lines
-    # next actions derived from the [[dkim]] timings (defaults: rotate 90d, retire 7d)
-    assert any("20261125-rsa2048" in line and "rotate 2027-02-23" in line for line in lines)
-    assert any("20260827-rsa2048" in line and "revoke 2026-12-02" in line for line in lines)
+    # next actions from the rotation schedule (defaults: rotate 90d less publish_ahead 2d, retire 7d),
+    # and since when each key is in its state
+    assert any(re.search(r"20261125-rsa2048 +rsa2048 +active +2026-11-25 +rotate 2027-02-21$", line) for line in lines)
+    assert any(re.search(r"20260827-rsa2048 +rsa2048 +retiring +2026-11-25 +revoke 2026-12-02$", line)
+               for line in lines)
     assert any(line.startswith("example.com") and "enforce" in line and line.endswith("none") for line in lines)
     assert any(line.startswith("old.example.com") and "remove record 2026-12-04" in line for line in lines)
     doc = status.collect(config.load(path))
-    assert doc["dkim"][0]["next_action"] == "rotate"
-    assert doc["dkim"][0]["next_action_at"] == "2027-02-23T00:00:00Z"
+    active = next(row for row in doc["dkim"] if row["state"] == "active")
+    assert active["next_action"] == "rotate" and active["since"] == "2026-11-25T00:00:00Z"
+    assert active["next_action_at"] == "2027-02-21T00:00:00Z"
     assert doc["mta_sts"][1]["next_action_at"] == "2026-12-04T00:00:00Z"  # one time format throughout
 
 
