@@ -518,8 +518,12 @@ def test_renew_force_against_pebble_rolls_back_when_a_hook_fails(pebble, serving
     state = load_cert_state(tmp_path / "state", NAME)
     assert state.consecutive_failures == 1 and state.last_success is None
     assert state.retry_not_before is not None and "simulated hook failure" in state.last_error
+    shown = json.loads(_cli(conf, "status", "--json").stdout)["certificates"][0]  # the same decision
+    assert shown["status"] == "failing" and shown["next_action"].startswith("retry ")
+    assert shown["backoff_until"] == shown["next_action_at"] > shown["last_attempt"]
     again = _cli(conf, "renew")
     assert again.returncode == 2 and "retrying after 1 failure(s)" in again.stdout
+    assert f"not due until {shown['next_action_at'][:16].replace('T', ' ')} UTC" in again.stdout
     assert (ms.run_count("smtpd restart"), ms.run_count("dovecot reload")) == (2, 2)
     # The certificate issued before the rollback was kept (root's journal directory, 0600) and the next
     # attempt installs and reloads it again before it places a new order.
