@@ -68,6 +68,9 @@ def job_renew(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple
 
     line = _liner(keeper)
     dry_run = str(args.get("directory") or "") if args.get("dry_run") else ""
+    if args.get("dry_run") and not dry_run:
+        line("certkeeper: renew --dry-run needs [acme] staging or --directory URL")
+        return 1, None
     report = Renewer(config, keeper=keeper, dry_run=dry_run).renew(
         args.get("names") or None, force=bool(args.get("force")), progress=line if args.get("progress", True) else None)
     for outcome in report.outcomes:

@@ -421,6 +421,7 @@ class Alerter:
                 info = _parse(self._on_disk(cert.name))
                 if info is None or info.not_after - now > window:
                     data["expiry"].pop(cert.name, None)
+                    self._unspool(f"expiry-{cert.name}")  # renewed meanwhile: nothing left to say
                     continue
                 serial = str(info.serial)
                 if data["expiry"].get(cert.name) == serial:
