@@ -22,5 +22,7 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
                                                   "now": bool(getattr(args, "now", False))},
                                privsep.printer(out), int(getattr(args, "verbose", 0) or 0))
     # A running daemon plans the next step (e.g. the switch to the new selector) at its exact time.
-    control.forward(config, "schedule-dkim", {}, out)
+    if control.forward(config, "schedule-dkim", {}, out) is None and code == 0:
+        out.write("no daemon is running: the next step waits for `certkeeper run` "
+                  "or another `certkeeper rotate-dkim` after its time\n")
     return code
