@@ -12,7 +12,6 @@ start-up stays fast). Exit codes follow acme-client(1) where they overlap:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -70,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("renew", parents=[common], help="renew certificates that are due (exit 0 renewed, 2 none due)")
     p.add_argument("--force", action="store_true", help="renew the named (or all) certificates even if not due")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the whole path against the staging directory; install nothing, run no hook")
+    p.add_argument("--directory", metavar="URL", help="with --dry-run: the ACME directory (default [acme] staging)")
     p.add_argument("names", nargs="*", metavar="NAME", help="certificate names (default: all)")
 
     p = sub.add_parser("status", parents=[common], help="show certificates, DKIM selectors and MTA-STS state")
@@ -134,11 +136,9 @@ def _main(argv: Sequence[str] | None, out: TextIO) -> int:
             code = COMMANDS[args.command](load(config_path(args)), args, out)
         out.flush()  # a closed pipe shows here, not as a traceback at exit
         return code
-    except BrokenPipeError:
-        # The reader of our output went away (`certkeeper status | head -1`): nothing more to say.
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
-        return EXIT_ERROR
+    except BrokenPipeError:  # e.g. `certkeeper status | head`: the reader has what it wanted
+        quiet_stdout()
+        return EXIT_OK if args.command == "status" else EXIT_ERROR
     except ConfigError as exc:
         for line in exc.lines:
             print(f"certkeeper: {line}", file=sys.stderr)
@@ -149,6 +149,17 @@ def _main(argv: Sequence[str] | None, out: TextIO) -> int:
     except KeyboardInterrupt:
         print("certkeeper: interrupted", file=sys.stderr)
         return 130
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not report the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass  # stdout is not a file (tests): nothing will be flushed to a pipe
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ owns the process behaviour:
   order + one DNS propagation wait + the slowest hook, plus a minute) ends the
   job as an error (a check is retried in 10 minutes); the process is killed if
   still running and its challenges leave the listener.
+- **DKIM steps** run at their exact time: each DKIM run (start-up, hourly,
+  a date job) returns when the next step is due, and a date job is planned
+  then; ``rotate-dkim`` asks the daemon (``schedule-dkim`` on the control
+  socket) to plan from the state it just wrote.
 - **Control socket**: ``renew [--force] [NAME...]`` runs a worker, with progress
   lines streamed back; ``status`` is read here (no worker, no network). The
   keeper holds one lock per certificate name around each renew worker.
@@ -48,7 +52,8 @@ owns the process behaviour:
   (host names, policies), then its certificates; then a check runs so new
   certificates are obtained at once, then MTA-STS ids are published. Listen
   addresses and ``user`` need a restart.
-- **SIGTERM/SIGINT** stop within 5 s: the scheduler and the control socket
+- **SIGTERM/SIGINT** stop within 5 s (one that comes after the pid file is
+  written but before the loop runs is held, then handled): the scheduler and the control socket
   stop taking work; workers in progress get ``STOP_GRACE`` seconds to finish
   (the listener still answers their challenges) and are killed after that;
   then the listener stops. The store makes installs crash-safe (temp files +
@@ -87,10 +92,19 @@ log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = timedelta(hours=12)  # twice a day
 MIN_DELAY = timedelta(seconds=30)  # an extra check is never sooner than this
+DKIM_MIN_DELAY = timedelta(seconds=1)  # a DKIM step runs at its time (a failed one is retried by rotation)
 STOP_GRACE = 2.5  # seconds workers in progress get at SIGTERM (the whole stop stays under 5 s)
 HOURLY = timedelta(hours=1)
 METRICS_EVERY = timedelta(seconds=15)  # how stale /metrics may be at most
 RECONCILE_EVERY = timedelta(minutes=1)  # how soon a dead listener is started again
+
+_HELD: list[int] = []  # signals that came between hold_signals() and the loop's handlers
+
+
+def hold_signals() -> None:
+    """Until ``Daemon.run`` handles them, SIGTERM, SIGINT and SIGHUP are remembered, not fatal."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda number, frame: _HELD.append(number))
 
 
 def _log_line(line: str) -> None:
@@ -151,15 +165,6 @@ def detach() -> Callable[[str], None]:
     return ready
 
 
-_early_stop: list[int] = []  # SIGTERM/SIGINT received before the event loop took the signals over
-
-
-def hold_stop_signals() -> None:
-    """Until ``Daemon.run`` handles them, remember SIGTERM/SIGINT instead of dying half-started."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda number, frame: _early_stop.append(number))
-
-
 def write_pid_file(path: Path) -> None:
     """Write our pid atomically (``files.write_atomic``: temp file, fsync, rename)."""
     files.write_atomic(path, f"{os.getpid()}\n".encode(), mode=0o644)
@@ -196,7 +201,8 @@ class Daemon:
         """Control socket and listener (errors reach the terminal), the state directory set for the roles."""
         layout.prepare(self.config, privsep.identity(self.config))
         path = self.config.control_socket
-        self.control = control.ControlServer.bind(path, {"renew": self.command_renew, "status": self.command_status})
+        self.control = control.ControlServer.bind(path, {"renew": self.command_renew, "status": self.command_status,
+                                                     "schedule-dkim": self.command_schedule_dkim})
         try:
             for address in self.listener.start():
                 log.info("listening on %s", address)
@@ -214,8 +220,12 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
-        if _early_stop:
-            self.stopping.set()
+        for held in _HELD:  # came before the handlers above
+            if held == signal.SIGHUP:
+                self._spawn(self.reload())
+            else:
+                self.stopping.set()
+        _HELD.clear()
         write_pid_file(self.config.pid_file)  # once a SIGTERM is sure to stop it cleanly
         if self.control is None:
             self.bind()
@@ -317,6 +327,39 @@ class Daemon:
                 when = max(soonest, datetime.now(UTC) + MIN_DELAY)
                 self.scheduler.add_job(self.background, DateTrigger(when), args=["publish"], id="publish-soon",
                                        replace_existing=True)
+        if job == "hourly" and soonest is not None:
+            self.schedule_dkim(soonest)
+
+    def schedule_dkim(self, when: datetime) -> datetime | None:
+        """The next DKIM step runs at its time (an APScheduler date job), not at the next hourly sweep.
+
+        Returns the time planned, None when the hourly sweep comes first (or the daemon stops)."""
+        if self.stopping.is_set():
+            return None
+        when = max(when, datetime.now(UTC) + DKIM_MIN_DELAY)
+        hourly = self.scheduler.get_job("hourly")
+        if hourly is not None and hourly.next_run_time is not None and hourly.next_run_time <= when:
+            if self.scheduler.get_job("dkim-step") is not None:
+                self.scheduler.remove_job("dkim-step")
+            return None
+        self.scheduler.add_job(self.background, DateTrigger(when), args=["hourly"], id="dkim-step",
+                               replace_existing=True)
+        log.info("next DKIM step at %s", when.strftime("%Y-%m-%d %H:%M:%S UTC"))
+        return when
+
+    async def command_schedule_dkim(self, payload: dict[str, Any], emit: Callable[[str], None]) -> int:
+        """``rotate-dkim`` tells the daemon that the DKIM state changed: a DKIM run (a worker, as every
+        hour) does what is due and names the next step's time, which a date job is planned for."""
+        if not self.config.dkim:
+            emit("daemon: no [[dkim]] table is configured")
+            return 0
+        await self.background("hourly")
+        step = self.scheduler.get_job("dkim-step")
+        hourly = self.scheduler.get_job("hourly")
+        when = step.next_run_time if step is not None else hourly.next_run_time if hourly is not None else None
+        emit(f"daemon: next DKIM run at {when.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC" if when is not None
+             else "daemon: no DKIM run is planned")
+        return 0
 
     def _schedule_extra(self, when: datetime, why: str) -> None:
         """One extra check at ``when`` if that is before every check already planned."""
@@ -341,7 +384,8 @@ class Daemon:
         config, text = self.config, self.config_text
         worker = privsep.WorkerProcess(config, text, job, args, self.foreground, self.verbosity)
         challenges = privsep.ListenerChallenges(self.listener)
-        keeper = LocalKeeper(config, challenges, self.installed, self.store)
+        keeper = LocalKeeper(config, challenges, self.installed, self.store,
+                             dry_run=job == "renew" and bool(args.get("dry_run")))
         self.workers.add(worker)
         try:
             await asyncio.to_thread(worker.start)
@@ -422,8 +466,15 @@ class Daemon:
             log.info("%s", line)
             emit(line)
 
-        code, soonest = await self.renew({"names": names, "force": bool(payload.get("force"))}, both)
-        if soonest is not None:
+        args: dict[str, Any] = {"names": names, "force": bool(payload.get("force"))}
+        if payload.get("dry_run"):  # the staging directory; the keeper installs nothing, runs no hook
+            directory = payload.get("directory")
+            if not isinstance(directory, str) or not directory.startswith("https://"):
+                emit("certkeeper: renew --dry-run needs an https:// directory")
+                return 1
+            args.update(dry_run=True, directory=directory)
+        code, soonest = await self.renew(args, both)
+        if soonest is not None and not args.get("dry_run"):
             self._schedule_extra(soonest, "the soonest planned renewal or retry")
         return code
 

@@ -333,7 +333,7 @@ def run_cli_job(config: Config, job: str, args: dict[str, Any], emit: Callable[[
     layout.prepare(config, identity(config))
     link = ListenerLink(config, text, foreground=True, verbosity=verbosity, http_only=True)
     challenges = ListenerChallenges(link, start=lambda: _start_http01(link))
-    keeper = LocalKeeper(config, challenges)
+    keeper = LocalKeeper(config, challenges, dry_run=job == "renew" and bool(args.get("dry_run")))
     try:
         return run_job(config, text, job, args, keeper, emit, idle_timeout(config), True, verbosity).code
     finally:

@@ -120,6 +120,13 @@ class Rollback:
 
 @message
 @dataclass(frozen=True)
+class InstallKept:
+    """Install again the set a rollback kept (answered by ``Kept``)."""
+    name: str
+
+
+@message
+@dataclass(frozen=True)
 class DkimKey:
     domain: str
     selector: str
@@ -274,6 +281,8 @@ class Planned:
     when: str
     reason: str
     not_after: str  # "" when nothing is on disk
+    action: str = ""  # renewal.Decision.action
+    lifts: str = ""  # renewal.Decision.lifts
 
 
 @message
@@ -288,6 +297,13 @@ class Csr:
 class Installed:
     name: str
     serial: str
+
+
+@message
+@dataclass(frozen=True)
+class Kept:
+    name: str
+    cert: str  # the leaf installed again; "" when no usable set was kept
 
 
 @message

@@ -28,7 +28,7 @@ import logging
 import socket
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from certkeeper import protocol, sandbox
@@ -39,7 +39,6 @@ from certkeeper.network.keeper_client import PipeKeeper
 
 log = logging.getLogger(__name__)
 
-PUBLISH_RETRY = timedelta(minutes=10)  # after a failed MTA-STS/TLSRPT publication
 
 # What shared libraries, a resolver, TLS and the time zone read (besides the interpreter's own files).
 SYSTEM_READ = ("/etc/ld.so.cache", "/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib",
@@ -68,10 +67,16 @@ def job_renew(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple
     from certkeeper.network.runner import Renewer, format_outcome
 
     line = _liner(keeper)
-    report = Renewer(config, keeper=keeper).renew(args.get("names") or None, force=bool(args.get("force")),
-                                                  progress=line if args.get("progress", True) else None)
+    dry_run = str(args.get("directory") or "") if args.get("dry_run") else ""
+    if args.get("dry_run") and not dry_run:
+        line("certkeeper: renew --dry-run needs [acme] staging or --directory URL")
+        return 1, None
+    report = Renewer(config, keeper=keeper, dry_run=dry_run).renew(
+        args.get("names") or None, force=bool(args.get("force")), progress=line if args.get("progress", True) else None)
     for outcome in report.outcomes:
         line(format_outcome(outcome))
+    if dry_run:
+        return report.exit_code, None  # no alert, no state, nothing planned
     Alerter(config, keeper=keeper).after_renewal(report.outcomes)
     times = [o.next_renewal for o in report.outcomes if o.next_renewal is not None]
     return report.exit_code, min(times) if times else None
@@ -105,23 +110,28 @@ def job_publish(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tup
                                                                                    keeper=keeper)))
     times = [t for t in (mtasts_state.next_due(config),) if t is not None]
     if not outcomes and (config.mta_sts or config.tlsrpt.rua) or any(o.status == "failed" for o in outcomes):
-        times.append(datetime.now(UTC) + PUBLISH_RETRY)  # a DNS server or the policy fetch failed: try again
+        # a DNS server or the policy fetch failed: try again when status says (STATE/mta-sts/DOMAIN.retry)
+        times.append(datetime.now(UTC) + mtasts_publish.RETRY_AFTER)
     return 0, min(times, default=None)
 
 
 def job_hourly(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:
-    """DKIM rotation steps that are due, and expiry warnings."""
+    """DKIM rotation steps that are due, and expiry warnings; the soonest next DKIM step."""
     from certkeeper.network import rotation
     from certkeeper.network.alerts import Alerter
 
+    reports: list[rotation.DueReport] = []
     if config.dkim and config.fleet.enabled:  # several MX hosts: the rotation is coordinated through etcd
         from certkeeper.network import fleet
 
-        _guard("DKIM rotation", lambda: fleet.run_due(config, datetime.now(UTC), _liner(keeper), keeper))
+        _guard("DKIM rotation", lambda: reports.append(fleet.run_due(config, datetime.now(UTC), _liner(keeper),
+                                                                     keeper)))
     elif config.dkim:
-        _guard("DKIM rotation", lambda: rotation.run_due(config, datetime.now(UTC), _liner(keeper), keeper))
+        _guard("DKIM rotation", lambda: reports.append(rotation.run_due(config, datetime.now(UTC), _liner(keeper),
+                                                                        keeper)))
     _guard("expiry check", lambda: Alerter(config, keeper=keeper).check_expiry())
-    return 0, None
+    # When the next DKIM step is due: the daemon runs this job again then, not an hour later.
+    return 0, min((r.next_due for r in reports if r.next_due is not None), default=None)
 
 
 def job_rotate(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:

@@ -109,6 +109,8 @@ def test_guide_blocks_become_certificates_with_the_same_paths(tmp_path):
     # nothing in the guide's file is lost, so no warnings; the unused staging authority is a comment
     assert result.warnings == ()
     assert "# authority letsencrypt-staging" in result.toml
+    # ... and what renew --dry-run orders from
+    assert parsed.acme.staging == "https://acme-staging-v02.api.letsencrypt.org/directory"
     assert "# [[mta_sts]]" in result.toml  # a hint, commented
 
 

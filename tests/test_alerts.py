@@ -33,6 +33,27 @@ class Inbox:
         return "250 OK"
 
 
+def stand_in_sendmail(directory: Path, code: int = 0) -> Path:
+    """A ``sendmail`` that records its arguments, its user and stdin in ``directory/sendmail.N``, and exits ``code``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o777)
+    script = directory / "sendmail"
+    script.write_text(f'#!/bin/sh\nn=$(( $(ls {directory} | grep -c "^sendmail\\.") + 1 ))\n'
+                      f'{{ id -u; echo "$@"; cat; }} > {directory}/sendmail.$n\nexit {code}\n')
+    script.chmod(0o755)
+    return script
+
+
+@pytest.fixture(autouse=True)
+def sendmail_down(tmp_path_factory, monkeypatch):
+    """Nothing takes mail unless a test says so: the fallback ``sendmail -t`` on PATH fails (the real one
+    would queue to this machine's spool)."""
+    directory = tmp_path_factory.mktemp("down")
+    stand_in_sendmail(directory, code=75)
+    monkeypatch.setenv("PATH", f"{directory}{os.pathsep}{os.environ['PATH']}")
+    return directory
+
+
 @pytest.fixture
 def smtp():
     inbox = Inbox()
@@ -95,7 +116,7 @@ def test_three_failed_retries_send_one_mail_and_recovery_one_more(tmp_path, smtp
     # a later success without a failure sends nothing; a new failure starts a new episode
     assert alerter.renewal_succeeded("mail.example.com", now=NOW + timedelta(hours=7)) is False
     assert alerter.renewal_failed("mail.example.com", "new", None, now=NOW + timedelta(days=1)) is True
-    assert "Still serving: nothing" in inbox.messages[2][2].get_payload()
+    assert "On disk:       nothing" in inbox.messages[2][2].get_payload(decode=True).decode()
     assert len(inbox.messages) == 3
 
 
@@ -250,3 +271,125 @@ def test_certkeeper_renew_without_a_daemon_alerts_once_per_episode(tmp_path, smt
     assert len(inbox.messages) == 1 and "failed" in inbox.messages[0][2]["Subject"]
     assert renew(fixed) == 0
     assert len(inbox.messages) == 2 and "recovered" in inbox.messages[1][2]["Subject"]
+
+
+# ---------------------------------------------------------------------------
+# When the MTA is what broke (issue 11): the fallback, the spool, the measured text.
+
+
+def test_with_the_relay_down_mail_falls_back_to_sendmail_and_the_command_still_runs(tmp_path, monkeypatch):
+    fallback = tmp_path / "fallback"
+    stand_in_sendmail(fallback)
+    monkeypatch.setenv("PATH", f"{fallback}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "command.txt"
+    cfg = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{free_port()}"\n'
+                                f'command = ["/bin/sh", "-c", "cat > {out}"]')
+    assert Alerter(cfg).renewal_failed("mail.example.com", "TLS handshake refused", None, now=NOW) is True
+    recorded = (fallback / "sendmail.1").read_text().split("\n", 2)
+    assert recorded[1] == "-t"
+    msg = email.message_from_string(recorded[2])
+    assert msg["To"] == "postmaster@example.com" and "TLS handshake refused" in msg.get_payload(decode=True).decode()
+    assert "TLS handshake refused" in out.read_text()  # [alerts] command ran too
+    assert Alerter(cfg).undelivered() == []
+
+
+def test_the_keeper_refuses_a_fallback_message_for_anyone_else(tmp_path):
+    from certkeeper.keeper.service import LocalKeeper, Refusal
+
+    cfg = make_config(tmp_path, 'mail_to = ["postmaster@example.com"]')
+    with pytest.raises(Refusal, match="mail_to only"):
+        LocalKeeper(cfg).run_alert("sendmail-fallback", b"To: someone@example.net\nSubject: x\n\nhi\n")
+    with pytest.raises(Refusal, match="not configured"):
+        LocalKeeper(make_config(tmp_path / "b", 'command = ["/bin/true"]')).run_alert("sendmail-fallback", b"")
+
+
+def test_an_undelivered_alert_is_logged_critical_kept_and_sent_by_the_next_run(tmp_path, smtp, caplog):
+    inbox, port = smtp
+    dead = free_port()
+    down = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{dead}"')
+    alerter = Alerter(down)
+    with caplog.at_level("CRITICAL"):
+        assert alerter.renewal_failed("mail.example.com", "connection refused by the CA", None, now=NOW) is False
+    assert any(r.levelname == "CRITICAL" and "connection refused by the CA" in r.getMessage() for r in caplog.records)
+    (kept,) = alerter.undelivered()
+    assert kept.parent == down.state_dir / "alerts" and oct(kept.stat().st_mode & 0o777) == "0o600"
+    assert "connection refused by the CA" in kept.read_text()
+    # The next run (the relay is back) sends what was kept before its own outcomes; the file goes.
+    from certkeeper.network.runner import Outcome
+
+    up = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{port}"')
+    Alerter(up).after_renewal([Outcome("mail.example.com", "failed", "still failing")])
+    assert len(inbox.messages) == 1 and "connection refused by the CA" in inbox.messages[0][2].get_payload()
+    assert Alerter(up).undelivered() == []
+
+
+def test_the_failure_text_says_what_is_served_as_measured(tmp_path, smtp):
+    from certkeeper.network import verification
+
+    inbox, port = smtp
+    cfg = make_config(tmp_path, f'mail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{port}"')
+    cert = cfg.certificate("mail.example.com")
+    store = CertificateStore(cfg.state_dir)
+    assert Alerter(cfg).renewal_failed("mail.example.com", "e1", None, now=NOW)
+    assert "Served now:    not measured" in inbox.messages[0][2].get_payload(decode=True).decode()
+    store.install(cert, ThrowawayCA().issue(["mail.example.com"], NOW - timedelta(days=80), NOW + timedelta(days=10)))
+    info = verification.on_disk(store, cert)
+    seen = verification.Observation("smtp+starttls://127.0.0.1:25", None, "connection refused", NOW)
+    verification.save_results(cfg, cert.name, [verification.Check(cert.name, "smtpd", info, seen)])
+    Alerter(cfg).renewal_succeeded("mail.example.com", now=NOW)
+    assert Alerter(cfg).renewal_failed("mail.example.com", "e2", info.not_after, now=NOW)
+    body = inbox.messages[-1][2].get_payload(decode=True).decode()
+    assert "smtpd smtp+starttls://127.0.0.1:25: nothing (connection refused), NOT the file on disk" in body
+    assert "Still serving" not in body
+
+
+def test_certkeeper_renew_with_smtpd_stopped_alerts_through_the_keepers_sendmail(tmp_path, pebble, mail_services):
+    """The CLI as root, the relay a real OpenSMTPD that was stopped: the worker (unprivileged, no_new_privs)
+    cannot reach it; the keeper runs the fallback; a failing fallback keeps the alert, and the next run
+    delivers it once a relay is back (aiosmtpd on smtpd's port)."""
+    import subprocess
+    import sys
+
+    from tests.certfactory import make_set
+    from tests.fixtures.peers import wait_for_port
+
+    fallback = tmp_path / "fallback"
+    stand_in_sendmail(fallback)
+    CertificateStore(tmp_path / "ms-state").install(mail_services.certificate_config("mail.example.test"),
+                                                    make_set(("mail.example.test",)))
+    mail_services.start_smtpd()
+    relay = mail_services.smtp_port
+    wait_for_port(relay)
+    stopped = subprocess.run([str(mail_services.mailctl), "smtpd", "stop"], capture_output=True, timeout=30)
+    assert stopped.returncode == 0
+    alerts = f'[alerts]\nmail_to = ["postmaster@example.com"]\nsmtp = "127.0.0.1:{relay}"\n'
+    broken = tmp_path / "broken.toml"  # the ACME server is unreachable
+    broken.write_text(pebble.config_text(tmp_path, ["mail.example.com"], directory=f"https://127.0.0.1:{free_port()}/dir",
+                                         extra=alerts))
+    root = Path(__file__).resolve().parent.parent
+
+    def renew(path: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "certkeeper", "-c", str(broken), "renew", "--force", "-v"],
+                              cwd=root, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PATH": path})
+
+    assert renew(f"{fallback}{os.pathsep}{os.environ['PATH']}").returncode == 1
+    uid, args, message = (fallback / "sendmail.1").read_text().split("\n", 2)
+    assert (uid, args) == (str(os.getuid()), "-t")  # run by the keeper, not the worker's user
+    assert "renewal of certificate mail.example.com" in email.message_from_string(message)["Subject"]
+    # Another episode with everything down: kept; then the relay is back: the next run delivers it.
+    state_dir = tmp_path / "state"
+    (state_dir / "alerts" / "alerts.json").unlink()
+    proc = renew(os.environ["PATH"])  # the autouse stand-in that fails is first on this PATH
+    assert proc.returncode == 1 and "the alert:" in proc.stderr
+    kept = list((state_dir / "alerts").glob("undelivered-*.txt"))
+    assert len(kept) == 1
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=relay)
+    controller.start()
+    try:
+        renew(os.environ["PATH"])
+    finally:
+        controller.stop()
+    assert len(inbox.messages) == 1 and "failed" in inbox.messages[0][2]["Subject"]
+    assert list((state_dir / "alerts").glob("undelivered-*.txt")) == []

@@ -502,6 +502,26 @@ def test_renew_through_the_control_socket_while_serving(daemon):
     assert daemon.fetch_policy()[3] == new
 
 
+def test_renew_dry_run_through_the_daemon_changes_nothing(daemon, pebble):
+    """The daemon holds port 80, so it runs the dry run: its listener answers the staging order's
+    challenge; its keeper installs nothing; no state file changes; no renewal check is planned from it."""
+    daemon.wait_for_log("mail.example.com: renewed", timeout=60)
+    state_dir = daemon.config.state_dir
+    before = {p: p.read_bytes() for p in state_dir.rglob("*.json") if p.is_file()}
+    serial = daemon.serial_on_disk("mail.example.com")
+    result = daemon.cli("renew", "--dry-run", "--directory", pebble.directory, "mail.example.com")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"mail.example.com: renewed, dry run: {pebble.directory} issued serial" in result.stdout
+    assert "control socket: renew" in daemon.proc.output()
+    assert daemon.serial_on_disk("mail.example.com") == serial
+    after = {p: p.read_bytes() for p in state_dir.rglob("*.json") if p.is_file()}
+    assert {p for p in after if p.parent.name in ("certificates", "verify", "alerts")} == \
+        {p for p in before if p.parent.name in ("certificates", "verify", "alerts")}
+    assert all(after[p] == before[p] for p in before if p.parent.name in ("certificates", "verify", "alerts"))
+    assert daemon.cli("renew", "--dry-run").returncode == 1  # no [acme] staging and no --directory
+    assert "renew --dry-run needs [acme] staging or --directory URL" in daemon.cli("renew", "--dry-run").stderr
+
+
 def test_metrics_are_served_by_the_daemon(daemon):
     daemon.wait_for_log("mail.example.com: renewed", timeout=60)
     deadline = time.monotonic() + 20

@@ -15,6 +15,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ from certkeeper.network import reload, verification
 from certkeeper.network.verification import Observation, format_serial
 from tests.certfactory import make_set
 from tests.fixtures.mailservices import MailServices
+from tests.fixtures.peers import free_port
 
 NAME = "mail.example.test"
 
@@ -672,6 +674,46 @@ def test_renew_force_against_pebble_rolls_back_when_a_hook_fails(pebble, serving
     state = load_cert_state(tmp_path / "state", NAME)
     assert state.consecutive_failures == 1 and state.last_success is None
     assert state.retry_not_before is not None and "simulated hook failure" in state.last_error
+    shown = json.loads(_cli(conf, "status", "--json").stdout)["certificates"][0]  # the same decision
+    assert shown["status"] == "failing" and shown["next_action"].startswith("retry ")
+    assert shown["backoff_until"] == shown["next_action_at"] > shown["last_attempt"]
     again = _cli(conf, "renew")
     assert again.returncode == 2 and "retrying after 1 failure(s)" in again.stdout
+    assert f"not due until {shown['next_action_at'][:16].replace('T', ' ')} UTC" in again.stdout
     assert (ms.run_count("smtpd restart"), ms.run_count("dovecot reload")) == (2, 2)
+    # The certificate issued before the rollback was kept (root's journal directory, 0600) and the next
+    # attempt installs and reloads it again before it places a new order.
+    kept = tmp_path / "state" / "journal" / f"{NAME}.rolled-back.pem"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    kept_serial = certs.parse_cert(kept.read_bytes().split(b"-----END", 1)[1].split(b"\n", 1)[1]).serial
+    assert kept_serial != serial_of(old)
+    retried = _cli(conf, "renew", "--force")  # the hook works now
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert f"installing again serial {kept_serial:x}, issued before the rollback (no new order)" in retried.stdout
+    assert certs.parse_cert(cert.cert.read_bytes()).serial == kept_serial and not kept.exists()
+    assert served_serials(ms) == dict.fromkeys(("smtp+starttls", "smtps", "imap+starttls", "imaps"), kept_serial)
+
+
+def test_renew_dry_run_orders_from_staging_installs_nothing_and_probes_the_endpoints(pebble, serving_old, tmp_path):
+    ms, cert, old = serving_old
+    conf = _e2e_config(pebble, ms, tmp_path, cert)
+    text = conf.read_text()  # the live directory is unreachable: only [acme] staging can issue
+    conf.write_text(text.replace(f'directory = "{pebble.directory}"',
+                                 f'directory = "https://127.0.0.1:{free_port()}/dir"\nstaging = "{pebble.directory}"'))
+    state_dir = tmp_path / "state"
+    before = {p: p.read_bytes() for p in state_dir.rglob("*") if p.is_file()}
+    files = {p: p.read_bytes() for p in (cert.key, cert.cert, cert.chain, cert.fullchain)}
+    result = _cli(conf, "renew", "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{NAME}: renewed, dry run: {pebble.directory} issued serial" in result.stdout
+    assert "nothing installed, no hook run" in result.stdout
+    for url in ms.smtpd_urls + ms.dovecot_urls:  # each verify endpoint probed, serving the old set
+        assert f"{url}: ok, serial {format_serial(serial_of(old))}" in result.stdout
+    assert {p: p.read_bytes() for p in files} == files
+    assert (ms.run_count("smtpd restart"), ms.run_count("dovecot reload")) == (0, 0)
+    after = {p: p.read_bytes() for p in state_dir.rglob("*") if p.is_file()}
+    assert {p for p in after if p not in before} <= {state_dir / "acme" / "ca-bundle.pem"}  # a CA cache, no state
+    assert all(after[p] == before[p] for p in before)
+    assert served_serials(ms) == dict.fromkeys(("smtp+starttls", "smtps", "imap+starttls", "imaps"), serial_of(old))
+    nothing = _cli(conf, "renew", "--dry-run", "--directory", f"https://127.0.0.1:{free_port()}/dir")
+    assert nothing.returncode == 1 and f"{NAME}: failed: dry run:" in nothing.stdout

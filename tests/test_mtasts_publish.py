@@ -178,12 +178,24 @@ def test_id_published_only_after_the_new_policy_is_served(bind, tmp_path, policy
     assert "serves another policy" in outcomes[0].detail and "RFC 8461 8.1" in outcomes[0].detail
     assert published_id(bind) is None
     assert not any(e.startswith("publish") for e in events)
+    # status shows the failure and when it is retried (never a time in the past: T0's retry is "at once")
+    from certkeeper.keeper.status import _iso, mta_sts_rows
+
+    (row,) = mta_sts_rows(config)
+    assert row["next_action"] == "retry publish" and "serves another policy" in row["error"]
+    assert row["next_action_at"] is None
+    now = datetime.now(UTC).replace(microsecond=0)
+    publish_all(config, lambda line: None, now=now, backend=backend)
+    (row,) = mta_sts_rows(config)
+    assert row["next_action_at"] == row["retry_at"] == _iso(now + timedelta(minutes=10))
 
     serve(policy_server, config)  # the daemon now serves the new policy
     events.clear()
     outcomes = publish_all(config, lambda line: None, now=T0, backend=backend)
     assert [(o.status, o.changed) for o in outcomes] == [("published", True)]
     assert published_id(bind) == new.policy_id()
+    (row,) = mta_sts_rows(config)
+    assert row["error"] is None and row["next_action"] == "none"
     assert events == ["fetch mta-sts.example.test", f"publish _mta-sts.example.test v=STSv1; id={new.policy_id()}"]
 
 

@@ -388,6 +388,7 @@ def test_rotate_dkim_now_goes_pending_to_active_with_both_selectors_verifying(bi
     out = io.StringIO()  # without --now: published now, switched publish_ahead later by the daemon
     assert cli.main(["rotate-dkim", "-c", conf_path], out=out) == 0
     assert "becomes active at" in out.getvalue()
+    assert "no daemon is running: the next step waits for `certkeeper run`" in out.getvalue()  # never implied
     rows = {r["state"]: r for r in rotation.status_rows(config)}
     assert sorted(rows) == ["active", "pending", "retiring"]
     assert rows["pending"]["next_action"] == "activate" and rows["active"]["next_action"] == "retire"

@@ -59,7 +59,7 @@ def setup(tmp_path):
         last_error="urn:ietf:params:acme:error:connection: 203.0.113.7: Fetching "
                    "http://smtp.example.com/.well-known/acme-challenge/xyz: Timeout during connect",
         retry_not_before=NOW + timedelta(minutes=95),
-        failed_settings=renewal.settings_digest(cfg.certificate(LONG), cfg.acme)))  # as the runner records it
+        failed_settings=renewal.config_digest(cfg, cfg.certificate(LONG))))  # as the runner records it
     # mta-sts: no files at all
     return path, cfg
 
@@ -208,6 +208,7 @@ def test_human_output_fits_80_columns_with_every_table(setup, bind, tmp_path):
     assert set(rows) == {"20260304", "20260531"}
     assert rows["20260531"]["next_action"] == "rotate"
     assert rows["20260531"]["next_action_at"] == "2026-08-29T12:00:00Z"
+    assert rows["20260531"]["since"] == "2026-06-02T12:00:00Z"  # when it became active (T0 + 90 days)
     assert rows["20260304"]["next_action"] == "revoke"
     assert rows["20260304"]["next_action_at"] == "2026-06-09T12:00:00Z"
     assert doc["mta_sts"][1]["next_action_at"] == "2026-03-15T12:00:00Z"  # one time format throughout

@@ -3,7 +3,8 @@
 ``--adopt SELECTOR [DOMAIN]`` takes over a key made by hand instead (``rotation.adopt``); DOMAIN may
 be left out when one [[dkim]] domain is configured. DNS work runs in an unprivileged network
 worker; this process (the keeper) makes, copies and reads the keys and switches the signer
-(``privsep.run_cli_job``).
+(``privsep.run_cli_job``). A running daemon is then told (``schedule-dkim`` on the control
+socket) so that it runs the next step at its time.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import TextIO
 
-from certkeeper import privsep
+from certkeeper import control, privsep
 from certkeeper.core.config import Config
 from certkeeper.core.errors import ConfigError
 
@@ -29,7 +30,12 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
                                f"({', '.join(i.domain for i in items)})"])
         if getattr(args, "now", False):
             raise ConfigError([f"{config.path}: rotate-dkim: --adopt and --now do not go together"])
-        return privsep.run_cli_job(config, "adopt", {"domain": items[0].domain, "selector": selector.lower()},
-                                   privsep.printer(out), verbosity)
-    return privsep.run_cli_job(config, "rotate", {"domain": domain, "now": bool(getattr(args, "now", False))},
-                               privsep.printer(out), verbosity)
+        job, job_args = "adopt", {"domain": items[0].domain, "selector": selector.lower()}
+    else:
+        job, job_args = "rotate", {"domain": domain, "now": bool(getattr(args, "now", False))}
+    code = privsep.run_cli_job(config, job, job_args, privsep.printer(out), verbosity)
+    # A running daemon plans the next step (e.g. the switch to the new selector) at its exact time.
+    if control.forward(config, "schedule-dkim", {}, out) is None and code == 0:
+        out.write("no daemon is running: the next step waits for `certkeeper run` "
+                  "or another `certkeeper rotate-dkim` after its time\n")
+    return code

@@ -17,7 +17,7 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     verbosity = max(int(getattr(args, "verbose", 0) or 0), 1)
     text, config = daemon.read_config(config.path)  # the exact text, handed to every worker
     service = daemon.Daemon(config, text, foreground, verbosity)
-    daemon.hold_stop_signals()  # a SIGTERM while starting stops the daemon once it can, never half-started
+    daemon.hold_signals()  # a SIGTERM while starting stops the daemon once it can, never half-started
     if foreground:
         service.bind()
     else:

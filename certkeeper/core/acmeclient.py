@@ -621,8 +621,15 @@ class _Renderer:
         if auth.insecure:
             self.warn(auth.insecure, "'insecure' (no TLS verification of the ACME server): certkeeper always "
                                      "verifies; set [acme] ca_bundle to trust a private CA instead")
+        staging = False
         for other in self.conf.authorities:
             if other is not auth and not any(self.conf.authority_of(d) is other for d in self.conf.domains):
+                if not staging and "staging" in f"{other.name} {other.api}".lower() \
+                        and re.match(r"^https://[^/\s]+", other.api):
+                    staging = True  # renew --dry-run tests against it (its own account key is not needed)
+                    self.lines.append(f"staging = {_q(other.api)}  # authority {other.name} ({other.where}): "
+                                      "renew --dry-run orders here")
+                    continue
                 self.lines.append(f"# authority {other.name} ({other.where}) signs no domain; left out")
         self.lines.append("")
 

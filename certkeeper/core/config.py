@@ -82,6 +82,7 @@ MAX_DURATION = timedelta(days=3650)  # ten years: anything longer is a typo, and
 @dataclass(frozen=True)
 class AcmeConfig:
     directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    staging: str = ""  # the authority's staging directory, for ``renew --dry-run``
     contact: tuple[str, ...] = ()
     account_key: Path = Path("/etc/acme/letsencrypt-privkey.pem")
     account_key_type: str = "ecdsa-p256"  # only used when the key is created
@@ -580,11 +581,14 @@ class _Reader:
         w = "acme"
         self.table(data, w, {
             "directory", "contact", "account_key", "account_key_type", "ca_bundle", "profile", "concurrency",
-            "eab_kid", "eab_hmac_key_file", "timeout", "order_timeout",
+            "eab_kid", "eab_hmac_key_file", "timeout", "order_timeout", "staging",
         })
         directory = self.string(data, w, "directory", AcmeConfig.directory)
         if not re.match(r"^https://[^/\s]+", directory):
             self.error(f"{w}.directory", f"{directory!r} is not an https:// URL")
+        staging = self.string(data, w, "staging")
+        if staging and not re.match(r"^https://[^/\s]+", staging):
+            self.error(f"{w}.staging", f"{staging!r} is not an https:// URL")
         contact = self.strings(data, w, "contact")
         for i, item in enumerate(contact):
             if not re.match(r"^mailto:[^@\s]+@[^@\s]+$", item):
@@ -594,6 +598,7 @@ class _Reader:
             self.error(f"{w}.profile", f"{profile!r} is not a profile name")
         return AcmeConfig(
             directory=directory,
+            staging=staging,
             contact=contact,
             account_key=self.required_path(data, w, "account_key", AcmeConfig.account_key),
             account_key_type=self.choice(data, w, "account_key_type", KEY_TYPES, AcmeConfig.account_key_type),

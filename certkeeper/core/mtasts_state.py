@@ -227,6 +227,7 @@ def status_rows(config: Config, now: datetime | None = None) -> list[dict[str, o
         else:
             status = "published" if configured else "draining"
         until = st.drain_until() if not configured else None
+        error, retry_at = last_failure(config, domain)
         rows.append({
             "domain": domain,
             "mode": policy.mode if policy else None,
@@ -237,5 +238,21 @@ def status_rows(config: Config, now: datetime | None = None) -> list[dict[str, o
             "status": status,
             "drain_until": until.isoformat(timespec="seconds") if until else None,
             "tlsrpt": st.tlsrpt,
+            "error": error or None,  # the last failed publication, and when the daemon tries again
+            "retry_at": retry_at.isoformat(timespec="seconds") if retry_at else None,
         })
     return rows
+
+
+def failure_path(config: Config, domain: str) -> Path:
+    """``STATE/mta-sts/DOMAIN.retry``: the last failed publication of ``_mta-sts.DOMAIN`` and its retry time."""
+    return config.state_dir / "mta-sts" / f"{domain}.retry"
+
+
+def last_failure(config: Config, domain: str) -> tuple[str, datetime | None]:
+    """(error, retry time) of the last failed publication of the domain's id; ("", None) when none."""
+    try:
+        data = json.loads(failure_path(config, domain).read_text())
+        return str(data["error"]), datetime.fromisoformat(data["retry_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "", None

@@ -10,13 +10,18 @@ The rules, first match wins:
    the server's Retry-After) postpones everything below it: retrying sooner
    would fail the same way and count against the CA's rate limits. Our own
    backoff (not the server's Retry-After) is lifted when the settings that
-   failed were changed since: the operator fixed something.
+   failed were changed since (``config_digest``: the certificate's and
+   ``[acme]``'s settings, ``ca_bundle`` included, and every hook of the
+   certificate): the operator fixed something. A backoff whose time has passed
+   is over: a retry time is never in the past.
 3. Missing, unreadable or mismatched files renew: no set on disk, a
    certificate that does not parse, a key that does not match the
    certificate, a certificate that does not cover the configured domains (or
    covers ones no longer configured), a key of another type than configured,
    chain or full-chain files that do not complete the set (``disk_problem``,
-   from ``CertificateStore.check``; the runner first tries to rebuild them).
+   from ``CertificateStore.check``). Chain files that can be rebuilt from
+   the other one (``repairable``, e.g. a new chain path after
+   ``import-acme-client``) are "repair on the next run", not a new order.
 4. An expired certificate renews (and no ARI is asked, RFC 9773 4.3).
 5. ARI (RFC 9773): when the server gave a suggested window for this
    certificate, renew at a point inside it chosen from the serial (stable
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from certkeeper.core import certs
-from certkeeper.core.config import AcmeConfig, CertificateConfig
+from certkeeper.core.config import HOOK_DEFAULT_COMMANDS, AcmeConfig, CertificateConfig, Config
 from certkeeper.core.state import CertState
 from certkeeper.keeper.store import CertificateSet
 
@@ -48,43 +53,64 @@ class Decision:
     when: datetime  # now when due; else the next renewal time
     reason: str
     not_after: datetime | None = None  # of the certificate on disk, if any
+    # What happens at ``when``: "obtain" | "renew" | "repair" (rebuild chain files, no order) |
+    # "retry" (after a failure backoff, until ``when``) | "" (an older peer).
+    action: str = ""
+    lifts: str = ""  # for "retry": what ends the backoff before ``when``
 
 
 def plan(cert: CertificateConfig, on_disk: CertificateSet | None, state: CertState, now: datetime,
-         force: bool = False, settings: str = "", disk_problem: str = "") -> Decision:
-    """``settings`` is ``settings_digest`` of the configuration now (rule 2); ``disk_problem`` what
-    ``CertificateStore.check`` found wrong with the chain files (rule 3)."""
-    def due(reason: str, not_after: datetime | None = None) -> Decision:
-        return Decision(cert.name, True, now, reason, not_after)
+         force: bool = False, settings: str = "", disk_problem: str = "", repairable: bool = False) -> Decision:
+    """``settings`` is ``config_digest`` of the configuration now (rule 2); ``disk_problem`` what
+    ``CertificateStore.check`` found wrong with the chain files and ``repairable`` whether
+    ``CertificateStore.repair`` can rebuild them (rule 3)."""
+    def due(reason: str, not_after: datetime | None = None, action: str = "renew") -> Decision:
+        return Decision(cert.name, True, now, reason, not_after, action)
 
     info = on_disk.info() if on_disk else None
     not_after = info.not_after if info else None
     if force:
-        return due("forced", not_after)
+        return due("forced", not_after, "renew" if on_disk else "obtain")
     if state.retry_not_before and state.retry_not_before > now and (
             state.retry_by_server or not settings or state.failed_settings == settings):
+        lifts = ("the ACME server's Retry-After" if state.retry_by_server else
+                 f"its time, or a change to the settings of {cert.name}, [acme] or any of its hooks")
         return Decision(cert.name, False, state.retry_not_before,
-                        f"retrying after {state.consecutive_failures} failure(s): {state.last_error}", not_after)
+                        f"retrying after {state.consecutive_failures} failure(s): {state.last_error}", not_after,
+                        "retry", lifts)
     if on_disk is None:
-        return due("no certificate on disk")
+        return due("no certificate on disk", action="obtain")
     if info is None:
         return due("the certificate on disk does not parse")
-    problem = files_problem(cert, on_disk, info) or disk_problem
+    problem = files_problem(cert, on_disk, info)
     if problem:
         return due(problem, info.not_after)
     if info.not_after <= now:
         return due(f"expired at {_fmt(info.not_after)}", info.not_after)
+    if disk_problem and repairable:
+        return Decision(cert.name, False, now, f"{disk_problem}: rebuilt from the files on disk at the next run, "
+                        "no new order", info.not_after, "repair")
+    if disk_problem:
+        return due(disk_problem, info.not_after)
     when, why = renewal_time(info, state)
     if when <= now:
         return due(why, info.not_after)
-    return Decision(cert.name, False, when, why, info.not_after)
+    return Decision(cert.name, False, when, why, info.not_after, "renew")
 
 
-def settings_digest(cert: CertificateConfig, acme: AcmeConfig) -> str:
-    """A digest of everything that decides whether an order can succeed."""
+def settings_digest(cert: CertificateConfig, acme: AcmeConfig, hooks: tuple[object, ...] = ()) -> str:
+    """A digest of everything that decides whether a renewal can succeed: the order's settings,
+    ``ca_bundle``, and ``hooks`` (what installs and checks it, see ``config_digest``)."""
     relevant = (cert.domains, cert.key_type, cert.profile, acme.directory, acme.profile, acme.eab_kid,
-                str(acme.eab_hmac_key_file), str(acme.account_key), acme.contact)
+                str(acme.eab_hmac_key_file), str(acme.account_key), acme.contact, str(acme.ca_bundle), hooks)
     return hashlib.sha256(repr(relevant).encode()).hexdigest()[:16]
+
+
+def config_digest(config: Config, cert: CertificateConfig) -> str:
+    """``settings_digest`` with every hook of the certificate (command, verify endpoints, timeouts):
+    a backoff lifts when any of them changes."""
+    hooks = tuple((name, config.hooks.get(name) or HOOK_DEFAULT_COMMANDS.get(name)) for name in cert.hooks)
+    return settings_digest(cert, config.acme, hooks)
 
 
 def files_problem(cert: CertificateConfig, on_disk: CertificateSet, info: certs.CertInfo) -> str:

@@ -40,6 +40,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from certkeeper.core import state
 from certkeeper.core.config import Config
 from certkeeper.core.errors import LocalError
+from certkeeper.keeper.service import decide
 from certkeeper.keeper.store import CertificateStore
 from certkeeper.network import verification
 
@@ -111,7 +112,8 @@ class StateCollector:
                 rows["not_after_seconds"].append((label, info.not_after.timestamp()))
                 rows["not_before_seconds"].append((label, info.not_before.timestamp()))
             st = state.load_cert_state(self.config.state_dir, cert.name)
-            for key, value in (("next_renewal_seconds", st.next_renewal),
+            decision = decide(self.config, store, cert, self.clock())  # what status shows, from one place
+            for key, value in (("next_renewal_seconds", decision.when),
                                ("last_renewal_attempt_seconds", st.last_attempt),
                                ("last_renewal_success_seconds", st.last_success)):
                 if (seconds := _ts(value)) is not None:

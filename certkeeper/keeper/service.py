@@ -20,19 +20,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from certkeeper import protocol
 from certkeeper.core import certs, dkim, renewal
 from certkeeper.core.challenges import ChallengeTable
-from certkeeper.core.config import HOOK_DEFAULT_COMMANDS, CertificateConfig, Config, DkimConfig
+from certkeeper.core.config import HOOK_DEFAULT_COMMANDS, AlertsConfig, CertificateConfig, Config, DkimConfig
 from certkeeper.core.errors import AcmeError, CertkeeperError, LocalError
 from certkeeper.core.files import fsync_dir, make_dirs, write_atomic
 from certkeeper.core.state import load_cert_state
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ALERT_TIMEOUT = 30.0  # seconds for one run of [alerts] command
+KEPT_SUFFIX = ".rolled-back.pem"  # STATE/journal/NAME.rolled-back.pem: key + full chain a rollback took off
+KEPT_MIN_LEFT = timedelta(days=1)  # a kept certificate with less left is not installed again
 REVEAL_DIR = "revealed"  # key_dir/revealed/: retired DKIM private keys published on purpose (reveal_retired)
 # RFC 6376 3.1: a selector is one or more DNS labels.
 _SELECTOR = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
@@ -67,12 +71,17 @@ class LocalKeeper:
 
     def __init__(self, config: Config, challenges: ChallengeTable | None = None,
                  on_installed: Callable[[CertificateConfig], None] | None = None,
-                 store: CertificateStore | None = None) -> None:
+                 store: CertificateStore | None = None, dry_run: bool = False) -> None:
+        """``dry_run``: ``renew --dry-run``: an issued chain is checked and never installed; no set is
+        written or rolled back, no hook, signer or alert program runs, no DKIM key is made or deleted
+        (each such request is a ``Refusal``); challenge records may still be published."""
         self.config = config
+        self.dry_run = dry_run
         self.challenges = challenges if challenges is not None else ChallengeTable()
         self.on_installed = on_installed
         self.store = store if store is not None else CertificateStore(config.state_dir)
         self._pending: dict[str, bytes] = {}  # certificate name → the key its last CSR was made for
+        self._reinstalled: set[str] = set()  # names whose kept set was installed again in this run
         self._lock = threading.Lock()
 
     # -- certificates --------------------------------------------------------------
@@ -86,6 +95,9 @@ class LocalKeeper:
     def inspect(self, name: str) -> DiskView:
         """Finish an interrupted install, rebuild a lost chain file, then show the public files."""
         cert = self.certificate(name)
+        if self.dry_run:
+            current = self.store.read(cert)
+            return DiskView(current.cert if current else b"", current.chain if current else b"", b"")
         self.store.recover(cert)
         if self.store.repair(cert) and self.on_installed is not None:
             self.on_installed(cert)
@@ -96,12 +108,7 @@ class LocalKeeper:
 
     def plan(self, name: str, force: bool, now: datetime) -> renewal.Decision:
         """The planner's decision from the files on disk and the certificate's state."""
-        cert = self.certificate(name)
-        on_disk = self.store.read(cert)
-        state = load_cert_state(self.config.state_dir, cert.name)
-        return renewal.plan(cert, on_disk, state, now, force=force,
-                            settings=renewal.settings_digest(cert, self.config.acme),
-                            disk_problem=self.store.check(cert))
+        return decide(self.config, self.store, self.certificate(name), now, force)
 
     def make_csr(self, name: str) -> bytes:
         """A CSR for the certificate's names, for the key the next ``install`` must match.
@@ -132,6 +139,11 @@ class LocalKeeper:
         problem = renewal.files_problem(cert, new_set, info)
         if problem:
             raise AcmeError(f"the issued certificate is unusable: {problem}")
+        if self.dry_run:
+            with self._lock:
+                self._pending.pop(name, None)
+            log.info("%s: dry run: serial %x would be installed; nothing written", name, info.serial)
+            return info
         self.store.install(cert, new_set)
         with self._lock:
             self._pending.pop(name, None)
@@ -140,16 +152,66 @@ class LocalKeeper:
             self.on_installed(cert)
         return info
 
+    def _refuse_in_dry_run(self, what: str) -> None:
+        if self.dry_run:
+            raise Refusal(f"a dry run does not {what}")
+
     def rollback(self, name: str) -> None:
+        """Put the previous set back; the set taken off is kept (once) for ``install_kept``."""
+        self._refuse_in_dry_run("roll back")
         cert = self.certificate(name)
+        taken_off = self.store.read(cert)
         self.store.restore_previous(cert)
+        with self._lock:
+            again = name in self._reinstalled
+        if taken_off is not None and not again:
+            write_atomic(self._kept_path(cert), taken_off.key + taken_off.fullchain, 0o600)
+            log.info("%s: kept the rolled-back certificate for the next attempt", name)
         if self.on_installed is not None:
             self.on_installed(cert)
+
+    def _kept_path(self, cert: CertificateConfig) -> Path:
+        return self.store.journal_dir / f"{cert.name}{KEPT_SUFFIX}"
+
+    def install_kept(self, name: str) -> certs.CertInfo | None:
+        """Install the set a rollback kept, when it still fits the configuration and has more than
+        ``KEPT_MIN_LEFT`` left: the next attempt retries install and reload before a new order.
+        Used once: the file is removed, and a second rollback of it keeps nothing."""
+        self._refuse_in_dry_run("install")
+        cert = self.certificate(name)
+        path = self._kept_path(cert)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise LocalError(f"{path}: cannot read: {exc.strerror}") from None
+        path.unlink()
+        try:
+            key, fullchain = _split_kept(data)
+            kept = CertificateSet.from_fullchain(key, fullchain)
+            info = certs.parse_cert(kept.cert)
+        except ValueError:
+            log.warning("%s: %s does not hold a certificate set; ordering a new one", name, path)
+            return None
+        problem = renewal.files_problem(cert, kept, info)
+        if problem or info.not_after - datetime.now(UTC) < KEPT_MIN_LEFT:
+            log.info("%s: the kept certificate is not usable (%s); ordering a new one", name,
+                     problem or f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC")
+            return None
+        self.store.install(cert, kept)
+        with self._lock:
+            self._reinstalled.add(name)
+        log.info("%s: installed again the kept serial %x, valid until %s", name, info.serial, info.not_after)
+        if self.on_installed is not None:
+            self.on_installed(cert)
+        return info
 
     # -- hooks -----------------------------------------------------------------------
 
     def run_hook(self, name: str, certificates: Sequence[str] = ()) -> hooks.CommandResult:
         """Run a hook that a certificate or a [[dkim]] signer names, telling it which certificates."""
+        self._refuse_in_dry_run("run hooks")
         used = {h for c in self.config.certificates for h in c.hooks}
         used |= {signers.hook_name(item) for item in self.config.dkim}
         if name not in used or (name not in self.config.hooks and name not in HOOK_DEFAULT_COMMANDS):
@@ -159,10 +221,17 @@ class LocalKeeper:
         return hooks.hook_for(self.config, name).reload(tuple(certificates))
 
     def run_alert(self, program: str, data: bytes) -> bool:
-        """Run ``[alerts] command`` or ``[alerts] sendmail`` with ``data`` on stdin."""
-        argv = {"command": self.config.alerts.command, "sendmail": self.config.alerts.sendmail}.get(program)
+        """Run ``[alerts] command``, ``[alerts] sendmail`` or, when SMTP failed, "sendmail-fallback"
+        (``sendmail -t``, or ``[alerts] sendmail``) with ``data`` on stdin. A message for sendmail
+        must be addressed to ``[alerts] mail_to`` only."""
+        self._refuse_in_dry_run("send alerts")
+        alerts = self.config.alerts
+        argv = {"command": alerts.command, "sendmail": alerts.sendmail,
+                "sendmail-fallback": fallback_sendmail(alerts) if alerts.mail_to else ()}.get(program)
         if not argv:
             raise Refusal(f"[alerts] {program} is not configured")
+        if program != "command":
+            _check_recipients(data, alerts.mail_to, program)
         result = hooks.run_command(argv, ALERT_TIMEOUT, stdin=data, what=f"[alerts] {program}")
         if not result.ok:
             raise LocalError(f"[alerts] {program}: {result.describe()}")
@@ -186,6 +255,8 @@ class LocalKeeper:
         """The key record of the selector's private key; with ``create``, make the key when it is missing.
 
         Returns (record, created); ("", False) when there is no key and none was asked for."""
+        if create:
+            self._refuse_in_dry_run("make DKIM keys")
         item = self.dkim_item(domain)
         path = self.dkim_key_path(domain, selector)
         if create and algorithm not in item.algorithms:
@@ -221,6 +292,7 @@ class LocalKeeper:
         """Write the signer file of ``domain`` with ``keys`` (domain, selector, algorithm) and run its hook.
 
         Every key must be a key file of a [[dkim]] domain that shares this signer file."""
+        self._refuse_in_dry_run("switch signers")
         item = self.dkim_item(domain)
         path = signers.config_path(item)
         chosen: list[signers.SigningKey] = []
@@ -268,6 +340,7 @@ class LocalKeeper:
     def dispose_dkim_key(self, domain: str, selector: str, algorithm: str,
                          progress: Callable[[str], None]) -> None:
         """Delete a removed selector's private key (first revealing it, with ``reveal_retired``)."""
+        self._refuse_in_dry_run("delete keys")
         item = self.dkim_item(domain)
         path = self.dkim_key_path(domain, selector)
         if item.reveal_retired:
@@ -347,6 +420,48 @@ class LocalKeeper:
         from certkeeper.network.dns.zonefile import ZonefileBackend
 
         return ZonefileBackend(self.config.dns)
+
+
+def fallback_sendmail(alerts: AlertsConfig) -> tuple[str, ...]:
+    """What mail falls back to when SMTP fails: ``[alerts] sendmail``, else ``sendmail -t`` from PATH
+    or the usual places (/usr/sbin, /usr/lib)."""
+    if alerts.sendmail:
+        return alerts.sendmail
+    search = os.pathsep.join(p for p in (os.environ.get("PATH", ""), "/usr/sbin", "/usr/lib") if p)
+    return (shutil.which("sendmail", path=search) or "/usr/sbin/sendmail", "-t")
+
+
+def _split_kept(data: bytes) -> tuple[bytes, bytes]:
+    """(key, full chain) from a kept file: the key's PEM block first, then the certificates."""
+    end = data.find(b"-----END ")
+    stop = data.find(b"-----", end + 9) + 5 if end >= 0 else -1
+    if end < 0 or stop < 5 or b"PRIVATE KEY" not in data[:stop]:
+        raise ValueError("no private key first")
+    return data[:stop] + b"\n", data[stop:].lstrip()
+
+
+def _check_recipients(data: bytes, mail_to: Sequence[str], program: str) -> None:
+    """``sendmail -t`` mails whoever the headers name: only ``[alerts] mail_to`` may be named."""
+    from email import message_from_bytes
+    from email.utils import getaddresses
+
+    msg = message_from_bytes(data)
+    named = {address.lower() for _, address in getaddresses(msg.get_all("To", []) + msg.get_all("Cc", [])
+                                                             + msg.get_all("Bcc", []))}
+    allowed = {address.lower() for address in mail_to}
+    if not named or not named <= allowed:
+        raise Refusal(f"[alerts] {program}: the message is not addressed to [alerts] mail_to only")
+
+
+def decide(config: Config, store: CertificateStore, cert: CertificateConfig, now: datetime,
+           force: bool = False) -> renewal.Decision:
+    """The one decision about ``cert`` (read-only): what the renew worker plans with, and what
+    ``status``, ``--json`` and the metrics show (the reason and time of the next action, the backoff
+    and what lifts it)."""
+    problem = store.check(cert)
+    return renewal.plan(cert, store.read(cert), load_cert_state(config.state_dir, cert.name), now, force=force,
+                        settings=renewal.config_digest(config, cert), disk_problem=problem,
+                        repairable=bool(problem) and store.repairable(cert))
 
 
 def existing_dkim_key(path: Path, algorithm: str) -> dkim.DkimPrivateKey | None:
@@ -441,7 +556,8 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
             return p.Disk(name, view.cert.decode(), view.chain.decode(), view.previous.decode())
         case p.Plan(name=name, force=force):
             d = keeper.plan(name, force, now())
-            return p.Planned(name, d.due, d.when.isoformat(), d.reason, d.not_after.isoformat() if d.not_after else "")
+            return p.Planned(name, d.due, d.when.isoformat(), d.reason, d.not_after.isoformat() if d.not_after else "",
+                             d.action, d.lifts)
         case p.MakeCsr(name=name):
             return p.Csr(name, keeper.make_csr(name).decode())
         case p.Install(name=name, fullchain=fullchain):
@@ -453,6 +569,9 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
         case p.Rollback(name=name):
             keeper.rollback(name)
             return p.Ok()
+        case p.InstallKept(name=name):
+            installed = keeper.store.read(keeper.certificate(name)) if keeper.install_kept(name) else None
+            return p.Kept(name, installed.cert.decode() if installed is not None else "")
         case p.DkimKey(domain=domain, selector=selector, algorithm=algorithm, create=create):
             record, created = keeper.dkim_key(domain, selector, algorithm, create)
             return p.DkimRecord(record, created)

@@ -30,7 +30,7 @@ LAST_COLUMN = 26  # the NEXT ACTION column gets at least this much when a row is
 CERTIFICATE_KEYS = (
     "name", "domains", "status", "serial", "not_before", "not_after", "days_left", "next_renewal",
     "next_renewal_reason", "next_action", "last_attempt", "last_success", "consecutive_failures", "last_error",
-    "endpoints", "set_aside",
+    "endpoints", "set_aside", "next_action_at", "backoff_until", "backoff_lifts",
 )
 DKIM_COLUMNS = (("DOMAIN", "domain"), ("SELECTOR", "selector"), ("ALG", "algorithm"), ("STATE", "state"),
                 ("SINCE", "since"))
@@ -44,7 +44,7 @@ def _iso(when: datetime | None) -> str | None:
 
 
 TIME_KEYS = ("created", "published", "activated", "retired", "revoked", "published_at", "drain_until",
-             "next_action_at", "since")
+             "next_action_at", "since", "retry_at")
 
 
 def _normalise(row: dict[str, Any]) -> dict[str, Any]:
@@ -94,8 +94,10 @@ def certificate_status(config: Config, store: CertificateStore, cert: Certificat
     on_disk = store.read(cert)
     info = _info(on_disk)
     st = state.load_cert_state(config.state_dir, cert.name)
-    due, when, why = _plan(config, cert, on_disk, st, now)
+    decision = _plan(config, store, cert, now)
+    due, when, why = decision.due, decision.when, decision.reason
     status = _status(on_disk, info, st, due, now)
+    backoff = decision.action == "retry"
     row: dict[str, Any] = {
         "name": cert.name,
         "domains": list(cert.domains),
@@ -106,7 +108,7 @@ def certificate_status(config: Config, store: CertificateStore, cert: Certificat
         "days_left": round((info.not_after - now).total_seconds() / 86400, 2) if info else None,
         "next_renewal": _iso(when),
         "next_renewal_reason": why,
-        "next_action": _next_action(status, due, when, st),
+        "next_action": _next_action(status, decision),
         "last_attempt": _iso(st.last_attempt),
         "last_success": _iso(st.last_success),
         "consecutive_failures": st.consecutive_failures,
@@ -115,6 +117,9 @@ def certificate_status(config: Config, store: CertificateStore, cert: Certificat
         # Unreadable state files and install journals of this certificate, moved aside for the operator.
         "set_aside": [str(p) for p in state.set_aside_files(config.state_dir, cert.name)
                       + store.set_aside_journals(cert)],
+        "next_action_at": _iso(when),
+        "backoff_until": _iso(when) if backoff else None,
+        "backoff_lifts": decision.lifts if backoff else None,
     }
     return {key: row[key] for key in CERTIFICATE_KEYS}
 
@@ -123,13 +128,12 @@ def _info(on_disk: CertificateSet | None) -> certs.CertInfo | None:
     return on_disk.info() if on_disk else None
 
 
-def _plan(config: Config, cert: CertificateConfig, on_disk: CertificateSet | None, st: state.CertState,
-          now: datetime) -> tuple[bool, datetime | None, str]:
-    """(due now, next renewal time, why): the runner's own planner, with the same settings digest, so
-    a backoff that a config change has lifted shows as lifted here too."""
-    decision = renewal.plan(cert, on_disk, st, now, settings=renewal.settings_digest(cert, config.acme),
-                            disk_problem=CertificateStore(config.state_dir).check(cert))
-    return decision.due, decision.when, decision.reason
+def _plan(config: Config, store: CertificateStore, cert: CertificateConfig, now: datetime) -> renewal.Decision:
+    """The runner's own decision (``keeper.service.decide``: the same planner, digest and files), so a
+    backoff that a config change has lifted shows as lifted here too."""
+    from certkeeper.keeper.service import decide
+
+    return decide(config, store, cert, now)
 
 
 def _status(on_disk: CertificateSet | None, info: certs.CertInfo | None, st: state.CertState, due: bool,
@@ -144,18 +148,26 @@ def _status(on_disk: CertificateSet | None, info: certs.CertInfo | None, st: sta
     return "due" if due else "ok"
 
 
-def _next_action(status: str, due: bool, when: datetime | None, st: state.CertState) -> str:
+def _next_action(status: str, decision: renewal.Decision) -> str:
+    """From the decision alone: a retry time is the backoff's, and never in the past."""
+    if decision.action == "retry":
+        return f"retry {_short(decision.when)}"
     if status == "missing":
         return "obtain now"
-    if st.consecutive_failures and st.retry_not_before and not due:
-        return f"retry {_short(st.retry_not_before)}"
-    if due:
+    if decision.action == "repair":
+        return "repair on next run"
+    if decision.due:
         return "renew now"
-    return f"renew {_short(when)}"
+    return f"renew {_short(decision.when)}"
 
 
 def _endpoints(config: Config, name: str) -> list[dict[str, Any]]:
-    return verification.last_results(config, name)
+    """The last verification, its times in the document's format (whole seconds)."""
+    rows = verification.last_results(config, name)
+    for row in rows:
+        for key in ("checked_at", "not_after"):
+            row[key] = _iso(_parse_time(row.get(key))) if row.get(key) else None
+    return rows
 
 
 def _rows(config: Config, status_rows: Callable[[Config], list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -177,7 +189,10 @@ def dkim_rows(config: Config) -> list[dict[str, Any]]:
     rows = _rows(config, dkimstate.status_rows)
     _add_set_aside(rows, lambda domain: dkimstate.set_aside_files(config, domain))
     timing = {item.domain: item for item in config.dkim}
+    since_of = {"pending": "created", "active": "activated", "retiring": "retired", "revoked": "revoked"}
     for row in rows:
+        if row.get("domain") in timing and "since" not in row:  # when the key entered its state
+            row["since"] = _iso(_parse_time(row.get(since_of.get(str(row.get("state")), ""))))
         if "next_action" in row or row.get("domain") not in timing:
             continue
         item = timing[row["domain"]]
@@ -199,12 +214,17 @@ def mta_sts_rows(config: Config) -> list[dict[str, Any]]:
     """``mtasts_state.status_rows`` plus ``next_action`` and ``next_action_at``."""
     rows = _rows(config, mtasts_state.status_rows)
     _add_set_aside(rows, lambda domain: mtasts_state.set_aside_files(config, domain))
+    now = _iso(datetime.now(UTC)) or ""
     for row in rows:
         if "next_action" in row:
             continue
         status = row.get("status")
         row["next_action"] = {"pending": "publish id", "draining": "remove record"}.get(str(status), "none")
         row["next_action_at"] = row.get("drain_until") if status == "draining" else None
+        retry = row.get("retry_at")
+        if row.get("error") and status == "pending":  # a failed publication: when it is tried again
+            row["next_action"] = "retry publish"
+            row["next_action_at"] = retry if retry and retry > now else None  # never in the past: at once
     return rows
 
 
@@ -309,6 +329,9 @@ def _certificate_lines(rows: list[dict[str, Any]]) -> list[str]:
         not_after = row["not_after"][:10] if row["not_after"] else "-"
         cells.append([row["name"], row["status"], not_after, days, row["next_action"]])
         extra = [f"domains: {', '.join(row['domains'])}", f"why: {row['next_renewal_reason']}"]
+        if row["backoff_lifts"]:
+            extra.append(f"backoff until {_short(_parse_time(row['backoff_until']))} UTC; ends sooner with "
+                         f"{row['backoff_lifts'].removeprefix('its time, or ')}")
         if row["last_error"] and row["last_error"] not in row["next_renewal_reason"]:
             extra.append(f"last error ({row['consecutive_failures']} failures): {row['last_error']}")
         extra += [f"set aside as unreadable (read, then remove): {path}" for path in row["set_aside"]]

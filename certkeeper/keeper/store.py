@@ -108,6 +108,11 @@ class CertificateStore:
                 return f"{path} does not match {cert.cert}"
         return ""
 
+    def repairable(self, cert: CertificateConfig) -> bool:
+        """Whether ``repair`` can rebuild what ``check`` finds wrong (read-only)."""
+        current = self.read(cert)
+        return current is not None and _best_chain(cert, current.cert) is not None
+
     def repair(self, cert: CertificateConfig) -> str:
         """Rebuild a missing or damaged chain or full-chain file from the other one (no CA needed).
 

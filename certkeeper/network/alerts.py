@@ -6,7 +6,12 @@ the first success after it sends one recovery mail), expiry warnings (a
 certificate on disk within ``expiry_warning_days`` of its end, for any
 reason, once per certificate serial), and delivery: SMTP to ``[alerts] smtp``
 (the local MTA), or ``[alerts] sendmail`` (e.g. ``sendmail -t``), and the
-``[alerts] command`` program with the same text on stdin.
+``[alerts] command`` program with the same text on stdin. When SMTP fails (the
+MTA is what broke), the mail goes to ``sendmail -t``, run by the keeper.
+Whatever fails is logged at LOG_CRIT with the alert's text, and the text is
+kept in ``STATE/alerts/undelivered-*.txt`` until an alert of its kind gets out.
+A failure alert says what the services serve as measured by the last
+verification, not what is assumed.
 
 Episode state lives in ``STATE/alerts/alerts.json`` so that a restart neither
 re-sends an alert nor forgets to send the recovery. An alert that could not
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import smtplib
 import socket
 import threading
@@ -40,14 +46,16 @@ from typing import Any
 from certkeeper.core import certs, layout, state
 from certkeeper.core.config import AlertsConfig, Config
 from certkeeper.core.errors import CertkeeperError
-from certkeeper.core.files import set_aside, write_json_atomic
+from certkeeper.core.files import set_aside, write_atomic, write_json_atomic
 from certkeeper.keeper.hooks import run_command
+from certkeeper.keeper.service import fallback_sendmail
 from certkeeper.keeper.store import CertificateStore
 from certkeeper.network.keeper_client import Keeper
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "alerts.json"
+SPOOL_PREFIX = "undelivered-"  # STATE/alerts/undelivered-KEY.txt: the text of an alert not delivered yet
 SEND_TIMEOUT = 30.0  # seconds for one SMTP session or one program run
 
 
@@ -82,42 +90,52 @@ def render_mail(alert: Alert, alerts: AlertsConfig, now: datetime) -> EmailMessa
 def deliver(alert: Alert, alerts: AlertsConfig, now: datetime, keeper: Keeper | None = None) -> bool:
     """Send through every configured channel; True when at least one took it.
 
-    Programs (``command``, ``sendmail``) are run by the keeper when there is one (the worker's pipe):
-    the network worker runs under no_new_privs, where a setgid sendmail cannot work."""
+    Mail goes to ``[alerts] smtp``; when that fails (the MTA is what broke), to ``sendmail -t``
+    (``fallback_sendmail``). ``[alerts] command`` runs for every alert. Programs are run by the
+    keeper when there is one (the worker's pipe): the network worker runs under no_new_privs, where
+    a setgid sendmail (OpenSMTPD's) cannot work. Each channel that fails is logged at LOG_CRIT with
+    the alert's text."""
     delivered = False
     if alerts.mail_to:
         delivered |= _mail(alert, alerts, now, keeper)
     if alerts.command:
-        delivered |= _run(alerts.command, alert.text().encode(), "[alerts] command", keeper)
+        delivered |= _run(alerts.command, alert.text().encode(), "[alerts] command", keeper, "command", alert)
     return delivered
+
+
+def _one_line(alert: Alert | None) -> str:
+    return " | ".join(line for line in alert.text().splitlines() if line.strip()) if alert else ""
 
 
 def _mail(alert: Alert, alerts: AlertsConfig, now: datetime, keeper: Keeper | None) -> bool:
     msg = render_mail(alert, alerts, now)
     if alerts.sendmail:
-        return _run(alerts.sendmail, msg.as_bytes(), "[alerts] sendmail", keeper)
+        return _run(alerts.sendmail, msg.as_bytes(), "[alerts] sendmail", keeper, "sendmail", alert)
     host, _, port = alerts.smtp.rpartition(":")
     try:
         with smtplib.SMTP(host.strip("[]"), int(port), timeout=SEND_TIMEOUT) as smtp:
             smtp.send_message(msg)
     except (OSError, smtplib.SMTPException) as exc:
-        log.warning("alert mail to %s via %s failed: %s", ", ".join(alerts.mail_to), alerts.smtp,
-                    " ".join(str(exc).split()))
-        return False
+        log.critical("alert mail to %s via %s failed: %s; falling back to sendmail -t; the alert: %s",
+                     ", ".join(alerts.mail_to), alerts.smtp, " ".join(str(exc).split()), _one_line(alert))
+        return _run(fallback_sendmail(alerts), msg.as_bytes(), "sendmail -t (fallback)", keeper,
+                    "sendmail-fallback", alert)
     return True
 
 
-def _run(argv: tuple[str, ...], data: bytes, what: str, keeper: Keeper | None = None) -> bool:
-    """Run the program with ``data`` on stdin (certkeeper.keeper.hooks.run_command: no shell, no pipes, a timeout)."""
+def _run(argv: tuple[str, ...], data: bytes, what: str, keeper: Keeper | None = None, program: str = "command",
+         alert: Alert | None = None) -> bool:
+    """Run the program with ``data`` on stdin (certkeeper.keeper.hooks.run_command: no shell, no pipes, a timeout);
+    with a keeper, the keeper runs ``program`` ("command", "sendmail" or "sendmail-fallback")."""
     if keeper is not None:
         try:
-            return keeper.run_alert("sendmail" if "sendmail" in what else "command", data)
+            return keeper.run_alert(program, data)
         except CertkeeperError as exc:
-            log.warning("%s failed: %s", what, exc)
+            log.critical("%s failed: %s; the alert: %s", what, exc, _one_line(alert))
             return False
     result = run_command(argv, SEND_TIMEOUT, stdin=data, what=what)
     if not result.ok:
-        log.warning("%s failed: %s", what, result.describe())
+        log.critical("%s failed: %s; the alert: %s", what, result.describe(), _one_line(alert))
     return result.ok
 
 
@@ -179,14 +197,49 @@ class Alerter:
     def _save(self, data: dict[str, Any]) -> None:
         write_json_atomic(self.path, data)
 
-    def _notify(self, alert: Alert) -> bool:
+    def _notify(self, alert: Alert, key: str = "") -> bool:
+        """Deliver ``alert``; one that no channel took is logged at LOG_CRIT with its text and kept in
+        ``STATE/alerts/undelivered-KEY.txt`` until an alert for ``key`` gets out (tried again at the
+        next run: the next event of its episode, the next renewal run, the hourly check)."""
         if not self.enabled:
             return False
         try:
-            return bool(self._send(alert))
+            sent = bool(self._send(alert))
         except Exception as exc:  # noqa: BLE001 - an alert must never break a renewal
-            log.warning("alert %r not sent: %s", alert.subject, exc)
-            return False
+            log.critical("alert %r not sent: %s", alert.subject, exc)
+            sent = False
+        if key:
+            if sent:
+                self._unspool(key)
+            else:
+                self._spool(key, alert)
+        return sent
+
+    def spool_path(self, key: str) -> Path:
+        return layout.path(self.config.state_dir, "alerts", f"{SPOOL_PREFIX}{re.sub(r'[^A-Za-z0-9._-]', '_', key)}.txt")
+
+    def _spool(self, key: str, alert: Alert) -> None:
+        path = self.spool_path(key)
+        try:
+            write_atomic(path, alert.text().encode(), 0o600)
+        except OSError as exc:
+            log.critical("cannot keep the undelivered alert in %s: %s", path, exc.strerror or exc)
+        log.critical("alert not delivered, kept in %s until it is: %s", path, _one_line(alert))
+
+    def _unspool(self, *keys: str) -> None:
+        for key in keys:
+            try:
+                self.spool_path(key).unlink(missing_ok=True)
+            except OSError as exc:
+                log.error("cannot remove %s: %s", self.spool_path(key), exc.strerror or exc)
+
+    def undelivered(self) -> list[Path]:
+        """The alerts kept because no channel took them yet."""
+        directory = layout.path(self.config.state_dir, "alerts")
+        try:
+            return sorted(p for p in directory.iterdir() if p.name.startswith(SPOOL_PREFIX))
+        except OSError:
+            return []
 
     # -- generic episodes ------------------------------------------------------
 
@@ -206,7 +259,7 @@ class Alerter:
             episode["detail"] = detail
             sent = False
             if not episode["notified"]:
-                sent = self._notify(self._failure_alert(episode, detail, now))
+                sent = self._notify(self._failure_alert(episode, detail, now), f"failure-{key}")
                 episode["notified"] = sent
             self._save(data)
             return sent
@@ -225,9 +278,11 @@ class Alerter:
                 return False
             episode.setdefault("recovered_at", _iso(now))
             episode["recovery"] = {"what": what, "detail": detail}
-            sent = bool(episode.get("notified")) and self._notify(self._recovery_alert(episode, what, detail, now))
+            sent = bool(episode.get("notified")) and self._notify(self._recovery_alert(episode, what, detail, now),
+                                                                  f"recovery-{key}")
             if sent or not episode.get("notified"):
                 del data["failures"][key]
+                self._unspool(f"failure-{key}", f"recovery-{key}")
             self._save(data)
             return sent
 
@@ -244,11 +299,14 @@ class Alerter:
             for key, episode in list(data["failures"].items()):
                 if "recovered_at" in episode and episode.get("notified"):
                     again = episode.get("recovery") or {"what": episode["what"], "detail": ""}
-                    if self._notify(self._recovery_alert(episode, again["what"], again["detail"], now)):
+                    if self._notify(self._recovery_alert(episode, again["what"], again["detail"], now),
+                                    f"recovery-{key}"):
                         del data["failures"][key]
+                        self._unspool(f"failure-{key}")
                         sent.append(key)
                 elif not episode.get("notified"):
-                    episode["notified"] = self._notify(self._failure_alert(episode, episode.get("detail", ""), now))
+                    episode["notified"] = self._notify(self._failure_alert(episode, episode.get("detail", ""), now),
+                                                       f"failure-{key}")
                     sent += [key] if episode["notified"] else []
             self._save(data)
         return sent
@@ -293,9 +351,10 @@ class Alerter:
         """Call after every failed renewal attempt of certificate ``name``."""
         now = now or datetime.now(UTC)
         if serving_not_after is None:
-            serving = "Still serving: nothing (no valid certificate is on disk)"
+            serving = "On disk:       nothing (no valid certificate is on disk)"
         else:
-            serving = f"Still serving: the certificate on disk, valid until {_show(serving_not_after, now)}"
+            serving = f"On disk:       the certificate valid until {_show(serving_not_after, now)}"
+        serving += "\n" + self.served(name, now)
         domains = self._domains(name)
         what = f"renewal of certificate {name}" + (f" ({', '.join(domains)})" if domains else "")
         return self.failed(f"certificate:{name}", what, error, serving, now)
@@ -312,12 +371,36 @@ class Alerter:
         detail = f"Now serving:   a certificate valid until {_show(not_after, now)}" if not_after else ""
         return self.recovered(f"certificate:{name}", f"renewal of certificate {name}", detail, now)
 
+    def served(self, name: str, now: datetime) -> str:
+        """What the services serve, as measured by the last verification (never assumed)."""
+        from certkeeper.network import verification
+
+        results = verification.last_results(self.config, name)
+        if not results:
+            return ("Served now:    not measured (no verify endpoint has been checked; "
+                    "`certkeeper verify` checks them)")
+        lines = []
+        for r in results:
+            checked = _parse_iso(r.get("checked_at"))
+            where = f"{r.get('hook') or ''} {r.get('endpoint') or ''}".strip()
+            if r.get("serial"):
+                seen = f"serial {r['serial']}, valid until {_show(_parse_iso(r.get('not_after')), now)}"
+            else:
+                seen = f"nothing ({r.get('error') or 'no answer'})"
+            verdict = "the file on disk" if r.get("ok") else "NOT the file on disk"
+            lines.append(f"Served now:    {where}: {seen}, {verdict} (measured {_show(checked, now)})")
+        return "\n".join(lines)
+
     def after_renewal(self, outcomes: Iterable[Any]) -> None:
         """One renewal run's outcomes (``runner.Outcome``: name, status, detail, not_after), from
         the daemon's workers and from ``certkeeper renew`` alike. An alert that cannot be sent is
-        logged; it never changes the run's result."""
+        logged; it never changes the run's result. Alerts kept from an earlier run go first."""
         if not self.enabled:
             return
+        try:
+            self.resend_undelivered()
+        except (CertkeeperError, OSError) as exc:
+            log.error("alerts kept from an earlier run: %s", exc)
         for outcome in outcomes:
             try:
                 if outcome.status == "failed":
@@ -343,11 +426,12 @@ class Alerter:
                 info = _parse(self._on_disk(cert.name))
                 if info is None or info.not_after - now > window:
                     data["expiry"].pop(cert.name, None)
+                    self._unspool(f"expiry-{cert.name}")  # renewed meanwhile: nothing left to say
                     continue
                 serial = str(info.serial)
                 if data["expiry"].get(cert.name) == serial:
                     continue
-                if self._notify(self._expiry_alert(cert.name, info, now)):
+                if self._notify(self._expiry_alert(cert.name, info, now), f"expiry-{cert.name}"):
                     data["expiry"][cert.name] = serial
                     warned.append(cert.name)
             self._save(data)
@@ -383,6 +467,16 @@ class Alerter:
             return self.config.certificate(name).domains
         except KeyError:
             return ()
+
+
+def _parse_iso(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _parse(pem: bytes) -> certs.CertInfo | None:

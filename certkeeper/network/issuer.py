@@ -99,6 +99,8 @@ class _NewOrder(messages.NewOrder):
 class Issuer:
     """One ACME account at one directory; safe to share between threads."""
 
+    remember_account = True  # False (renew --dry-run): the account URL is not written to the state directory
+
     def __init__(self, config: AcmeConfig, state_dir: Path, challenges: ChallengeTable) -> None:
         self.config = config
         self.state_dir = state_dir
@@ -204,6 +206,8 @@ class Issuer:
         return str(entry.get("url", "")) if entry.get("key") == key_id else ""
 
     def _cache_account_url(self, url: str) -> None:
+        if not self.remember_account:
+            return
         try:
             data = json.loads(self._account_cache().read_text())
         except (OSError, ValueError):

@@ -38,6 +38,7 @@ class Keeper(Protocol):
     def make_csr(self, name: str) -> bytes: ...
     def install(self, name: str, fullchain: bytes) -> certs.CertInfo: ...
     def rollback(self, name: str) -> None: ...
+    def install_kept(self, name: str) -> certs.CertInfo | None: ...
     def run_hook(self, name: str, certificates: Sequence[str] = ()) -> CommandResult: ...
     def run_alert(self, program: str, data: bytes) -> bool: ...
     def dkim_key(self, domain: str, selector: str, algorithm: str, create: bool) -> tuple[str, bool]: ...
@@ -79,7 +80,7 @@ class PipeKeeper:
     def plan(self, name: str, force: bool, now: datetime) -> renewal.Decision:
         p = self.call(protocol.Plan(name, force), protocol.Planned)
         return renewal.Decision(p.name, p.due, datetime.fromisoformat(p.when), p.reason,
-                                datetime.fromisoformat(p.not_after) if p.not_after else None)
+                                datetime.fromisoformat(p.not_after) if p.not_after else None, p.action, p.lifts)
 
     def make_csr(self, name: str) -> bytes:
         return self.call(protocol.MakeCsr(name), protocol.Csr).csr.encode()
@@ -90,6 +91,10 @@ class PipeKeeper:
 
     def rollback(self, name: str) -> None:
         self.call(protocol.Rollback(name), protocol.Ok)
+
+    def install_kept(self, name: str) -> certs.CertInfo | None:
+        kept = self.call(protocol.InstallKept(name), protocol.Kept)
+        return certs.parse_cert(kept.cert.encode()) if kept.cert else None
 
     def run_hook(self, name: str, certificates: Sequence[str] = ()) -> CommandResult:
         ran = self.call(protocol.RunHook(name, tuple(certificates)), protocol.HookRan)

@@ -31,10 +31,12 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+from certkeeper.core import mtasts_state
 from certkeeper.core.config import Config
 from certkeeper.core.errors import CertkeeperError, ServiceError
+from certkeeper.core.files import write_json_atomic
 from certkeeper.core.mtasts import MEDIA_TYPE, WELL_KNOWN_PATH, MtaStsError, Policy, parse_policy, render_txt
 from certkeeper.core.mtasts_state import (  # noqa: F401 - status_rows: certkeeper status reads it from here too
     domains_to_serve,
@@ -49,6 +51,8 @@ from certkeeper.network.dns.propagation import visible_everywhere, wait_until_ab
 from certkeeper.network.keeper_client import Keeper
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER = timedelta(minutes=10)  # a failed publication: the daemon tries again then (worker.job_publish)
 
 FETCH_TIMEOUT = 10.0
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3: senders may refuse larger policy bodies
@@ -178,8 +182,22 @@ def publish_all(config: Config, progress: Progress, now: datetime | None = None,
         except CertkeeperError as exc:
             log.warning("%s: %s", record, exc)
             run.outcomes.append(Outcome(domain, record, "failed", str(exc)))
+            _record_failure(config, domain, str(exc), run.now + RETRY_AFTER)
+        else:
+            _record_failure(config, domain, "", None)
     _tlsrpt_all(run, domains)
     return run.outcomes
+
+
+def _record_failure(config: Config, domain: str, error: str, retry_at: datetime | None) -> None:
+    path = mtasts_state.failure_path(config, domain)
+    try:
+        if error and retry_at is not None:
+            write_json_atomic(path, {"error": error, "retry_at": retry_at.isoformat(timespec="seconds")})
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.error("%s: %s", path, exc.strerror or exc)
 
 
 def _rrset(config: Config, domain: str, policy: Policy) -> RecordSet:

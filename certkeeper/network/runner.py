@@ -70,18 +70,25 @@ class Renewer:
                  store: CertificateStore | None = None,
                  on_installed: Callable[[CertificateConfig], None] | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 keeper: Keeper | None = None) -> None:
+                 keeper: Keeper | None = None, dry_run: str = "") -> None:
         """``keeper`` does what needs root (keys, files, hooks): the worker's pipe in production;
-        by default a ``LocalKeeper`` in this process, with ``challenges``, ``store`` and ``on_installed``."""
+        by default a ``LocalKeeper`` in this process, with ``challenges``, ``store`` and ``on_installed``.
+
+        ``dry_run``: the staging directory of ``renew --dry-run``: every selected certificate is
+        ordered there, the keeper checks the chain and installs nothing, no hook runs, the hooks'
+        verify endpoints are probed, and no state file is written."""
         self.config = config
+        self.dry_run = dry_run
         if keeper is None:
             from certkeeper.keeper.service import LocalKeeper
 
-            keeper = LocalKeeper(config, challenges, on_installed, store)
+            keeper = LocalKeeper(config, challenges, on_installed, store, dry_run=bool(dry_run))
         self.keeper = keeper
         self.challenges = keeper.challenges
         self.clock = clock
-        self.issuer = Issuer(config.acme, config.state_dir, self.challenges)
+        acme = dataclasses.replace(config.acme, directory=dry_run) if dry_run else config.acme
+        self.issuer = Issuer(acme, config.state_dir, self.challenges)
+        self.issuer.remember_account = not dry_run
         self._locks: dict[str, threading.Lock] = {}
         self._before: dict[str, CertState] = {}  # state before this run's attempt, for a rollback
         self._locks_guard = threading.Lock()
@@ -143,6 +150,8 @@ class Renewer:
         """
         progress = progress or (lambda line: None)
         selected = self.select(names)
+        if self.dry_run:
+            return self._dry_run(selected, progress, serve_challenges)
         decisions = {c.name: self.decide(c, force) for c in selected}
         due = [c for c in selected if decisions[c.name].due]
         report = RenewReport()
@@ -163,6 +172,33 @@ class Renewer:
             report.outcomes.append(outcome)
         return report
 
+    def _dry_run(self, selected: list[CertificateConfig], progress: Progress,
+                 serve_challenges: Callable[[], AbstractContextManager[object]] | None) -> RenewReport:
+        """Order each certificate from the staging directory; check it; probe the verify endpoints."""
+        from certkeeper.network.verification import check_certificate
+
+        report = RenewReport()
+        with (serve_challenges or nullcontext)():
+            for cert in selected:
+                progress(f"{cert.name}: dry run against {self.dry_run}")
+                try:
+                    info = self.keeper.install(cert.name, self._obtain(cert, progress))
+                except CertkeeperError as exc:
+                    report.outcomes.append(Outcome(cert.name, "failed", f"dry run: {exc}"))
+                    continue
+                lines = [f"dry run: {self.dry_run} issued serial {info.serial:x}, valid until "
+                         f"{info.not_after:%Y-%m-%d %H:%M} UTC; nothing installed, no hook run"]
+                bad = []
+                for check in check_certificate(self.config, self.keeper, cert):  # probes only, saved nowhere
+                    progress(check.describe())
+                    if check.seen.cert is None:
+                        bad.append(check.describe())
+                if bad:
+                    report.outcomes.append(Outcome(cert.name, "failed", "; ".join([*lines, *bad])))
+                else:
+                    report.outcomes.append(Outcome(cert.name, "renewed", lines[0], None, info.not_after))
+        return report
+
     def _lock(self, name: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(name, threading.Lock())
@@ -181,7 +217,12 @@ class Renewer:
         self._before[cert.name] = dataclasses.replace(state)  # restored if a reload rolls back
         progress(f"{cert.name}: renewing ({decision.reason})")
         try:
-            info = self.keeper.install(cert.name, self._obtain(cert, progress))
+            info = self.keeper.install_kept(cert.name)  # issued before a rollback: install and reload it again
+            if info is not None:
+                progress(f"{cert.name}: installing again serial {info.serial:x}, issued before the rollback "
+                         "(no new order)")
+            else:
+                info = self.keeper.install(cert.name, self._obtain(cert, progress))
         except CertkeeperError as exc:
             return self._failed(cert, state, exc, now)
         state.last_success, state.consecutive_failures, state.last_error = now, 0, ""
@@ -201,7 +242,7 @@ class Renewer:
         current = self.keeper.inspect(cert.name).cert
         csr = self.keeper.make_csr(cert.name)
         replaces = ""
-        if current:
+        if current and not self.dry_run:  # the staging directory never saw this certificate
             try:
                 replaces = ari_cert_id(current) if self._server_has_ari() else ""
             except ValueError:
@@ -230,7 +271,7 @@ class Renewer:
             retry_after = now + timedelta(seconds=exc.retry_after)
         state.retry_not_before = renewal.backoff(state.consecutive_failures, retry_after, now)
         state.retry_by_server = retry_after is not None and retry_after >= state.retry_not_before
-        state.failed_settings = renewal.settings_digest(cert, self.config.acme)
+        state.failed_settings = renewal.config_digest(self.config, cert)
         save_cert_state(self.config.state_dir, state)
         log.error("%s: renewal failed: %s", cert.name, exc)  # the outcome line tells the CLI user
         return Outcome(cert.name, "failed", str(exc), state.retry_not_before)
