@@ -184,7 +184,8 @@ def confine(config: Config) -> None:
 
     state_dir = config.state_dir
     read = [*SYSTEM_READ, str(config.path.parent)]
-    read += [str(p) for p in (config.acme.ca_bundle, config.dns.mta_sts_fetch_ca) if p is not None]
+    bundles = [config.authority(name).ca_bundle for name in config.authorities]
+    read += [str(p) for p in (*bundles, config.dns.mta_sts_fetch_ca) if p is not None]
     sandbox.confine("network", read, [str(state_dir)])
 
 

@@ -35,7 +35,7 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "METRICS SECTION": ("[metrics]\nbogus_key = 1\n", config.MetricsConfig),
 }
 SUB_TABLES = {"acme", "http", "certificate", "hooks", "mta_sts", "dns", "tlsrpt", "dmarc", "records", "dkim",
-              "alerts", "metrics"}
+              "alerts", "metrics", "authority"}
 
 
 def read(page: str) -> str:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from certkeeper.core import certs
-from certkeeper.core.config import AcmeConfig, CertificateConfig
+from certkeeper.core.config import AcmeConfig, CertificateConfig, Config
 from certkeeper.core.state import CertState
 from certkeeper.keeper.store import CertificateSet
 
@@ -80,11 +80,22 @@ def plan(cert: CertificateConfig, on_disk: CertificateSet | None, state: CertSta
     return Decision(cert.name, False, when, why, info.not_after)
 
 
-def settings_digest(cert: CertificateConfig, acme: AcmeConfig) -> str:
-    """A digest of everything that decides whether an order can succeed."""
-    relevant = (cert.domains, cert.key_type, cert.profile, acme.directory, acme.profile, acme.eab_kid,
-                str(acme.eab_hmac_key_file), str(acme.account_key), acme.contact)
+def settings_digest(cert: CertificateConfig, acme: AcmeConfig, *fallbacks: AcmeConfig) -> str:
+    """A digest of everything that decides whether an order can succeed (``acme``: the certificate's
+    authority, ``fallbacks``: the others it may ask)."""
+    relevant: tuple[object, ...] = (cert.domains, cert.key_type, cert.profile, acme.directory, acme.profile,
+                                    acme.eab_kid, str(acme.eab_hmac_key_file), str(acme.account_key), acme.contact)
+    for other in fallbacks:
+        relevant += (other.directory, other.profile, other.eab_kid, str(other.eab_hmac_key_file),
+                     str(other.account_key), other.contact)
+    if cert.challenge != "http-01":
+        relevant += (cert.challenge,)
     return hashlib.sha256(repr(relevant).encode()).hexdigest()[:16]
+
+
+def certificate_settings(config: Config, cert: CertificateConfig) -> str:
+    """``settings_digest`` over the certificate's whole chain of authorities."""
+    return settings_digest(cert, *(acme for _, acme in config.chain(cert)))
 
 
 def files_problem(cert: CertificateConfig, on_disk: CertificateSet, info: certs.CertInfo) -> str:

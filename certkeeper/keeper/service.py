@@ -100,7 +100,7 @@ class LocalKeeper:
         on_disk = self.store.read(cert)
         state = load_cert_state(self.config.state_dir, cert.name)
         return renewal.plan(cert, on_disk, state, now, force=force,
-                            settings=renewal.settings_digest(cert, self.config.acme),
+                            settings=renewal.certificate_settings(self.config, cert),
                             disk_problem=self.store.check(cert))
 
     def make_csr(self, name: str) -> bytes:

@@ -30,7 +30,7 @@ LAST_COLUMN = 26  # the NEXT ACTION column gets at least this much when a row is
 CERTIFICATE_KEYS = (
     "name", "domains", "status", "serial", "not_before", "not_after", "days_left", "next_renewal",
     "next_renewal_reason", "next_action", "last_attempt", "last_success", "consecutive_failures", "last_error",
-    "endpoints",
+    "endpoints", "authority",
 )
 DKIM_COLUMNS = (("DOMAIN", "domain"), ("SELECTOR", "selector"), ("ALG", "algorithm"), ("STATE", "state"),
                 ("SINCE", "since"))
@@ -111,6 +111,8 @@ def certificate_status(config: Config, store: CertificateStore, cert: Certificat
         "consecutive_failures": st.consecutive_failures,
         "last_error": st.last_error or None,
         "endpoints": _endpoints(config, cert.name),
+        # The authority that issued the certificate on disk (one from before authorities: the default).
+        "authority": (st.authority or config.default_authority) if info else None,
     }
     return {key: row[key] for key in CERTIFICATE_KEYS}
 
@@ -123,7 +125,7 @@ def _plan(config: Config, cert: CertificateConfig, on_disk: CertificateSet | Non
           now: datetime) -> tuple[bool, datetime | None, str]:
     """(due now, next renewal time, why): the runner's own planner, with the same settings digest, so
     a backoff that a config change has lifted shows as lifted here too."""
-    decision = renewal.plan(cert, on_disk, st, now, settings=renewal.settings_digest(cert, config.acme),
+    decision = renewal.plan(cert, on_disk, st, now, settings=renewal.certificate_settings(config, cert),
                             disk_problem=CertificateStore(config.state_dir).check(cert))
     return decision.due, decision.when, decision.reason
 
@@ -258,6 +260,8 @@ def _certificate_lines(rows: list[dict[str, Any]]) -> list[str]:
         not_after = row["not_after"][:10] if row["not_after"] else "-"
         cells.append([row["name"], row["status"], not_after, days, row["next_action"]])
         extra = [f"domains: {', '.join(row['domains'])}", f"why: {row['next_renewal_reason']}"]
+        if row.get("authority"):
+            extra.append(f"issued by: {row['authority']}")
         if row["last_error"] and row["last_error"] not in row["next_renewal_reason"]:
             extra.append(f"last error ({row['consecutive_failures']} failures): {row['last_error']}")
         for ep in row["endpoints"]:

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from certkeeper import __version__
 from certkeeper.core import certs, layout, secrets
 from certkeeper.core.challenges import ChallengeTable
-from certkeeper.core.config import AcmeConfig
+from certkeeper.core.config import DEFAULT_AUTHORITY, AcmeConfig
 from certkeeper.core.errors import AcmeError, LocalError
 from certkeeper.core.files import write_atomic, write_json_atomic
 
@@ -68,6 +68,10 @@ class Issued:
 
 
 _LAST_RETRY_AFTER = threading.local()  # Retry-After of this thread's last ACME response, seconds
+_LAST_STATUS = threading.local()  # HTTP status of this thread's last ACME response
+_DEADLINE = threading.local()  # time.monotonic() by which this thread's order must be done, or None
+# RFC 8555 6.7 error types that mean the CA is in trouble, not that our request was wrong.
+CA_SIDE_CODES = frozenset({"rateLimited", "serverInternal", "badNonce"})
 
 
 class _Network(acme_client.ClientNetwork):
@@ -75,8 +79,20 @@ class _Network(acme_client.ClientNetwork):
     remembers the last ``Retry-After`` (the library drops it from its errors)."""
 
     def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        deadline = getattr(_DEADLINE, "value", None)
+        if deadline is not None:
+            # The order's deadline holds on every read: the body is read here in pieces (a server that
+            # drips one byte at a time never trips the per-read timeout) and each read waits at most
+            # what is left.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise requests.exceptions.Timeout("the order's deadline passed")
+            kwargs["timeout"] = min(float(self._default_timeout), remaining)
+            kwargs["stream"] = True
+            kwargs["hooks"] = {"response": lambda response, *a, **k: _read_body(response, deadline)}
         response = super()._send_request(method, url, *args, **kwargs)
         _LAST_RETRY_AFTER.value = _retry_after_seconds(response)
+        _LAST_STATUS.value = response.status_code
         return response
 
     def post(self, *args: Any, **kwargs: Any) -> requests.Response:
@@ -99,8 +115,10 @@ class _NewOrder(messages.NewOrder):
 class Issuer:
     """One ACME account at one directory; safe to share between threads."""
 
-    def __init__(self, config: AcmeConfig, state_dir: Path, challenges: ChallengeTable) -> None:
+    def __init__(self, config: AcmeConfig, state_dir: Path, challenges: ChallengeTable,
+                 name: str = DEFAULT_AUTHORITY) -> None:
         self.config = config
+        self.name = name  # the authority's name in the configuration
         self.state_dir = state_dir
         self.challenges = challenges
         self._lock = threading.Lock()
@@ -170,7 +188,8 @@ class Issuer:
             extra = self.config.ca_bundle.read_bytes()
         except OSError as exc:
             raise LocalError(f"{self.config.ca_bundle}: cannot read ca_bundle: {exc.strerror}") from None
-        bundle = layout.path(self.state_dir, "acme", "ca-bundle.pem")
+        filename = "ca-bundle.pem" if self.name == DEFAULT_AUTHORITY else f"ca-bundle.{self.name}.pem"
+        bundle = layout.path(self.state_dir, "acme", filename)
         bundle.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not bundle.exists() or bundle.read_bytes() != system + b"\n" + extra:
             write_atomic(bundle, system + b"\n" + extra, 0o644)
@@ -235,6 +254,8 @@ class Issuer:
             log.warning("the ACME server does not know the cached account; registering the key again")
             self._forget_account()
             return self._issue(domains, csr_pem, profile, replaces, progress)
+        finally:
+            _DEADLINE.value = None
 
     def _forget_account(self) -> None:
         with self._lock:
@@ -249,8 +270,9 @@ class Issuer:
     def _issue(self, domains: tuple[str, ...], csr_pem: bytes, profile: str, replaces: str,
                progress: Progress | None) -> Issued:
         progress = progress or (lambda line: None)
-        client = self.client()
         deadline = time.monotonic() + self.config.order_timeout
+        _DEADLINE.value = deadline
+        client = self.client()
         offered = self.profiles() if profile else {}
         if profile and not offered:  # draft-aaron-acme-profiles: only ask for what the directory lists
             raise AcmeError(f"the ACME server offers no profiles; remove profile = {profile!r} from the configuration")
@@ -304,7 +326,7 @@ class Issuer:
                                 f"{_challenge_error(body)}")
             time.sleep(_pause_for(response, pause, deadline))
         raise AcmeError(f"timed out after {self.config.order_timeout:g}s waiting for the ACME server to validate "
-                        f"{authzr.body.identifier.value}")
+                        f"{authzr.body.identifier.value}", ca_side=True)
 
     def _finalize(self, client: acme_client.ClientV2, orderr: messages.OrderResource, deadline: float) -> str:
         try:
@@ -318,11 +340,13 @@ class Issuer:
             if body.status == messages.STATUS_VALID and body.certificate:
                 return str(self._post_as_get(client, body.certificate).text)
             if body.status == messages.STATUS_INVALID:
-                raise AcmeError(f"the order failed: {_problem(body.error) if body.error else 'no reason given'}")
+                code = str(body.error.code or "") if body.error else ""
+                raise AcmeError(f"the order failed: {_problem(body.error) if body.error else 'no reason given'}",
+                                code=code, ca_side=code in CA_SIDE_CODES)
             if body.status == messages.STATUS_READY:
                 client.begin_finalization(orderr)
             time.sleep(_pause_for(response, pause, deadline))
-        raise AcmeError(f"timed out after {self.config.order_timeout:g}s waiting for the certificate")
+        raise AcmeError(f"timed out after {self.config.order_timeout:g}s waiting for the certificate", ca_side=True)
 
     @staticmethod
     def _post_as_get(client: acme_client.ClientV2, url: str) -> requests.Response:
@@ -454,6 +478,7 @@ def _challenge_error(body: messages.Authorization) -> str:
 def _acme_errors(doing: str) -> Iterator[None]:
     """Turn library and network exceptions into one-line AcmeErrors."""
     _LAST_RETRY_AFTER.value = None
+    _LAST_STATUS.value = None
     try:
         yield
     except AcmeError:
@@ -463,24 +488,51 @@ def _acme_errors(doing: str) -> Iterator[None]:
         retry = getattr(_LAST_RETRY_AFTER, "value", None)
         if retry is None and error.code == "rateLimited":
             retry = 3600.0
-        raise AcmeError(f"{doing}: {_problem(error)}", retry_after=retry, code=error.code or "") from None
+        status = getattr(_LAST_STATUS, "value", None) or 0
+        raise AcmeError(f"{doing}: {_problem(error)}", retry_after=retry, code=error.code or "",
+                        ca_side=error.code in CA_SIDE_CODES or status >= 500) from None
     except acme_errors.ValidationError as error:
         details = "; ".join(_challenge_error(a.body) for a in error.failed_authzrs)
         raise AcmeError(f"{doing}: validation failed: {details}") from None
     except acme_errors.ClientError as error:  # an HTTP error without a problem document
         response = error.args[0] if error.args else None
         if isinstance(response, requests.Response):
-            raise AcmeError(f"{doing}: HTTP {response.status_code} {response.reason} from {response.url}") from None
+            raise AcmeError(f"{doing}: HTTP {response.status_code} {response.reason} from {response.url}",
+                            retry_after=_retry_after_seconds(response),
+                            ca_side=response.status_code >= 500 or response.status_code == 429) from None
         raise AcmeError(f"{doing}: {error}") from None
     except acme_errors.Error as error:
         raise AcmeError(f"{doing}: {error}") from None
     except requests.exceptions.SSLError as error:
         raise AcmeError(f"{doing}: TLS error talking to the ACME server ({_short(error)}); "
                         "set [acme] ca_bundle for a private CA") from None
+    except requests.exceptions.Timeout as error:
+        raise AcmeError(f"{doing}: the ACME server did not answer in time: {_short(error)}", ca_side=True) from None
     except requests.exceptions.RequestException as error:
-        raise AcmeError(f"{doing}: cannot reach the ACME server: {_short(error)}") from None
+        raise AcmeError(f"{doing}: cannot reach the ACME server: {_short(error)}", ca_side=True) from None
     except (ValueError, KeyError, jose.DeserializationError) as error:
-        raise AcmeError(f"{doing}: unexpected answer from the ACME server: {_short(error)}") from None
+        raise AcmeError(f"{doing}: unexpected answer from the ACME server: {_short(error)}", ca_side=True) from None
+
+
+def _read_body(response: requests.Response, deadline: float) -> requests.Response:
+    """Read a streamed body in pieces, giving up at ``deadline`` (a response hook)."""
+    chunks = []
+    while True:
+        if time.monotonic() >= deadline:
+            response.close()
+            raise requests.exceptions.Timeout(f"the body from {response.url} was still arriving at the "
+                                              "order's deadline")
+        try:
+            chunk = response.raw.read1(65536, decode_content=True)
+        except Exception as exc:  # noqa: BLE001 - urllib3's read errors become requests' ones
+            response.close()
+            raise requests.exceptions.ConnectionError(str(exc)) from None
+        if not chunk:
+            break
+        chunks.append(chunk)
+    response._content = b"".join(chunks)  # noqa: SLF001 - what requests' .content caches
+    response._content_consumed = True  # type: ignore[attr-defined]  # noqa: SLF001
+    return response
 
 
 def _short(error: BaseException) -> str:

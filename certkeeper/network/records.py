@@ -91,7 +91,19 @@ def caa_issuer(config: Config) -> str:
     """``[records] caa_issuer``, or the CA behind ``[acme] directory`` (Let's Encrypt by default)."""
     if config.records.caa_issuer:
         return config.records.caa_issuer
-    host = (urlsplit(config.acme.directory).hostname or "").lower()
+    return _issuer_of(config.acme.directory)
+
+
+def caa_issuers(config: Config) -> tuple[str, ...]:
+    """Every authority's CAA issuer domain (``[records] caa_issuer`` first when set), each once:
+    a fallback authority must be allowed to issue too."""
+    found = [config.records.caa_issuer] if config.records.caa_issuer else []
+    found += [_issuer_of(config.authority(name).directory) for name in config.authorities]
+    return tuple(dict.fromkeys(found))
+
+
+def _issuer_of(directory: str) -> str:
+    host = (urlsplit(directory).hostname or "").lower()
     if host in KNOWN_ISSUERS:
         return KNOWN_ISSUERS[host]
     labels = host.split(".")
@@ -164,9 +176,17 @@ def _dkim_records(config: Config, domain: str) -> list[Expected]:
 
 def _caa_records(config: Config, domain: str) -> list[Expected]:
     names = sorted({d.removeprefix("*.") for c in config.certificates for d in c.domains if in_domain(d, domain)})
-    issuer = caa_issuer(config)
-    return [Expected("CAA (RFC 8659): only this CA may issue", name, "CAA", (f'0 issue "{issuer}"',), "caa")
-            for name in names or [domain]]
+    wild = {d[2:] for c in config.certificates for d in c.domains if d.startswith("*.")}
+    issuers = caa_issuers(config)
+    heading = "CAA (RFC 8659): only this CA may issue" if len(issuers) == 1 else \
+        "CAA (RFC 8659): only these CAs (every configured authority) may issue"
+    out = []
+    for name in names or [domain]:
+        values = tuple(f'0 issue "{i}"' for i in issuers)
+        if name in wild:  # RFC 8659 4.3: issuewild for the wildcard certificate's CAs
+            values += tuple(f'0 issuewild "{i}"' for i in issuers)
+        out.append(Expected(heading, name, "CAA", values, "caa"))
+    return out
 
 
 def _mta_sts_records(config: Config, domain: str) -> list[Expected]:
@@ -345,10 +365,15 @@ def _check_caa(item: Expected, lookup: Lookup) -> Row:
         name = name.split(".", 1)[1]
     if not found:
         return Row(label, item.values[0], "- (any CA may issue)", "missing")
-    issuer = item.values[0].split('"')[1]
     shown = ", ".join(found) + (f" (at {name})" if name != item.name else "")
-    issuers = {v.split('"')[1].split(";")[0].strip().lower() for v in found if " issue " in f" {v} " and '"' in v}
-    return Row(label, item.values[0], shown, "ok" if issuer.lower() in issuers else "wrong")
+
+    def issuers(values: tuple[str, ...], tag: str) -> set[str]:
+        return {v.split('"')[1].split(";")[0].strip().lower() for v in values if f" {tag} " in f" {v} " and '"' in v}
+
+    # Every configured CA may issue; for a wildcard, issuewild when present, else issue (RFC 8659 4.3).
+    ok = issuers(item.values, "issue") <= issuers(found, "issue") and \
+        issuers(item.values, "issuewild") <= (issuers(found, "issuewild") or issuers(found, "issue"))
+    return Row(label, ", ".join(item.values), shown, "ok" if ok else "wrong")
 
 
 def _mx_policy_rows(config: Config, domain: str, lookup: Lookup) -> list[Row]:

@@ -81,7 +81,10 @@ class Renewer:
         self.keeper = keeper
         self.challenges = keeper.challenges
         self.clock = clock
-        self.issuer = Issuer(config.acme, config.state_dir, self.challenges)
+        # One Issuer (account) per authority; ``issuer`` is the default one.
+        self.issuers = {name: Issuer(config.authority(name), config.state_dir, self.challenges, name)
+                        for name in config.authorities}
+        self.issuer = self.issuers[config.default_authority]
         self._locks: dict[str, threading.Lock] = {}
         self._before: dict[str, CertState] = {}  # state before this run's attempt, for a rollback
         self._locks_guard = threading.Lock()
@@ -114,8 +117,11 @@ class Renewer:
         if info.not_after <= now or (state.ari_cert == info.fingerprint and state.ari_next_check
                                      and state.ari_next_check > now):
             return
+        issuer = self.issuers.get(self._issued_by(state))
+        if issuer is None:  # its authority is no longer configured: no one to ask (RFC 9773 4: only the issuer)
+            return
         try:
-            window = self.issuer.renewal_window(cert_pem)
+            window = issuer.renewal_window(cert_pem)
         except (RemoteError, LocalError) as exc:
             log.warning("%s: renewal information unavailable: %s", cert.name, exc)
             state.ari_next_check = now + timedelta(hours=1)  # do not ask again on every run
@@ -174,6 +180,10 @@ class Renewer:
                 return _not_due(decision)
             return self._renew_one(cert, decision, progress)
 
+    def _issued_by(self, state: CertState) -> str:
+        """The authority that issued the certificate on disk (one from before authorities: the default)."""
+        return state.authority or self.config.default_authority
+
     def _renew_one(self, cert: CertificateConfig, decision: renewal.Decision, progress: Progress) -> Outcome:
         state = load_cert_state(self.config.state_dir, cert.name)
         now = self.clock()
@@ -181,9 +191,11 @@ class Renewer:
         self._before[cert.name] = dataclasses.replace(state)  # restored if a reload rolls back
         progress(f"{cert.name}: renewing ({decision.reason})")
         try:
-            info = self.keeper.install(cert.name, self._obtain(cert, progress))
+            fullchain, authority = self._obtain(cert, progress, state, decision.reason == "forced")
+            info = self.keeper.install(cert.name, fullchain)
         except CertkeeperError as exc:
             return self._failed(cert, state, exc, now)
+        state.authority = authority
         state.last_success, state.consecutive_failures, state.last_error = now, 0, ""
         state.retry_not_before, state.retry_by_server, state.failed_settings = None, False, ""
         # RFC 9773: ask for the new certificate's window a few hours from now, not at once.
@@ -193,31 +205,83 @@ class Renewer:
         state.next_renewal, state.next_renewal_reason = next_time, why
         save_cert_state(self.config.state_dir, state)
         log.info("%s: new certificate serial %x, valid until %s", cert.name, info.serial, info.not_after)
-        return Outcome(cert.name, "renewed", f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC", next_time,
+        source = f", from {authority}" if len(self.config.authorities) > 1 else ""
+        return Outcome(cert.name, "renewed", f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC{source}", next_time,
                        info.not_after)
 
-    def _obtain(self, cert: CertificateConfig, progress: Progress) -> bytes:
-        """Order with a CSR from the keeper (which keeps the key); the issued full chain."""
+    def _obtain(self, cert: CertificateConfig, progress: Progress, state: CertState,
+                force: bool = False) -> tuple[bytes, str]:
+        """Order with a CSR from the keeper (which keeps the key): (the issued full chain, the authority).
+
+        The certificate's authority first, then each fallback in turn, but only after a failure on
+        the CA's side (``AcmeError.ca_side``: 5xx, timeout, rate limit, serverInternal); a failure on
+        ours (a challenge not reachable) would fail the same way at the next CA. An authority in its
+        own backoff is skipped unless forced or every one is."""
         current = self.keeper.inspect(cert.name).cert
         csr = self.keeper.make_csr(cert.name)
-        replaces = ""
-        if current:
+        now = self.clock()
+        chain = list(cert.authorities)
+        ready = [n for n in chain if force or not (r := state.authority_retry(n)) or r <= now]
+        tried = ready or chain
+        failures: list[tuple[str, AcmeError]] = []
+        for i, name in enumerate(tried):
             try:
-                replaces = ari_cert_id(current) if self._server_has_ari() else ""
+                fullchain = self._order(cert, name, csr, current, state, progress)
+            except AcmeError as exc:
+                failures.append((name, exc))
+                self._authority_failed(state, name, exc, now)
+                if exc.ca_side and i + 1 < len(tried):
+                    log.warning("%s: authority %s failed on its side (%s); asking %s", cert.name, name, exc,
+                                tried[i + 1])
+                    progress(f"{cert.name}: {name} failed ({exc}); trying {tried[i + 1]}")
+                    continue
+                raise self._chain_error(failures, chain, state, now) from None
+            state.authority_backoff.pop(name, None)
+            return fullchain, name
+        raise AssertionError("unreachable")
+
+    def _order(self, cert: CertificateConfig, name: str, csr: bytes, current: bytes | None, state: CertState,
+               progress: Progress) -> bytes:
+        issuer = self.issuers[name]
+        replaces = ""
+        if current and name == self._issued_by(state):  # RFC 9773 5: only the issuer knows the old one
+            try:
+                replaces = ari_cert_id(current) if self._server_has_ari(issuer) else ""
             except ValueError:
                 replaces = ""
-        profile = cert.profile or self.config.acme.profile
+        profile = cert.profile or issuer.config.profile
         try:
-            issued = self.issuer.issue(cert.domains, csr, profile=profile, replaces=replaces, progress=progress)
+            issued = issuer.issue(cert.domains, csr, profile=profile, replaces=replaces, progress=progress)
         except AcmeError as exc:
             if not replaces or "alreadyReplaced" not in str(exc):
                 raise
-            issued = self.issuer.issue(cert.domains, csr, profile=profile, progress=progress)
+            issued = issuer.issue(cert.domains, csr, profile=profile, progress=progress)
         return issued.fullchain
 
-    def _server_has_ari(self) -> bool:
+    @staticmethod
+    def _authority_failed(state: CertState, name: str, exc: AcmeError, now: datetime) -> None:
+        failures = state.authority_failures(name) + 1
+        retry_after = now + timedelta(seconds=exc.retry_after) if exc.retry_after else None
+        state.authority_backoff[name] = [failures, renewal.backoff(failures, retry_after, now).isoformat()]
+
+    @staticmethod
+    def _chain_error(failures: list[tuple[str, AcmeError]], chain: list[str], state: CertState,
+                     now: datetime) -> AcmeError:
+        """One error for the run; with several authorities, each one's reason and the earliest time
+        any of them may be asked again as the Retry-After."""
+        name, last = failures[-1]
+        if len(failures) == 1 and len(chain) == 1:
+            return last
+        times = [t for t in (state.authority_retry(n) for n in chain) if t is not None]
+        soonest = min(times) if times and all(state.authority_retry(n) for n in chain) else None
+        retry = max(0.0, (soonest - now).total_seconds()) if soonest else last.retry_after
+        text = "; ".join(f"{n}: {e}" for n, e in failures)
+        return AcmeError(text, retry_after=retry or None, code=last.code, ca_side=last.ca_side)
+
+    @staticmethod
+    def _server_has_ari(issuer: Issuer) -> bool:
         try:
-            self.issuer.client().directory["renewalInfo"]
+            issuer.client().directory["renewalInfo"]
         except KeyError:
             return False
         return True
@@ -230,7 +294,7 @@ class Renewer:
             retry_after = now + timedelta(seconds=exc.retry_after)
         state.retry_not_before = renewal.backoff(state.consecutive_failures, retry_after, now)
         state.retry_by_server = retry_after is not None and retry_after >= state.retry_not_before
-        state.failed_settings = renewal.settings_digest(cert, self.config.acme)
+        state.failed_settings = renewal.certificate_settings(self.config, cert)
         save_cert_state(self.config.state_dir, state)
         log.error("%s: renewal failed: %s", cert.name, exc)  # the outcome line tells the CLI user
         return Outcome(cert.name, "failed", str(exc), state.retry_not_before)
