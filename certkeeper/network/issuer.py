@@ -95,6 +95,19 @@ class _Network(acme_client.ClientNetwork):
         _LAST_STATUS.value = response.status_code
         return response
 
+    @classmethod
+    def _check_response(cls, response: requests.Response, content_type: str | None = None) -> requests.Response:
+        """A 409 with a problem document is that problem (RFC 9773 7.4 ``alreadyReplaced`` is a 409);
+        the library turns every 409 into an account ``ConflictError``."""
+        if response.status_code == 409:
+            try:
+                problem = response.json()
+            except ValueError:
+                problem = None
+            if isinstance(problem, dict) and "type" in problem:
+                raise messages.Error.from_json(problem)
+        return super()._check_response(response, content_type)
+
     def post(self, *args: Any, **kwargs: Any) -> requests.Response:
         for attempt in range(BAD_NONCE_RETRIES):
             try:
@@ -299,6 +312,7 @@ class Issuer:
         finally:
             for token in tokens:
                 self.challenges.remove(token)
+        _check_issued(fullchain.encode(), csr_pem)
         return Issued(fullchain=fullchain.encode(), order_url=orderr.uri or "")
 
     def _new_order(self, client: acme_client.ClientV2, csr_pem: bytes, profile: str,
@@ -391,6 +405,24 @@ def ari_cert_id(cert_pem: bytes) -> str:
         return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
     return f"{b64(aki)}.{b64(serial_bytes)}"
+
+
+def _check_issued(fullchain: bytes, csr_pem: bytes) -> None:
+    """What the CA sent is a PEM chain whose first certificate is for the CSR's key: else the CA
+    failed (and another authority may do better); nothing of it reaches the keeper."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        leaf = x509.load_pem_x509_certificates(fullchain)[0]
+    except ValueError:
+        raise AcmeError("the ACME server sent a certificate that is not PEM", ca_side=True) from None
+
+    def spki(key: Any) -> bytes:
+        return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    if spki(leaf.public_key()) != spki(x509.load_pem_x509_csr(csr_pem).public_key()):
+        raise AcmeError("the ACME server sent a certificate for another key than the one in the CSR",
+                        ca_side=True)
 
 
 def _jwk(pem: bytes) -> jose.JWK:

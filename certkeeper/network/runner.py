@@ -253,8 +253,10 @@ class Renewer:
         try:
             issued = issuer.issue(cert.domains, csr, profile=profile, replaces=replaces, progress=progress)
         except AcmeError as exc:
-            if not replaces or "alreadyReplaced" not in str(exc):
+            if not replaces or (exc.code != "alreadyReplaced" and "alreadyReplaced" not in str(exc)):
                 raise
+            # RFC 9773 5: the old certificate was already replaced (by another order): order without it.
+            log.info("%s: %s says the certificate was already replaced; ordering without replaces", cert.name, name)
             issued = issuer.issue(cert.domains, csr, profile=profile, progress=progress)
         return issued.fullchain
 
