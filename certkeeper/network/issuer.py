@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import josepy as jose
 import requests
@@ -42,6 +42,9 @@ from certkeeper.core.challenges import ChallengeTable
 from certkeeper.core.config import DEFAULT_AUTHORITY, AcmeConfig
 from certkeeper.core.errors import AcmeError, LocalError
 from certkeeper.core.files import write_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from certkeeper.network.dns.challenge import Dns01Records
 
 log = logging.getLogger(__name__)
 
@@ -251,22 +254,22 @@ class Issuer:
         return dict(getattr(meta, "profiles", None) or {})
 
     def issue(self, domains: tuple[str, ...], csr_pem: bytes, profile: str = "", replaces: str = "",
-              progress: Progress | None = None) -> Issued:
-        """Order, answer HTTP-01, finalise with ``csr_pem`` (the keeper made it and keeps the key),
-        download the chain.
+              progress: Progress | None = None, dns01: Dns01Records | None = None) -> Issued:
+        """Order, answer HTTP-01 (DNS-01 through ``dns01`` when given), finalise with ``csr_pem`` (the
+        keeper made it and keeps the key), download the chain.
 
         RFC 8555 7.3.1: when the server no longer knows the cached account URL
         (``accountDoesNotExist``), the account is looked up or created again with
         the same key and the order retried once.
         """
         try:
-            return self._issue(domains, csr_pem, profile, replaces, progress)
+            return self._issue(domains, csr_pem, profile, replaces, progress, dns01)
         except AcmeError as exc:
             if exc.code != "accountDoesNotExist":
                 raise
             log.warning("the ACME server does not know the cached account; registering the key again")
             self._forget_account()
-            return self._issue(domains, csr_pem, profile, replaces, progress)
+            return self._issue(domains, csr_pem, profile, replaces, progress, dns01)
         finally:
             _DEADLINE.value = None
 
@@ -281,7 +284,7 @@ class Issuer:
         write_json_atomic(self._account_cache(), data)
 
     def _issue(self, domains: tuple[str, ...], csr_pem: bytes, profile: str, replaces: str,
-               progress: Progress | None) -> Issued:
+               progress: Progress | None, dns01: Dns01Records | None = None) -> Issued:
         progress = progress or (lambda line: None)
         deadline = time.monotonic() + self.config.order_timeout
         _DEADLINE.value = deadline
@@ -294,16 +297,21 @@ class Issuer:
         with _acme_errors("ordering a certificate"):
             orderr = self._new_order(client, csr_pem, profile, replaces)
         tokens: list[str] = []
+        records: dict[str, list[str]] = {}  # dns-01: _acme-challenge name → values
         try:
-            with _acme_errors("answering the HTTP-01 challenge"):
-                for authzr in orderr.authorizations:
-                    if authzr.body.status == messages.STATUS_VALID:
-                        continue
-                    challb = _http01(authzr)
-                    response, validation = challb.response_and_validation(client.net.key)
-                    self.challenges.add(challb.chall.encode("token"), validation)
-                    tokens.append(challb.chall.encode("token"))
-                    client.answer_challenge(challb, response)
+            if dns01 is not None:
+                deadline = self._answer_dns01(client, orderr, dns01, records, progress, deadline)
+            else:
+                with _acme_errors("answering the HTTP-01 challenge"):
+                    for authzr in orderr.authorizations:
+                        if authzr.body.status == messages.STATUS_VALID:
+                            continue
+                        challb = _http01(authzr)
+                        response, validation = challb.response_and_validation(client.net.key)
+                        self.challenges.add(challb.chall.encode("token"), validation)
+                        tokens.append(challb.chall.encode("token"))
+                        client.answer_challenge(challb, response)
+            with _acme_errors(f"answering the {'DNS' if dns01 else 'HTTP'}-01 challenge"):
                 for authzr in orderr.authorizations:
                     self._wait_authorization(client, authzr, deadline)
             progress(f"{domains[0]}: challenges validated")
@@ -312,8 +320,34 @@ class Issuer:
         finally:
             for token in tokens:
                 self.challenges.remove(token)
+            if dns01 is not None and records:
+                dns01.remove(list(records), progress)
         _check_issued(fullchain.encode(), csr_pem)
         return Issued(fullchain=fullchain.encode(), order_url=orderr.uri or "")
+
+    def _answer_dns01(self, client: acme_client.ClientV2, orderr: messages.OrderResource, dns01: Dns01Records,
+                      records: dict[str, list[str]], progress: Progress, deadline: float) -> float:
+        """RFC 8555 8.4: publish every TXT value, wait until every authoritative server has them, then
+        ask the CA to look. The propagation wait has its own bound: the order's deadline moves by it."""
+        from certkeeper.network.dns.challenge import record_name
+
+        pending = []
+        for authzr in orderr.authorizations:
+            if authzr.body.status == messages.STATUS_VALID:
+                continue
+            challb = _dns01(authzr)
+            response, validation = challb.response_and_validation(client.net.key)
+            records.setdefault(record_name(authzr.body.identifier.value), []).append(validation)
+            pending.append((challb, response))
+        started = time.monotonic()
+        _DEADLINE.value = None  # DNS is not the ACME server: its wait is bounded by propagation_timeout
+        dns01.publish(records, progress)
+        deadline += time.monotonic() - started
+        _DEADLINE.value = deadline
+        with _acme_errors("answering the DNS-01 challenge"):
+            for challb, response in pending:
+                client.answer_challenge(challb, response)
+        return deadline
 
     def _new_order(self, client: acme_client.ClientV2, csr_pem: bytes, profile: str,
                    replaces: str) -> messages.OrderResource:
@@ -452,6 +486,13 @@ def _http01(authzr: messages.AuthorizationResource) -> messages.ChallengeBody:
         if isinstance(challb.chall, acme_challenges.HTTP01):
             return challb
     raise AcmeError(f"the ACME server offers no http-01 challenge for {authzr.body.identifier.value}")
+
+
+def _dns01(authzr: messages.AuthorizationResource) -> messages.ChallengeBody:
+    for challb in authzr.body.challenges:
+        if isinstance(challb.chall, acme_challenges.DNS01):
+            return challb
+    raise AcmeError(f"the ACME server offers no dns-01 challenge for {authzr.body.identifier.value}")
 
 
 def _backoff(deadline: float) -> Iterator[float]:

@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from certkeeper.core import certs, renewal
 from certkeeper.core.challenges import ChallengeTable
@@ -35,6 +36,9 @@ from certkeeper.core.state import CertState, load_cert_state, save_cert_state
 from certkeeper.keeper.store import CertificateStore
 from certkeeper.network.issuer import Issuer, ari_cert_id
 from certkeeper.network.keeper_client import Keeper
+
+if TYPE_CHECKING:
+    from certkeeper.network.dns.challenge import Dns01Records
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,7 @@ class Renewer:
         self.issuers = {name: Issuer(config.authority(name), config.state_dir, self.challenges, name)
                         for name in config.authorities}
         self.issuer = self.issuers[config.default_authority]
+        self._dns01: Dns01Records | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._before: dict[str, CertState] = {}  # state before this run's attempt, for a rollback
         self._locks_guard = threading.Lock()
@@ -250,15 +255,27 @@ class Renewer:
             except ValueError:
                 replaces = ""
         profile = cert.profile or issuer.config.profile
+        dns01 = self._dns01_records() if cert.challenge == "dns-01" else None
         try:
-            issued = issuer.issue(cert.domains, csr, profile=profile, replaces=replaces, progress=progress)
+            issued = issuer.issue(cert.domains, csr, profile=profile, replaces=replaces, progress=progress,
+                                  dns01=dns01)
         except AcmeError as exc:
             if not replaces or (exc.code != "alreadyReplaced" and "alreadyReplaced" not in str(exc)):
                 raise
             # RFC 9773 5: the old certificate was already replaced (by another order): order without it.
             log.info("%s: %s says the certificate was already replaced; ordering without replaces", cert.name, name)
-            issued = issuer.issue(cert.domains, csr, profile=profile, progress=progress)
+            issued = issuer.issue(cert.domains, csr, profile=profile, progress=progress, dns01=dns01)
         return issued.fullchain
+
+    def _dns01_records(self) -> Dns01Records:
+        """DNS-01 through the configured backend (the zone file written by the keeper)."""
+        with self._locks_guard:
+            if self._dns01 is None:
+                from certkeeper.network.dns import backend_for
+                from certkeeper.network.dns.challenge import Dns01Records
+
+                self._dns01 = Dns01Records(self.config, backend_for(self.config, keeper=self.keeper))
+            return self._dns01
 
     @staticmethod
     def _authority_failed(state: CertState, name: str, exc: AcmeError, now: datetime) -> None:
