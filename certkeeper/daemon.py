@@ -385,7 +385,13 @@ class Daemon:
             log.info("%s", line)
             emit(line)
 
-        code, soonest = await self.renew({"names": names, "force": bool(payload.get("force"))}, both)
+        args: dict[str, Any] = {"names": names, "force": bool(payload.get("force"))}
+        if payload.get("revoke"):  # `certkeeper revoke NAME`: one certificate, a known reason
+            if len(names) != 1 or payload["revoke"] not in config_module.REVOCATION_REASONS:
+                emit("certkeeper: revoke takes one certificate name and a known reason")
+                return 1
+            args["revoke"] = payload["revoke"]
+        code, soonest = await self.renew(args, both)
         if soonest is not None:
             self._schedule_extra(soonest, "the soonest planned renewal or retry")
         return code

@@ -68,8 +68,13 @@ def job_renew(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple
     from certkeeper.network.runner import Renewer, format_outcome
 
     line = _liner(keeper)
-    report = Renewer(config, keeper=keeper).renew(args.get("names") or None, force=bool(args.get("force")),
-                                                  progress=line if args.get("progress", True) else None)
+    renewer = Renewer(config, keeper=keeper)
+    reason = args.get("revoke")
+    if reason:  # `certkeeper revoke NAME`: revoke, then renew at once with a fresh key
+        (name,) = args["names"]
+        renewer.revoke(name, str(reason), line)
+    report = renewer.renew(args.get("names") or None, force=bool(args.get("force")) or bool(reason),
+                           progress=line if args.get("progress", True) else None, fresh_key=bool(reason))
     for outcome in report.outcomes:
         line(format_outcome(outcome))
     Alerter(config, keeper=keeper).after_renewal(report.outcomes)

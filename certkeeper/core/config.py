@@ -32,6 +32,10 @@ DKIM_SIGNERS = ("rspamd", "filter-dkimsign", "none")
 MTA_STS_MODES = ("enforce", "testing", "none")
 DNS_BACKENDS = ("rfc2136", "zonefile", "manual")
 CHALLENGES = ("http-01", "dns-01")
+# `certkeeper revoke --reason`: RFC 5280 5.3.1 CRLReason codes an ACME revocation may carry (those
+# Let's Encrypt accepts).
+REVOCATION_REASONS = {"unspecified": 0, "keyCompromise": 1, "affiliationChanged": 3, "superseded": 4,
+                      "cessationOfOperation": 5}
 DEFAULT_AUTHORITY = "acme"  # the name the [acme] table stands for
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1", "hmac-md5")
 # Hook kinds with a built-in default command (OpenBSD rc.d / base tools).

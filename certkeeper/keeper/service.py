@@ -103,13 +103,14 @@ class LocalKeeper:
                             settings=renewal.certificate_settings(self.config, cert),
                             disk_problem=self.store.check(cert))
 
-    def make_csr(self, name: str) -> bytes:
+    def make_csr(self, name: str, fresh_key: bool = False) -> bytes:
         """A CSR for the certificate's names, for the key the next ``install`` must match.
 
-        ``reuse_key`` keeps the key on disk while it is of the configured type."""
+        ``reuse_key`` keeps the key on disk while it is of the configured type; ``fresh_key`` (a
+        revoked certificate's renewal) never does: a compromised key must not be certified again."""
         cert = self.certificate(name)
         current = self.store.read(cert)
-        if cert.reuse_key and current is not None and _key_type(current.key) == cert.key_type:
+        if cert.reuse_key and not fresh_key and current is not None and _key_type(current.key) == cert.key_type:
             key = current.key
         else:
             key = certs.generate_key(cert.key_type)
@@ -362,8 +363,8 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
         case p.Plan(name=name, force=force):
             d = keeper.plan(name, force, now())
             return p.Planned(name, d.due, d.when.isoformat(), d.reason, d.not_after.isoformat() if d.not_after else "")
-        case p.MakeCsr(name=name):
-            return p.Csr(name, keeper.make_csr(name).decode())
+        case p.MakeCsr(name=name, fresh_key=fresh_key):
+            return p.Csr(name, keeper.make_csr(name, fresh_key).decode())
         case p.Install(name=name, fullchain=fullchain):
             info = keeper.install(name, fullchain.encode())
             return p.Installed(name, f"{info.serial:x}")

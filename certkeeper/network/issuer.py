@@ -400,6 +400,21 @@ class Issuer:
     def _post_as_get(client: acme_client.ClientV2, url: str) -> requests.Response:
         return client._post_as_get(url)  # noqa: SLF001 - RFC 8555 6.3 POST-as-GET
 
+    # -- revocation (RFC 8555 7.6) -------------------------------------------------------------
+
+    def revoke(self, cert_pem: bytes, reason: int) -> bool:
+        """Revoke with the account key (the account that ordered it); False when it already was."""
+        client = self.client()
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        try:
+            with _acme_errors("revoking the certificate"):
+                client.revoke(cert, reason)
+        except AcmeError as exc:
+            if exc.code == "alreadyRevoked":
+                return False
+            raise
+        return True
+
     # -- ARI (RFC 9773) --------------------------------------------------------------------
 
     def renewal_window(self, cert_pem: bytes) -> RenewalWindow | None:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from certkeeper.core import certs, renewal
 from certkeeper.core.challenges import ChallengeTable
-from certkeeper.core.config import CertificateConfig, Config
+from certkeeper.core.config import REVOCATION_REASONS, CertificateConfig, Config
 from certkeeper.core.errors import AcmeError, CertkeeperError, LocalError, RemoteError, ServiceError
 from certkeeper.core.state import CertState, load_cert_state, save_cert_state
 from certkeeper.keeper.store import CertificateStore
@@ -146,11 +146,13 @@ class Renewer:
     # -- renewing ----------------------------------------------------------------------
 
     def renew(self, names: Sequence[str] | None = None, force: bool = False, progress: Progress | None = None,
-              serve_challenges: Callable[[], AbstractContextManager[object]] | None = None) -> RenewReport:
+              serve_challenges: Callable[[], AbstractContextManager[object]] | None = None,
+              fresh_key: bool = False) -> RenewReport:
         """Renew what is due (everything selected, with ``force``); one outcome per certificate.
 
         ``serve_challenges`` starts an HTTP-01 listener for the duration of the
         orders (the CLI's; the daemon's listener is always up and passes None).
+        ``fresh_key`` orders with a new key whatever ``reuse_key`` says, and without ``replaces``.
         """
         progress = progress or (lambda line: None)
         selected = self.select(names)
@@ -162,7 +164,8 @@ class Renewer:
                 workers = min(self.config.acme.concurrency, len(due))
                 with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="renew") as pool:
                     outcomes = dict(zip([c.name for c in due],
-                                        pool.map(lambda c: self._renew_locked(c, force, progress), due), strict=True))
+                                        pool.map(lambda c: self._renew_locked(c, force, progress, fresh_key), due),
+                                        strict=True))
         else:
             outcomes = {}
         renewed = [c for c in due if outcomes[c.name].status == "renewed"]
@@ -174,29 +177,50 @@ class Renewer:
             report.outcomes.append(outcome)
         return report
 
+    def revoke(self, name: str, reason: str, progress: Progress | None = None) -> bool:
+        """Revoke the certificate on disk at the authority that issued it (RFC 8555 7.6, with that
+        account's key); False when it was already revoked. Renew it with ``fresh_key`` next."""
+        progress = progress or (lambda line: None)
+        (cert,) = self.select([name])
+        current = self.keeper.inspect(cert.name).cert
+        if not current:
+            raise LocalError(f"{name}: there is no certificate on disk to revoke")
+        authority = self._issued_by(load_cert_state(self.config.state_dir, name))
+        issuer = self.issuers.get(authority)
+        if issuer is None:
+            raise LocalError(f"{name}: it was issued by authority {authority!r}, which is no longer configured")
+        done = issuer.revoke(current, REVOCATION_REASONS[reason])
+        serial = certs.parse_cert(current).serial
+        line = f"{name}: serial {serial:x} {'revoked' if done else 'was already revoked'} at {authority} ({reason})"
+        log.warning("%s", line)
+        progress(line)
+        return done
+
     def _lock(self, name: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(name, threading.Lock())
 
-    def _renew_locked(self, cert: CertificateConfig, force: bool, progress: Progress) -> Outcome:
+    def _renew_locked(self, cert: CertificateConfig, force: bool, progress: Progress,
+                      fresh_key: bool = False) -> Outcome:
         with self._lock(cert.name), _file_lock(self.config.state_dir / "locks" / f"{cert.name}.lock"):
             decision = self.decide(cert, force)  # another run may have renewed it meanwhile
             if not decision.due:
                 return _not_due(decision)
-            return self._renew_one(cert, decision, progress)
+            return self._renew_one(cert, decision, progress, fresh_key)
 
     def _issued_by(self, state: CertState) -> str:
         """The authority that issued the certificate on disk (one from before authorities: the default)."""
         return state.authority or self.config.default_authority
 
-    def _renew_one(self, cert: CertificateConfig, decision: renewal.Decision, progress: Progress) -> Outcome:
+    def _renew_one(self, cert: CertificateConfig, decision: renewal.Decision, progress: Progress,
+                   fresh_key: bool = False) -> Outcome:
         state = load_cert_state(self.config.state_dir, cert.name)
         now = self.clock()
         state.last_attempt = now
         self._before[cert.name] = dataclasses.replace(state)  # restored if a reload rolls back
         progress(f"{cert.name}: renewing ({decision.reason})")
         try:
-            fullchain, authority = self._obtain(cert, progress, state, decision.reason == "forced")
+            fullchain, authority = self._obtain(cert, progress, state, decision.reason == "forced", fresh_key)
             info = self.keeper.install(cert.name, fullchain)
         except CertkeeperError as exc:
             return self._failed(cert, state, exc, now)
@@ -215,15 +239,15 @@ class Renewer:
                        info.not_after)
 
     def _obtain(self, cert: CertificateConfig, progress: Progress, state: CertState,
-                force: bool = False) -> tuple[bytes, str]:
+                force: bool = False, fresh_key: bool = False) -> tuple[bytes, str]:
         """Order with a CSR from the keeper (which keeps the key): (the issued full chain, the authority).
 
         The certificate's authority first, then each fallback in turn, but only after a failure on
         the CA's side (``AcmeError.ca_side``: 5xx, timeout, rate limit, serverInternal); a failure on
         ours (a challenge not reachable) would fail the same way at the next CA. An authority in its
         own backoff is skipped unless forced or every one is."""
-        current = self.keeper.inspect(cert.name).cert
-        csr = self.keeper.make_csr(cert.name)
+        current = None if fresh_key else self.keeper.inspect(cert.name).cert  # revoked: replaces nothing
+        csr = self.keeper.make_csr(cert.name, fresh_key=True) if fresh_key else self.keeper.make_csr(cert.name)
         now = self.clock()
         chain = list(cert.authorities)
         ready = [n for n in chain if force or not (r := state.authority_retry(n)) or r <= now]
