@@ -87,6 +87,7 @@ log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = timedelta(hours=12)  # twice a day
 MIN_DELAY = timedelta(seconds=30)  # an extra check is never sooner than this
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 STOP_GRACE = 2.5  # seconds workers in progress get at SIGTERM (the whole stop stays under 5 s)
 HOURLY = timedelta(hours=1)
 METRICS_EVERY = timedelta(seconds=15)  # how stale /metrics may be at most
@@ -201,8 +202,9 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.check_lock = asyncio.Lock()
         self.reload_lock = asyncio.Lock()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             self.loop.add_signal_handler(signum, self.stopping.set)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by `run` until now
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         if self.control is None:
             self.bind()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from typing import TextIO
 
 from certkeeper.core.config import Config
@@ -28,6 +29,9 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
             return 1
         ready("")
     logs.setup_daemon(foreground, verbosity)
+    # Whoever reads the pid file may signal at once: SIGTERM/SIGINT wait (blocked) until the daemon's
+    # own handlers are in place (Daemon.run), so they always stop it cleanly and remove the file.
+    signal.pthread_sigmask(signal.SIG_BLOCK, daemon.STOP_SIGNALS)
     daemon.write_pid_file(config.pid_file)
     try:
         return daemon.run_loop(service.run())
