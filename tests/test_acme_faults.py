@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from certkeeper.core import config, renewal
 from certkeeper.core.challenges import ChallengeTable
-from certkeeper.core.state import load_cert_state
+from certkeeper.core.state import load_cert_state, save_cert_state
 from certkeeper.listener.standalone import serving
 from certkeeper.network.issuer import ari_cert_id
 from certkeeper.network.runner import Renewer, RenewReport
@@ -221,6 +221,21 @@ def test_503_with_retry_after_goes_to_the_fallback_and_backs_off_that_authority(
     assert state.authority == "direct" and state.consecutive_failures == 0
     assert state.authority_retry("acme") == now + dt.timedelta(seconds=120)  # the header (over our 1 min)
     assert state.authority_failures("acme") == 1
+
+
+def test_an_authority_in_its_backoff_is_skipped_unless_forced(proxy: FaultProxy, tmp_path: Path) -> None:
+    conf = load(proxy, tmp_path, fallback=True)
+    now = dt.datetime.now(dt.UTC)
+    state = load_cert_state(conf.state_dir, NAME)
+    state.authority_backoff["acme"] = [1, (now + dt.timedelta(hours=1)).isoformat()]
+    save_cert_state(conf.state_dir, state)
+    report = renew(conf, now)  # due: no certificate on disk
+    assert report.exit_code == 0 and report.outcomes[0].detail.endswith("from direct")
+    assert proxy.orders == []  # the authority in backoff was not asked
+    report = renew(conf, now, force=True)  # --force asks the first authority again
+    assert report.exit_code == 0 and report.outcomes[0].detail.endswith("from acme")
+    assert len(proxy.orders) == 1
+    assert load_cert_state(conf.state_dir, NAME).authority_backoff == {}
 
 
 def test_both_authorities_failing_waits_for_the_sooner_one(proxy: FaultProxy, tmp_path: Path) -> None:

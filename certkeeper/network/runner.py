@@ -252,6 +252,9 @@ class Renewer:
         chain = list(cert.authorities)
         ready = [n for n in chain if force or not (r := state.authority_retry(n)) or r <= now]
         tried = ready or chain
+        for name in chain:
+            if name not in tried:
+                log.info("%s: not asking %s before %s (its backoff)", cert.name, name, state.authority_retry(name))
         failures: list[tuple[str, AcmeError]] = []
         for i, name in enumerate(tried):
             try:
