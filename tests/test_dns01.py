@@ -92,3 +92,23 @@ def test_a_wildcard_needs_dns01(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         config.parse('[[certificate]]\nname = "wild"\ndomains = ["*.example.com"]\n', tmp_path / "c.toml")
     assert info.value.lines == [f"{tmp_path}/c.toml: certificate[1].domains[1]: '*.example.com' may not contain '*'"]
+
+
+def test_dns01_through_the_zone_file_the_keeper_owns(bind_factory: StartBind, tmp_path: Path) -> None:
+    """The zonefile backend: the keeper writes certkeeper's include file and reloads BIND."""
+    from certkeeper.network.runner import Renewer
+
+    include = tmp_path / "certkeeper.inc"
+    include.write_text("")
+    server = bind_factory(include=include, name="zf", dynamic=False)
+    with start_pebble(tmp_path / "pebble", dns_server=server.server) as pebble:
+        text = pebble.config_text(tmp_path, ["zf"]).replace(
+            'domains = ["zf"]', 'domains = ["*.example.test"]\nchallenge = "dns-01"')
+        dns = server.dns_toml(backend="zonefile", zonefile=str(include), server=None, tsig_key_name=None,
+                              tsig_secret_file=None, reload_command=server.rndc("reload", "example.test"))
+        conf = config.parse(text + dns, tmp_path / "certkeeper.toml")
+        report = Renewer(conf).renew(None)
+        assert report.exit_code == 0, report.outcomes
+        assert certs.parse_cert(conf.certificates[0].cert.read_bytes()).domains == ("*.example.test",)
+    assert "_acme-challenge" not in include.read_text()  # removed again
+    assert server.query("_acme-challenge.example.test", "TXT") == []
