@@ -360,6 +360,7 @@ class Renewer:
             before = self._before.get(name)
             if before is not None:  # the attempt counts on top of the failures before it
                 state.last_success, state.consecutive_failures = before.last_success, before.consecutive_failures
+                state.authority = before.authority  # the old certificate is back: so is its issuer (ARI)
             self._failed(self.config.certificate(name), state,
                          ServiceError(failed.get(name, "the new certificate was rolled back")), self.clock())
         return failed
