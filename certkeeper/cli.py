@@ -18,8 +18,19 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
 from certkeeper import __version__
-from certkeeper.commands import check, dns, import_acme_client, mta_sts, renew, rotate_dkim, run, status, verify
-from certkeeper.core.config import DEFAULT_PATH, Config, load
+from certkeeper.commands import (
+    check,
+    dns,
+    import_acme_client,
+    mta_sts,
+    renew,
+    revoke,
+    rotate_dkim,
+    run,
+    status,
+    verify,
+)
+from certkeeper.core.config import DEFAULT_PATH, REVOCATION_REASONS, Config, load
 from certkeeper.core.errors import CertkeeperError, ConfigError
 
 EXIT_OK = 0
@@ -37,6 +48,7 @@ COMMANDS: dict[str, Command] = {
     "dns": dns.main,
     "mta-sts": mta_sts.main,
     "rotate-dkim": rotate_dkim.main,
+    "revoke": revoke.main,
 }
 # Subcommands that do not read certkeeper.toml.
 NO_CONFIG: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
@@ -73,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the whole path against the staging directory; install nothing, run no hook")
     p.add_argument("--directory", metavar="URL", help="with --dry-run: the ACME directory (default [acme] staging)")
     p.add_argument("names", nargs="*", metavar="NAME", help="certificate names (default: all)")
+
+    p = sub.add_parser("revoke", parents=[common],
+                       help="revoke a certificate at its issuing authority, then renew it with a fresh key")
+    p.add_argument("--reason", default="unspecified", choices=list(REVOCATION_REASONS),
+                   help="RFC 5280 reason (default unspecified)")
+    p.add_argument("name", metavar="NAME", help="certificate name")
 
     p = sub.add_parser("status", parents=[common], help="show certificates, DKIM selectors and MTA-STS state")
     p.add_argument("--json", action="store_true", help="machine-readable output with stable keys")

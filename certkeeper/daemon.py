@@ -473,6 +473,11 @@ class Daemon:
                 emit("certkeeper: renew --dry-run needs an https:// directory")
                 return 1
             args.update(dry_run=True, directory=directory)
+        if payload.get("revoke"):  # `certkeeper revoke NAME`: one certificate, a known reason
+            if len(names) != 1 or payload["revoke"] not in config_module.REVOCATION_REASONS:
+                emit("certkeeper: revoke takes one certificate name and a known reason")
+                return 1
+            args["revoke"] = payload["revoke"]
         code, soonest = await self.renew(args, both)
         if soonest is not None and not args.get("dry_run"):
             self._schedule_extra(soonest, "the soonest planned renewal or retry")

@@ -167,33 +167,37 @@ def run_job(config: Config, config_text: str, job: str, args: dict[str, Any], ke
         raise
 
 
-def account_key(config: Config) -> bytes:
-    """The ACME account key, created (root's, 0600) at its first use."""
-    path = config.acme.account_key
+def account_key(config: Config, authority: str = "") -> bytes:
+    """An authority's ACME account key (the default one's without ``authority``), created (root's,
+    0600) at its first use."""
+    acme = config.authority(authority or config.default_authority)
+    path = acme.account_key
     try:
         return path.read_bytes()
     except FileNotFoundError:
         pass
     except OSError as exc:
         raise LocalError(f"{path}: cannot read the ACME account key: {exc.strerror}") from None
-    pem = certs.generate_key(config.acme.account_key_type)
+    pem = certs.generate_key(acme.account_key_type)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_atomic(path, pem, 0o600)
-    log.info("created ACME account key %s (%s)", path, config.acme.account_key_type)
+    log.info("created ACME account key %s (%s)", path, acme.account_key_type)
     return pem
 
 
 def handed_secrets(config: Config) -> dict[str, bytes]:
     """What the worker's user must not read from disk but needs: path → content.
 
-    The ACME account key (made here if missing), the EAB HMAC key and the TSIG
-    secret when configured, and [fleet]'s etcd client files and password (never
+    Every authority's ACME account key (made here if missing) and EAB HMAC key, the
+    TSIG secret when configured, and [fleet]'s etcd client files and password (never
     its secret_file, which only the keeper reads). A file that cannot be read is left out: the worker
     then reports it as it would have (one line naming the file)."""
-    files: dict[str, bytes] = {str(config.acme.account_key): account_key(config)}
+    files: dict[str, bytes] = {}
+    for name in config.authorities:
+        files.setdefault(str(config.authority(name).account_key), account_key(config, name))
+    eab = [config.authority(name).eab_hmac_key_file for name in config.authorities]
     fleet = config.fleet  # [fleet]: the etcd client's TLS files and password (never secret_file: keeper only)
-    for path in (config.acme.eab_hmac_key_file, config.dns.tsig_secret_file, fleet.ca, fleet.cert, fleet.key,
-                 fleet.password_file):
+    for path in (*eab, config.dns.tsig_secret_file, fleet.ca, fleet.cert, fleet.key, fleet.password_file):
         if path is None:
             continue
         try:
@@ -355,7 +359,9 @@ def _start_http01(link: ListenerLink) -> None:
 
 
 def idle_timeout(config: Config) -> float:
-    """How long a healthy worker may stay silent: one whole order, one DNS propagation wait
+    """How long a healthy worker may stay silent: one whole order at each authority, one DNS propagation wait
     and the slowest hook with its verification, plus a minute. Longer means it hangs."""
     hooks = max((h.timeout + h.verify_timeout for h in config.hooks.values()), default=0.0)
-    return config.acme.order_timeout + config.dns.propagation_timeout + hooks + 60.0
+    orders = max(sum(config.authority(n).order_timeout for n in c.authorities) for c in config.certificates) \
+        if config.certificates else config.acme.order_timeout
+    return orders + config.dns.propagation_timeout + hooks + 60.0

@@ -96,6 +96,7 @@ class Plan:
 @dataclass(frozen=True)
 class MakeCsr:
     name: str
+    fresh_key: bool = False  # never the key on disk (after a revocation): reuse_key does not apply
 
 
 @message

@@ -71,8 +71,13 @@ def job_renew(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple
     if args.get("dry_run") and not dry_run:
         line("certkeeper: renew --dry-run needs [acme] staging or --directory URL")
         return 1, None
-    report = Renewer(config, keeper=keeper, dry_run=dry_run).renew(
-        args.get("names") or None, force=bool(args.get("force")), progress=line if args.get("progress", True) else None)
+    renewer = Renewer(config, keeper=keeper, dry_run=dry_run)
+    reason = args.get("revoke")
+    if reason:  # `certkeeper revoke NAME`: revoke, then renew at once with a fresh key
+        (name,) = args["names"]
+        renewer.revoke(name, str(reason), line)
+    report = renewer.renew(args.get("names") or None, force=bool(args.get("force")) or bool(reason),
+                           progress=line if args.get("progress", True) else None, fresh_key=bool(reason))
     for outcome in report.outcomes:
         line(format_outcome(outcome))
     if dry_run:
@@ -220,7 +225,8 @@ def confine(config: Config) -> None:
 
     state_dir = config.state_dir
     read = [*SYSTEM_READ, str(config.path.parent)]
-    read += [str(p) for p in (config.acme.ca_bundle, config.dns.mta_sts_fetch_ca) if p is not None]
+    bundles = [config.authority(name).ca_bundle for name in config.authorities]
+    read += [str(p) for p in (*bundles, config.dns.mta_sts_fetch_ca) if p is not None]
     sandbox.confine("network", read, [str(state_dir)])
 
 

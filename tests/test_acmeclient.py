@@ -132,24 +132,27 @@ def test_every_keyword(tmp_path, capsys):
     assert parsed.acme.account_key == Path("/etc/acme/example-privkey.pem")
     assert parsed.acme.account_key_type == "ecdsa-p384"  # acme-client's ecdsa is P-384
     assert parsed.acme.contact == ("mailto:hostmaster@example.com",)
-    (www,) = parsed.certificates  # "other" signs with a second authority: commented out
+    www, other = parsed.certificates  # "other" signs with the second authority, with its own account
+    assert other.name == "other.example.com" and other.authority == "other"
+    assert parsed.authority("other").directory == "https://other.example.org/dir"
+    assert parsed.authority("other").account_key == Path("/etc/acme/other.pem")
+    assert parsed.authority("other").account_key_type == "rsa4096"
+    assert www.authority == "acme"
     assert www.name == "www"
     assert www.domains == ("www.example.com", "example.com", "secure.example.com", "static.example.com")
     assert www.key_type == "ecdsa-p384"
     assert www.chain == Path("/etc/ssl/chain/www.chain.pem")  # relative to the certificate's directory
     assert www.profile == "tlsserver"
     warnings = "\n".join(result.warnings)
-    assert len(result.warnings) == 3
+    assert len(result.warnings) == 2
     assert f"{tmp_path}/acme-client.conf:7: 'insecure'" in warnings
     assert f"{tmp_path}/acme-client.conf:22: challengedir '/var/www/acme-www'" in warnings
-    assert f"{tmp_path}/acme-client.conf:25: domain other.example.com signs with authority other" in warnings
     for line in result.warnings:  # each warning is also a comment in the output
         assert line.split(": ", 1)[1][:30] in result.toml
-    assert '# name = "other.example.com"' in result.toml
 
     code, _ = run_cli(tmp_path / "acme-client.conf")
     err = capsys.readouterr().err.splitlines()
-    assert code == 0 and len(err) == 3 and all(e.startswith("certkeeper: warning: ") for e in err)
+    assert code == 0 and len(err) == 2 and all(e.startswith("certkeeper: warning: ") for e in err)
 
 
 def test_macro_with_several_words_and_include(tmp_path):
@@ -279,3 +282,58 @@ def test_odd_but_valid_input(tmp_path):
     assert third.name == "3com.example.com" and third.key == Path("/etc/ssl/private/3com key.key")
     assert result.warnings == ()
     assert "# authority staging" in result.toml
+
+
+TWO_AUTHORITIES = """\
+authority letsencrypt {
+\tapi url "https://acme-v02.api.letsencrypt.org/directory"
+\taccount key "/etc/acme/letsencrypt-privkey.pem"
+}
+authority buypass {
+\tapi url "https://api.buypass.com/acme/directory"
+\taccount key "/etc/acme/buypass-privkey.pem" ecdsa
+\tcontact "mailto:hostmaster@example.com"
+}
+domain mail.example.com {
+\tdomain key "/etc/ssl/private/mail.example.com.key"
+\tdomain full chain certificate "/etc/ssl/mail.example.com.fullchain.pem"
+\tsign with letsencrypt
+}
+domain mx2.example.net {
+\talternative names { smtp.example.net }
+\tdomain key "/etc/ssl/private/mx2.example.net.key"
+\tdomain full chain certificate "/etc/ssl/mx2.example.net.fullchain.pem"
+\tsign with buypass
+}
+"""
+
+
+def test_two_authorities_import_with_both_domains_and_check_accepts_it(tmp_path, capsys):
+    """Every authority a domain signs with is carried over, each with its own account key."""
+    src = tmp_path / "acme-client.conf"
+    src.write_text(TWO_AUTHORITIES)
+    code, text = run_cli(src)
+    assert code == 0 and capsys.readouterr().err == ""
+    target = tmp_path / "certkeeper.toml"
+    target.write_text(text)
+    assert main(["--config", str(target), "check"], out=io.StringIO()) == 0
+    parsed = config.load(target)
+    assert list(parsed.authorities) == ["acme", "buypass"]
+    assert parsed.acme.account_key == Path("/etc/acme/letsencrypt-privkey.pem")
+    buypass = parsed.authority("buypass")
+    assert buypass.directory == "https://api.buypass.com/acme/directory"
+    assert buypass.account_key == Path("/etc/acme/buypass-privkey.pem")
+    assert buypass.account_key_type == "ecdsa-p384" and buypass.contact == ("mailto:hostmaster@example.com",)
+    mail, mx2 = parsed.certificates
+    assert (mail.name, mail.authority, mail.domains) == ("mail.example.com", "acme", ("mail.example.com",))
+    assert (mx2.name, mx2.authority, mx2.domains) == ("mx2.example.net", "buypass",
+                                                      ("mx2.example.net", "smtp.example.net"))
+    assert mx2.key == Path("/etc/ssl/private/mx2.example.net.key")
+
+
+def test_an_authority_named_acme_that_is_not_the_first_gets_another_name(tmp_path):
+    text = TWO_AUTHORITIES.replace("buypass", "acme")
+    parsed = config.parse(convert(text, tmp_path).toml, "converted.toml")
+    assert list(parsed.authorities) == ["acme", "acme-2"]
+    assert parsed.certificates[1].authority == "acme-2"
+    assert parsed.authority("acme-2").account_key == Path("/etc/acme/acme-privkey.pem")

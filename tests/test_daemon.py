@@ -522,6 +522,20 @@ def test_renew_dry_run_through_the_daemon_changes_nothing(daemon, pebble):
     assert "renew --dry-run needs [acme] staging or --directory URL" in daemon.cli("renew", "--dry-run").stderr
 
 
+def test_revoke_through_the_control_socket(daemon):
+    """The daemon's worker revokes at the issuing authority and renews with a new key."""
+    daemon.wait_for_log("mail.example.com: renewed", timeout=60)
+    cert = daemon.config.certificate("mail.example.com")
+    old_key, old_serial = cert.key.read_bytes(), daemon.serial_on_disk("mail.example.com")
+    result = daemon.cli("revoke", "--reason", "keyCompromise", "mail.example.com")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"mail.example.com: serial {old_serial:x} revoked at acme (keyCompromise)" in result.stdout
+    assert "mail.example.com: renewed" in result.stdout
+    assert "control socket: renew" in daemon.proc.output()
+    assert daemon.serial_on_disk("mail.example.com") != old_serial
+    assert cert.key.read_bytes() != old_key
+
+
 def test_metrics_are_served_by_the_daemon(daemon):
     daemon.wait_for_log("mail.example.com: renewed", timeout=60)
     deadline = time.monotonic() + 20

@@ -36,7 +36,7 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "FLEET SECTION": ('[fleet]\nbackend = "etcd"\nbogus_key = 1\n', config.FleetConfig),
 }
 SUB_TABLES = {"acme", "http", "certificate", "hooks", "mta_sts", "dns", "tlsrpt", "dmarc", "records", "dkim",
-              "alerts", "metrics", "fleet"}
+              "alerts", "metrics", "fleet", "authority"}
 
 
 def read(page: str) -> str:

@@ -59,7 +59,7 @@ def setup(tmp_path):
         last_error="urn:ietf:params:acme:error:connection: 203.0.113.7: Fetching "
                    "http://smtp.example.com/.well-known/acme-challenge/xyz: Timeout during connect",
         retry_not_before=NOW + timedelta(minutes=95),
-        failed_settings=renewal.config_digest(cfg, cfg.certificate(LONG))))  # as the runner records it
+        failed_settings=renewal.certificate_settings(cfg, cfg.certificate(LONG))))  # as the runner records it
     # mta-sts: no files at all
     return path, cfg
 

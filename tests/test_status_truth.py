@@ -120,7 +120,7 @@ def test_a_retry_time_is_never_in_the_past(tmp_path):
     """After a rolled-back renewal of a certificate that was not due: "failing, retry <the past>"."""
     cfg = config.load(write_config(tmp_path))
     install(cfg, NOW - timedelta(days=10), NOW + timedelta(days=80))
-    digest = renewal.config_digest(cfg, cfg.certificate("mail.example.com"))
+    digest = renewal.certificate_settings(cfg, cfg.certificate("mail.example.com"))
     state.save_cert_state(cfg.state_dir, state.CertState(
         name="mail.example.com", consecutive_failures=1, last_error="reload-mta: the service is down",
         retry_not_before=NOW - timedelta(minutes=30), failed_settings=digest))
@@ -147,7 +147,7 @@ def test_a_backoff_lifts_when_the_setting_it_names_changes(tmp_path, change):
     state.save_cert_state(cfg.state_dir, state.CertState(
         name="mail.example.com", consecutive_failures=2, last_error="certificate verify failed",
         retry_not_before=NOW + timedelta(minutes=100),
-        failed_settings=renewal.config_digest(cfg, cfg.certificate("mail.example.com"))))
+        failed_settings=renewal.certificate_settings(cfg, cfg.certificate("mail.example.com"))))
     assert row(cfg)["next_action"].startswith("retry ")
     bundle = tmp_path / "roots.pem"
     bundle.write_bytes(ThrowawayCA().pem)
@@ -208,7 +208,7 @@ def test_the_daemon_shows_the_same_decision(tmp_path):
     state.save_cert_state(cfg.state_dir, state.CertState(
         name="mail.example.com", consecutive_failures=1, last_error="reload-mta: the service is down",
         retry_not_before=NOW - timedelta(minutes=5),
-        failed_settings=renewal.config_digest(cfg, cfg.certificate("mail.example.com"))))
+        failed_settings=renewal.certificate_settings(cfg, cfg.certificate("mail.example.com"))))
     proc = Process("certkeeper", [sys.executable, "-m", "certkeeper", "-c", str(cfg.path), "run", "-d"],
                    tmp_path / "daemon.log", cwd=ROOT)
     try:

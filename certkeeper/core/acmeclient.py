@@ -6,9 +6,11 @@ backslash line continuation, ``include``) and rendering an equivalent
 certkeeper.toml that keeps the SAME account key and file paths, so the first
 renewal needs no new ACME account and no change in smtpd, dovecot or httpd.
 
-What cannot be carried over (``challengedir``, ``insecure``, a second
-authority in use, a non-mailto contact) becomes a ``#`` comment in the output
-and a warning. Errors are one line: ``FILE:LINE: message``.
+Every authority a domain signs with is carried over with its own account key:
+the first domain's becomes ``[acme]``, each other one an ``[authority.NAME]``
+table, and its domains name it with ``authority = "NAME"``. What cannot be
+carried over (``challengedir``, ``insecure``, a non-mailto contact) becomes a
+``#`` comment in the output and a warning. Errors are one line: ``FILE:LINE: message``.
 """
 
 from __future__ import annotations
@@ -560,6 +562,7 @@ class _Renderer:
         self.source = source
         self.lines: list[str] = []
         self.warnings: list[str] = []
+        self.names: dict[int, str] = {}  # id(Authority) -> its table name
 
     def warn(self, where: str, message: str) -> None:
         self.warnings.append(f"{where}: {message}")
@@ -569,23 +572,38 @@ class _Renderer:
         if not self.conf.authorities:
             raise ConfigError([f"{self.source}:1: no authority defined; acme-client needs one to sign with"])
         main = self.main_authority()
+        self.names = self.authority_names(main)
         self.header()
         self.acme(main)
+        for auth in self.conf.authorities:
+            if auth is not main and id(auth) in self.names:
+                self.acme(auth, self.names[id(auth)])
         self.http()
         mta_sts: list[str] = []
         for dom in self.conf.domains:
-            auth = self.conf.authority_of(dom)
-            if auth is main:
-                self.certificate(dom)
-            else:
-                self.other_authority(dom, auth, main)
-            if dom.common_name.startswith("mta-sts.") and auth is main:
+            signer = self.conf.authority_of(dom)
+            self.certificate(dom, "" if signer is None or signer is main else self.names[id(signer)])
+            if dom.common_name.startswith("mta-sts."):
                 mta_sts.append(dom.common_name)
         self.mta_sts_hint(mta_sts)
         return Conversion("\n".join(self.lines) + "\n", tuple(self.warnings))
 
+    def authority_names(self, main: Authority) -> dict[int, str]:
+        """id(authority) → its name in certkeeper.toml: ``acme`` for the main one, acme-client's name
+        (made a valid, distinct table name) for every other one a domain signs with."""
+        names = {id(main): cfg.DEFAULT_AUTHORITY}
+        for auth in self.conf.authorities:
+            if auth is main or not any(self.conf.authority_of(d) is auth for d in self.conf.domains):
+                continue
+            name = re.sub(r"[^A-Za-z0-9._-]", "-", auth.name).lstrip("-._") or "authority"
+            base, n = name, 2
+            while name in names.values():
+                name, n = f"{base}-{n}", n + 1
+            names[id(auth)] = name
+        return names
+
     def main_authority(self) -> Authority:
-        """The authority of the first domain; certkeeper has one [acme] account per file."""
+        """The authority of the first domain: it becomes [acme]."""
         for dom in self.conf.domains:
             auth = self.conf.authority_of(dom)
             if auth is not None:
@@ -603,8 +621,10 @@ class _Renderer:
             "",
         ]
 
-    def acme(self, auth: Authority) -> None:
-        self.lines += ["[acme]", f"# from authority {auth.name} ({auth.where})"]
+    def acme(self, auth: Authority, name: str = "") -> None:
+        """[acme] for the main authority, [authority.NAME] for another one."""
+        table = f"authority.{name}" if name else "acme"
+        self.lines += [f"[{table}]", f"# from authority {auth.name} ({auth.where})"]
         if not re.match(r"^https://[^/\s]+", auth.api):
             raise ConfigError([f"{auth.where}: api url {auth.api!r} is not an https:// URL; "
                                "certkeeper talks to ACME servers over https only"])
@@ -620,9 +640,9 @@ class _Renderer:
                                       "only mailto: contacts")
         if auth.insecure:
             self.warn(auth.insecure, "'insecure' (no TLS verification of the ACME server): certkeeper always "
-                                     "verifies; set [acme] ca_bundle to trust a private CA instead")
+                                     f"verifies; set [{table}] ca_bundle to trust a private CA instead")
         staging = False
-        for other in self.conf.authorities:
+        for other in self.conf.authorities if not name else ():
             if other is not auth and not any(self.conf.authority_of(d) is other for d in self.conf.domains):
                 if not staging and "staging" in f"{other.name} {other.api}".lower() \
                         and re.match(r"^https://[^/\s]+", other.api):
@@ -643,8 +663,10 @@ class _Renderer:
             "",
         ]
 
-    def certificate(self, dom: Domain) -> None:
+    def certificate(self, dom: Domain, authority: str = "") -> None:
         self.lines += ["[[certificate]]", f"# from domain {dom.handle} ({dom.where})"]
+        if authority:
+            self.lines.append(f"authority = {_q(authority)}  # sign with {dom.sign_with}")
         name = dom.handle
         if not _NAME.fullmatch(name):
             name = re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip("-._") or "certificate"
@@ -678,15 +700,6 @@ class _Renderer:
             f"# hooks = {hint}",
             "",
         ]
-
-    def other_authority(self, dom: Domain, auth: Authority | None, main: Authority) -> None:
-        name = auth.name if auth else "?"
-        self.warn(dom.where, f"domain {dom.handle} signs with authority {name}, but certkeeper uses one ACME "
-                             f"account per file ([acme] is {main.name}); run a second certkeeper with its own "
-                             "configuration for it")
-        sub = _Renderer(self.conf, self.source)
-        sub.certificate(dom)
-        self.lines += [f"# {line}" if line else "" for line in sub.lines]
 
     def mta_sts_hint(self, hosts: list[str]) -> None:
         for host in hosts:

@@ -39,6 +39,12 @@ DKIM_SIGNERS = ("rspamd", "filter-dkimsign", "none")
 DKIM_SIGNER_ACCOUNTS = {"rspamd": "_rspamd", "filter-dkimsign": "_dkimsign", "none": ""}
 MTA_STS_MODES = ("enforce", "testing", "none")
 DNS_BACKENDS = ("rfc2136", "zonefile", "manual")
+CHALLENGES = ("http-01", "dns-01")
+# `certkeeper revoke --reason`: RFC 5280 5.3.1 CRLReason codes an ACME revocation may carry (those
+# Let's Encrypt accepts).
+REVOCATION_REASONS = {"unspecified": 0, "keyCompromise": 1, "affiliationChanged": 3, "superseded": 4,
+                      "cessationOfOperation": 5}
+DEFAULT_AUTHORITY = "acme"  # the name the [acme] table stands for
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1", "hmac-md5")
 # Hook kinds with a built-in default command, one per service manager; which manager runs the host
 # is found at run time (certkeeper.keeper.hooks.service_manager): "rcctl" (OpenBSD), "systemd" (Debian's
@@ -122,6 +128,14 @@ class CertificateConfig:
     reuse_key: bool = False
     profile: str = ""  # overrides [acme] profile for this certificate
     hooks: tuple[str, ...] = ()
+    authority: str = DEFAULT_AUTHORITY  # the [authority.NAME] (or [acme]) asked first
+    fallback: tuple[str, ...] = ()  # asked in turn when the one before fails on the CA's side
+    challenge: str = "http-01"
+
+    @property
+    def authorities(self) -> tuple[str, ...]:
+        """The authorities an order goes to, in order."""
+        return (self.authority, *self.fallback)
 
 
 @dataclass(frozen=True)
@@ -265,7 +279,7 @@ class Config:
     # The unprivileged user (and group; "" = the user's own) of the network worker and the listener.
     user: str = "_certkeeper"
     group: str = ""
-    acme: AcmeConfig = field(default_factory=AcmeConfig)
+    acme: AcmeConfig = field(default_factory=AcmeConfig)  # the default authority
     http: HttpConfig = field(default_factory=HttpConfig)
     certificates: tuple[CertificateConfig, ...] = ()
     hooks: dict[str, HookConfig] = field(default_factory=dict)
@@ -278,6 +292,17 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    # Every ACME authority by name: [acme] is the one named "acme", then each [authority.NAME].
+    authorities: dict[str, AcmeConfig] = field(default_factory=lambda: {DEFAULT_AUTHORITY: AcmeConfig()})
+    default_authority: str = DEFAULT_AUTHORITY  # the one ``acme`` is; certificates without ``authority`` use it
+
+    def authority(self, name: str) -> AcmeConfig:
+        """The [authority.NAME] table (``acme`` for the default one)."""
+        return self.acme if name == self.default_authority else self.authorities[name]
+
+    def chain(self, cert: CertificateConfig) -> tuple[tuple[str, AcmeConfig], ...]:
+        """The certificate's authority, then its fallbacks: (name, table)."""
+        return tuple((name, self.authority(name)) for name in cert.authorities)
 
     def certificate(self, name: str) -> CertificateConfig:
         for cert in self.certificates:
@@ -518,7 +543,7 @@ class _Reader:
     def config(self, data: dict[str, Any]) -> Config | None:
         top = {
             "state_dir", "control_socket", "pid_file", "user", "group", "acme", "http", "certificate", "hooks",
-            "mta_sts", "dns", "tlsrpt", "dmarc", "records", "dkim", "alerts", "metrics", "fleet",
+            "mta_sts", "dns", "tlsrpt", "dmarc", "records", "dkim", "alerts", "metrics", "fleet", "authority",
         }
         self.table(data, "", top)
         state_dir = self.required_path(data, "", "state_dir", Config.state_dir)
@@ -526,9 +551,11 @@ class _Reader:
         pid_file = self.required_path(data, "", "pid_file", Config.pid_file)
         user = self.account_name(data, "user", Config.user)
         group = self.account_name(data, "group", Config.group)
-        acme = self.acme(self.section(data, "acme"))
+        authorities = self.authorities(data)
+        default = DEFAULT_AUTHORITY if DEFAULT_AUTHORITY in authorities else next(iter(authorities))
+        acme = authorities[default]
         http = self.http(self.section(data, "http"))
-        certificates = tuple(self.certificates(data))
+        certificates = tuple(self.certificates(data, default))
         hooks = self.hooks(self.section(data, "hooks"))
         mta_sts = tuple(self.mta_sts_list(data, certificates))
         dns = self.dns(self.section(data, "dns"))
@@ -540,11 +567,12 @@ class _Reader:
         metrics = self.metrics(self.section(data, "metrics"))
         fleet = self.fleet(self.section(data, "fleet"), certificates) if "fleet" in data else FleetConfig()
         self.cross_check(certificates, hooks, dkim)
+        self.check_authorities(certificates, authorities, dns)
         return Config(
             path=Path(self.filename), state_dir=state_dir, control_socket=control_socket, pid_file=pid_file,
             user=user, group=group, acme=acme, http=http, certificates=certificates, hooks=hooks, mta_sts=mta_sts,
             dns=dns, tlsrpt=tlsrpt, dmarc=dmarc, records=records, dkim=dkim, alerts=alerts, metrics=metrics,
-            fleet=fleet,
+            fleet=fleet, authorities=authorities, default_authority=default,
         )
 
     def account_name(self, data: dict[str, Any], key: str, default: str) -> str:
@@ -577,8 +605,48 @@ class _Reader:
                 continue
             yield where, item
 
-    def acme(self, data: dict[str, Any]) -> AcmeConfig:
-        w = "acme"
+    def authorities(self, data: dict[str, Any]) -> dict[str, AcmeConfig]:
+        """[acme] (the authority named "acme") and every [authority.NAME], in the file's order."""
+        tables = self.section(data, "authority")
+        out: dict[str, AcmeConfig] = {}
+        if "acme" in data:
+            if DEFAULT_AUTHORITY in tables:
+                self.error("acme", f"[acme] is the authority named {DEFAULT_AUTHORITY!r}: it cannot stand beside "
+                                   f"[authority.{DEFAULT_AUTHORITY}]; move its keys into one of them")
+            out[DEFAULT_AUTHORITY] = self.acme(self.section(data, "acme"))
+        for name, item in tables.items():
+            w = f"authority.{name}"
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                self.error(w, f"{name!r} may hold only letters, digits, '.', '_' and '-'")
+                continue
+            if not isinstance(item, dict):
+                self.error(w, f"must be a table ([{w}])")
+                continue
+            if name not in out:
+                out[name] = self.acme(item, w)
+        return out or {DEFAULT_AUTHORITY: self.acme({})}
+
+    def check_authorities(self, certificates: tuple[CertificateConfig, ...], authorities: dict[str, AcmeConfig],
+                          dns: DnsConfig) -> None:
+        known = ", ".join(authorities)
+        for i, cert in enumerate(certificates):
+            w = f"certificate[{i + 1}]"
+            if cert.authority not in authorities:
+                self.error(f"{w}.authority", f"{cert.authority!r} is not a configured authority ({known})")
+            for j, name in enumerate(cert.fallback):
+                if name not in authorities:
+                    self.error(f"{w}.fallback[{j + 1}]", f"{name!r} is not a configured authority ({known})")
+                elif name in cert.authorities[:j + 1]:
+                    self.error(f"{w}.fallback[{j + 1}]", f"{name!r} is already asked before")
+            if cert.challenge == "dns-01" and dns.backend == "manual":
+                self.error(f"{w}.challenge", "\"dns-01\" needs [dns] backend \"rfc2136\" or \"zonefile\"")
+            if cert.challenge == "dns-01" and dns.zone and not all(
+                    _in_zone(d, dns.zone) for d in cert.domains):
+                outside = next(d for d in cert.domains if not _in_zone(d, dns.zone))
+                self.error(f"{w}.domains", f"{outside!r} is outside [dns] zone {dns.zone!r}, so dns-01 cannot "
+                                           "publish its record")
+
+    def acme(self, data: dict[str, Any], w: str = "acme") -> AcmeConfig:
         self.table(data, w, {
             "directory", "contact", "account_key", "account_key_type", "ca_bundle", "profile", "concurrency",
             "eab_kid", "eab_hmac_key_file", "timeout", "order_timeout", "staging",
@@ -608,7 +676,7 @@ class _Reader:
             eab_kid=self.string(data, w, "eab_kid"),
             eab_hmac_key_file=self.path(data, w, "eab_hmac_key_file", None),
             timeout=self.number(data, w, "timeout", 30.0, 1, 600),
-            order_timeout=self.number(data, w, "order_timeout", 300.0, 5, 86400),
+            order_timeout=self.number(data, w, "order_timeout", 300.0, 1, 86400),
         )
 
     def http(self, data: dict[str, Any]) -> HttpConfig:
@@ -627,12 +695,13 @@ class _Reader:
         return HttpConfig(listen=listen, tls_listen=tls_listen, max_connections=total,
                           max_connections_per_address=per_address, max_handshakes=handshakes)
 
-    def certificates(self, data: dict[str, Any]) -> Iterator[CertificateConfig]:
+    def certificates(self, data: dict[str, Any], authority: str = DEFAULT_AUTHORITY) -> Iterator[CertificateConfig]:
         seen: dict[str, str] = {}
         for w, item in self.array_of_tables(data, "certificate"):
             self.table(item, w, {
                 "name", "domains", "key_type", "key", "cert", "chain", "fullchain", "key_owner", "key_group",
-                "key_mode", "cert_owner", "cert_group", "cert_mode", "reuse_key", "profile", "hooks",
+                "key_mode", "cert_owner", "cert_group", "cert_mode", "reuse_key", "profile", "hooks", "authority",
+                "fallback", "challenge",
             })
             # A bad name is reported and the rest of the table still checked: every problem, one pass.
             name = self.string(item, w, "name")
@@ -649,8 +718,9 @@ class _Reader:
             if not domains_raw:
                 self.error(f"{w}.domains", "must list at least one domain")
             domains: list[str] = []
+            challenge = self.choice(item, w, "challenge", CHALLENGES, "http-01")
             for i, d in enumerate(domains_raw):
-                clean = self.domain(f"{w}.domains[{i + 1}]", d)
+                clean = self.domain(f"{w}.domains[{i + 1}]", d, wildcard=challenge == "dns-01")  # RFC 8555 8.4
                 if clean and clean in domains:
                     self.error(f"{w}.domains[{i + 1}]", f"{d!r} is listed twice")
                 elif clean:
@@ -678,6 +748,9 @@ class _Reader:
                 reuse_key=self.boolean(item, w, "reuse_key", False),
                 profile=profile,
                 hooks=self.strings(item, w, "hooks"),
+                authority=self.string(item, w, "authority", authority),
+                fallback=self.strings(item, w, "fallback"),
+                challenge=challenge,
             )
             if valid_name:
                 yield cert
@@ -1120,6 +1193,11 @@ def _known(lookup: Any, name: str) -> bool:
     except (KeyError, ValueError):  # ValueError: a name with a NUL byte
         return False
     return True
+
+
+def _in_zone(name: str, zone: str) -> bool:
+    name = name.removeprefix("*.")
+    return name == zone or name.endswith("." + zone)
 
 
 def _join(where: str, key: str) -> str:

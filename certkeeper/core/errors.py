@@ -59,12 +59,15 @@ class AcmeError(RemoteError):
 
     The message names the RFC 8555 error type and detail, e.g.
     ``urn:ietf:params:acme:error:rateLimited: too many certificates``;
-    ``code`` is the error type's last part ("rateLimited"), "" when not an ACME problem.
+    ``code`` is the error type's last part ("rateLimited"), "" when not an ACME problem;
+    ``ca_side`` is true when the fault lies with the CA (a fallback authority may succeed).
     """
 
-    def __init__(self, message: str, retry_after: float | None = None, code: str = "") -> None:
+    def __init__(self, message: str, retry_after: float | None = None, code: str = "",
+                 ca_side: bool = False) -> None:
         super().__init__(message, retry_after)
         self.code = code
+        self.ca_side = ca_side  # the CA is in trouble (5xx, timeout, rate limit): another CA may do
 
 
 class DNSError(RemoteError):

@@ -11,7 +11,7 @@ path under state_dir        owner     mode   what
 ``certificates/NAME.json``  network   0700   per-certificate state: backoff, ARI, attempts
 ``locks/NAME.lock``         network   0700   one renewal of a certificate at a time
 ``verify/NAME.json``        network   0700   the last verification of each endpoint
-``acme/account.json``       network   0700   ACME account URLs; ``acme/ca-bundle.pem``
+``acme/account.json``       network   0700   ACME account URLs; ``acme/ca-bundle[.NAME].pem`` per authority
 ``dkim/DOMAIN.json``        network   0700   DKIM rotation state (no key: keys are in key_dir)
 ``mta-sts/DOMAIN.json``     network   0700   MTA-STS publication history (the listener reads it)
 ``alerts/alerts.json``      network   0700   alert episodes

@@ -98,19 +98,29 @@ def plan(cert: CertificateConfig, on_disk: CertificateSet | None, state: CertSta
     return Decision(cert.name, False, when, why, info.not_after, "renew")
 
 
-def settings_digest(cert: CertificateConfig, acme: AcmeConfig, hooks: tuple[object, ...] = ()) -> str:
-    """A digest of everything that decides whether a renewal can succeed: the order's settings,
-    ``ca_bundle``, and ``hooks`` (what installs and checks it, see ``config_digest``)."""
-    relevant = (cert.domains, cert.key_type, cert.profile, acme.directory, acme.profile, acme.eab_kid,
-                str(acme.eab_hmac_key_file), str(acme.account_key), acme.contact, str(acme.ca_bundle), hooks)
+def settings_digest(cert: CertificateConfig, acme: AcmeConfig, *fallbacks: AcmeConfig,
+                    hooks: tuple[object, ...] = ()) -> str:
+    """A digest of everything that decides whether a renewal can succeed: the order's settings at
+    ``acme`` (the certificate's authority) and at the ``fallbacks`` it may ask, their ``ca_bundle``,
+    the challenge, and ``hooks`` (what installs and checks it, see ``certificate_settings``)."""
+    relevant: tuple[object, ...] = (cert.domains, cert.key_type, cert.profile, acme.directory, acme.profile,
+                                    acme.eab_kid, str(acme.eab_hmac_key_file), str(acme.account_key), acme.contact,
+                                    str(acme.ca_bundle))
+    for other in fallbacks:
+        relevant += (other.directory, other.profile, other.eab_kid, str(other.eab_hmac_key_file),
+                     str(other.account_key), other.contact, str(other.ca_bundle))
+    if cert.challenge != "http-01":
+        relevant += (cert.challenge,)
+    if hooks:
+        relevant += (hooks,)
     return hashlib.sha256(repr(relevant).encode()).hexdigest()[:16]
 
 
-def config_digest(config: Config, cert: CertificateConfig) -> str:
-    """``settings_digest`` with every hook of the certificate (command, verify endpoints, timeouts):
-    a backoff lifts when any of them changes."""
+def certificate_settings(config: Config, cert: CertificateConfig) -> str:
+    """``settings_digest`` over the certificate's whole chain of authorities and every hook of the
+    certificate (command, verify endpoints, timeouts): a backoff lifts when any of them changes."""
     hooks = tuple((name, config.hooks.get(name) or HOOK_DEFAULT_COMMANDS.get(name)) for name in cert.hooks)
-    return settings_digest(cert, config.acme, hooks)
+    return settings_digest(cert, *(acme for _, acme in config.chain(cert)), hooks=hooks)
 
 
 def files_problem(cert: CertificateConfig, on_disk: CertificateSet, info: certs.CertInfo) -> str:

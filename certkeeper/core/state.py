@@ -13,7 +13,7 @@ fresh state, with ``last_error`` saying so, and no other certificate notices.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,26 @@ class CertState:
     ari_cert: str = ""  # SHA-256 fingerprint of the leaf the ARI fields above belong to
     next_renewal: datetime | None = None  # when the planner wants to renew next
     next_renewal_reason: str = ""
+    authority: str = ""  # the authority that issued the certificate on disk ("" before any)
+    # Backoff per authority: name -> [consecutive failures, ISO time before which it is not asked again].
+    authority_backoff: dict[str, list[Any]] = field(default_factory=dict)
+
+    def authority_retry(self, name: str) -> datetime | None:
+        entry = self.authority_backoff.get(name)
+        try:
+            return datetime.fromisoformat(entry[1]) if entry and entry[1] else None
+        except (TypeError, ValueError, IndexError):
+            return None
+
+    def authority_failures(self, name: str) -> int:
+        entry = self.authority_backoff.get(name)
+        return int(entry[0]) if entry and isinstance(entry[0], int) else 0
 
 
-_TIME_FIELDS = {f.name for f in fields(CertState) if "datetime" in str(f.type)}
-_KINDS: dict[str, type] = {f.name: {"int": int, "str": str, "bool": bool}.get(str(f.type), object)
-                           for f in fields(CertState) if f.name not in _TIME_FIELDS}
+_TIME_FIELDS = {f.name for f in fields(CertState) if str(f.type).startswith("datetime")}
+_KINDS: dict[str, type] = {
+    f.name: {"int": int, "str": str, "bool": bool}.get(str(f.type), dict if str(f.type).startswith("dict") else object)
+    for f in fields(CertState) if f.name not in _TIME_FIELDS}
 
 
 def _path(state_dir: Path, name: str) -> Path:

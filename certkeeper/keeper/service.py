@@ -110,13 +110,14 @@ class LocalKeeper:
         """The planner's decision from the files on disk and the certificate's state."""
         return decide(self.config, self.store, self.certificate(name), now, force)
 
-    def make_csr(self, name: str) -> bytes:
+    def make_csr(self, name: str, fresh_key: bool = False) -> bytes:
         """A CSR for the certificate's names, for the key the next ``install`` must match.
 
-        ``reuse_key`` keeps the key on disk while it is of the configured type."""
+        ``reuse_key`` keeps the key on disk while it is of the configured type; ``fresh_key`` (a
+        revoked certificate's renewal) never does: a compromised key must not be certified again."""
         cert = self.certificate(name)
         current = self.store.read(cert)
-        if cert.reuse_key and current is not None and _key_type(current.key) == cert.key_type:
+        if cert.reuse_key and not fresh_key and current is not None and _key_type(current.key) == cert.key_type:
             key = current.key
         else:
             key = certs.generate_key(cert.key_type)
@@ -460,7 +461,7 @@ def decide(config: Config, store: CertificateStore, cert: CertificateConfig, now
     and what lifts it)."""
     problem = store.check(cert)
     return renewal.plan(cert, store.read(cert), load_cert_state(config.state_dir, cert.name), now, force=force,
-                        settings=renewal.config_digest(config, cert), disk_problem=problem,
+                        settings=renewal.certificate_settings(config, cert), disk_problem=problem,
                         repairable=bool(problem) and store.repairable(cert))
 
 
@@ -558,8 +559,8 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
             d = keeper.plan(name, force, now())
             return p.Planned(name, d.due, d.when.isoformat(), d.reason, d.not_after.isoformat() if d.not_after else "",
                              d.action, d.lifts)
-        case p.MakeCsr(name=name):
-            return p.Csr(name, keeper.make_csr(name).decode())
+        case p.MakeCsr(name=name, fresh_key=fresh_key):
+            return p.Csr(name, keeper.make_csr(name, fresh_key).decode())
         case p.Install(name=name, fullchain=fullchain):
             info = keeper.install(name, fullchain.encode())
             return p.Installed(name, f"{info.serial:x}")

@@ -30,7 +30,7 @@ LAST_COLUMN = 26  # the NEXT ACTION column gets at least this much when a row is
 CERTIFICATE_KEYS = (
     "name", "domains", "status", "serial", "not_before", "not_after", "days_left", "next_renewal",
     "next_renewal_reason", "next_action", "last_attempt", "last_success", "consecutive_failures", "last_error",
-    "endpoints", "set_aside", "next_action_at", "backoff_until", "backoff_lifts",
+    "endpoints", "set_aside", "next_action_at", "backoff_until", "backoff_lifts", "authority",
 )
 DKIM_COLUMNS = (("DOMAIN", "domain"), ("SELECTOR", "selector"), ("ALG", "algorithm"), ("STATE", "state"),
                 ("SINCE", "since"))
@@ -120,6 +120,8 @@ def certificate_status(config: Config, store: CertificateStore, cert: Certificat
         "next_action_at": _iso(when),
         "backoff_until": _iso(when) if backoff else None,
         "backoff_lifts": decision.lifts if backoff else None,
+        # The authority that issued the certificate on disk (one from before authorities: the default).
+        "authority": (st.authority or config.default_authority) if info else None,
     }
     return {key: row[key] for key in CERTIFICATE_KEYS}
 
@@ -332,6 +334,8 @@ def _certificate_lines(rows: list[dict[str, Any]]) -> list[str]:
         if row["backoff_lifts"]:
             extra.append(f"backoff until {_short(_parse_time(row['backoff_until']))} UTC; ends sooner with "
                          f"{row['backoff_lifts'].removeprefix('its time, or ')}")
+        if row.get("authority"):
+            extra.append(f"issued by: {row['authority']}")
         if row["last_error"] and row["last_error"] not in row["next_renewal_reason"]:
             extra.append(f"last error ({row['consecutive_failures']} failures): {row['last_error']}")
         extra += [f"set aside as unreadable (read, then remove): {path}" for path in row["set_aside"]]

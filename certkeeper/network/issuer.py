@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import josepy as jose
 import requests
@@ -39,9 +39,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from certkeeper import __version__
 from certkeeper.core import certs, layout, secrets
 from certkeeper.core.challenges import ChallengeTable
-from certkeeper.core.config import AcmeConfig
+from certkeeper.core.config import DEFAULT_AUTHORITY, AcmeConfig
 from certkeeper.core.errors import AcmeError, LocalError
 from certkeeper.core.files import write_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from certkeeper.network.dns.challenge import Dns01Records
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,10 @@ class Issued:
 
 
 _LAST_RETRY_AFTER = threading.local()  # Retry-After of this thread's last ACME response, seconds
+_LAST_STATUS = threading.local()  # HTTP status of this thread's last ACME response
+_DEADLINE = threading.local()  # time.monotonic() by which this thread's order must be done, or None
+# RFC 8555 6.7 error types that mean the CA is in trouble, not that our request was wrong.
+CA_SIDE_CODES = frozenset({"rateLimited", "serverInternal", "badNonce"})
 
 
 class _Network(acme_client.ClientNetwork):
@@ -75,9 +82,34 @@ class _Network(acme_client.ClientNetwork):
     remembers the last ``Retry-After`` (the library drops it from its errors)."""
 
     def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        deadline = getattr(_DEADLINE, "value", None)
+        if deadline is not None:
+            # The order's deadline holds on every read: the body is read here in pieces (a server that
+            # drips one byte at a time never trips the per-read timeout) and each read waits at most
+            # what is left.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise requests.exceptions.Timeout("the order's deadline passed")
+            kwargs["timeout"] = min(float(self._default_timeout), remaining)
+            kwargs["stream"] = True
+            kwargs["hooks"] = {"response": lambda response, *a, **k: _read_body(response, deadline)}
         response = super()._send_request(method, url, *args, **kwargs)
         _LAST_RETRY_AFTER.value = _retry_after_seconds(response)
+        _LAST_STATUS.value = response.status_code
         return response
+
+    @classmethod
+    def _check_response(cls, response: requests.Response, content_type: str | None = None) -> requests.Response:
+        """A 409 with a problem document is that problem (RFC 9773 7.4 ``alreadyReplaced`` is a 409);
+        the library turns every 409 into an account ``ConflictError``."""
+        if response.status_code == 409:
+            try:
+                problem = response.json()
+            except ValueError:
+                problem = None
+            if isinstance(problem, dict) and "type" in problem:
+                raise messages.Error.from_json(problem)
+        return super()._check_response(response, content_type)
 
     def post(self, *args: Any, **kwargs: Any) -> requests.Response:
         for attempt in range(BAD_NONCE_RETRIES):
@@ -101,8 +133,10 @@ class Issuer:
 
     remember_account = True  # False (renew --dry-run): the account URL is not written to the state directory
 
-    def __init__(self, config: AcmeConfig, state_dir: Path, challenges: ChallengeTable) -> None:
+    def __init__(self, config: AcmeConfig, state_dir: Path, challenges: ChallengeTable,
+                 name: str = DEFAULT_AUTHORITY) -> None:
         self.config = config
+        self.name = name  # the authority's name in the configuration
         self.state_dir = state_dir
         self.challenges = challenges
         self._lock = threading.Lock()
@@ -172,7 +206,8 @@ class Issuer:
             extra = self.config.ca_bundle.read_bytes()
         except OSError as exc:
             raise LocalError(f"{self.config.ca_bundle}: cannot read ca_bundle: {exc.strerror}") from None
-        bundle = layout.path(self.state_dir, "acme", "ca-bundle.pem")
+        filename = "ca-bundle.pem" if self.name == DEFAULT_AUTHORITY else f"ca-bundle.{self.name}.pem"
+        bundle = layout.path(self.state_dir, "acme", filename)
         bundle.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not bundle.exists() or bundle.read_bytes() != system + b"\n" + extra:
             write_atomic(bundle, system + b"\n" + extra, 0o644)
@@ -223,22 +258,24 @@ class Issuer:
         return dict(getattr(meta, "profiles", None) or {})
 
     def issue(self, domains: tuple[str, ...], csr_pem: bytes, profile: str = "", replaces: str = "",
-              progress: Progress | None = None) -> Issued:
-        """Order, answer HTTP-01, finalise with ``csr_pem`` (the keeper made it and keeps the key),
-        download the chain.
+              progress: Progress | None = None, dns01: Dns01Records | None = None) -> Issued:
+        """Order, answer HTTP-01 (DNS-01 through ``dns01`` when given), finalise with ``csr_pem`` (the
+        keeper made it and keeps the key), download the chain.
 
         RFC 8555 7.3.1: when the server no longer knows the cached account URL
         (``accountDoesNotExist``), the account is looked up or created again with
         the same key and the order retried once.
         """
         try:
-            return self._issue(domains, csr_pem, profile, replaces, progress)
+            return self._issue(domains, csr_pem, profile, replaces, progress, dns01)
         except AcmeError as exc:
             if exc.code != "accountDoesNotExist":
                 raise
             log.warning("the ACME server does not know the cached account; registering the key again")
             self._forget_account()
-            return self._issue(domains, csr_pem, profile, replaces, progress)
+            return self._issue(domains, csr_pem, profile, replaces, progress, dns01)
+        finally:
+            _DEADLINE.value = None
 
     def _forget_account(self) -> None:
         with self._lock:
@@ -251,10 +288,11 @@ class Issuer:
         write_json_atomic(self._account_cache(), data)
 
     def _issue(self, domains: tuple[str, ...], csr_pem: bytes, profile: str, replaces: str,
-               progress: Progress | None) -> Issued:
+               progress: Progress | None, dns01: Dns01Records | None = None) -> Issued:
         progress = progress or (lambda line: None)
-        client = self.client()
         deadline = time.monotonic() + self.config.order_timeout
+        _DEADLINE.value = deadline
+        client = self.client()
         offered = self.profiles() if profile else {}
         if profile and not offered:  # draft-aaron-acme-profiles: only ask for what the directory lists
             raise AcmeError(f"the ACME server offers no profiles; remove profile = {profile!r} from the configuration")
@@ -263,16 +301,21 @@ class Issuer:
         with _acme_errors("ordering a certificate"):
             orderr = self._new_order(client, csr_pem, profile, replaces)
         tokens: list[str] = []
+        records: dict[str, list[str]] = {}  # dns-01: _acme-challenge name → values
         try:
-            with _acme_errors("answering the HTTP-01 challenge"):
-                for authzr in orderr.authorizations:
-                    if authzr.body.status == messages.STATUS_VALID:
-                        continue
-                    challb = _http01(authzr)
-                    response, validation = challb.response_and_validation(client.net.key)
-                    self.challenges.add(challb.chall.encode("token"), validation)
-                    tokens.append(challb.chall.encode("token"))
-                    client.answer_challenge(challb, response)
+            if dns01 is not None:
+                deadline = self._answer_dns01(client, orderr, dns01, records, progress, deadline)
+            else:
+                with _acme_errors("answering the HTTP-01 challenge"):
+                    for authzr in orderr.authorizations:
+                        if authzr.body.status == messages.STATUS_VALID:
+                            continue
+                        challb = _http01(authzr)
+                        response, validation = challb.response_and_validation(client.net.key)
+                        self.challenges.add(challb.chall.encode("token"), validation)
+                        tokens.append(challb.chall.encode("token"))
+                        client.answer_challenge(challb, response)
+            with _acme_errors(f"answering the {'DNS' if dns01 else 'HTTP'}-01 challenge"):
                 for authzr in orderr.authorizations:
                     self._wait_authorization(client, authzr, deadline)
             progress(f"{domains[0]}: challenges validated")
@@ -281,7 +324,34 @@ class Issuer:
         finally:
             for token in tokens:
                 self.challenges.remove(token)
+            if dns01 is not None and records:
+                dns01.remove(list(records), progress)
+        _check_issued(fullchain.encode(), csr_pem)
         return Issued(fullchain=fullchain.encode(), order_url=orderr.uri or "")
+
+    def _answer_dns01(self, client: acme_client.ClientV2, orderr: messages.OrderResource, dns01: Dns01Records,
+                      records: dict[str, list[str]], progress: Progress, deadline: float) -> float:
+        """RFC 8555 8.4: publish every TXT value, wait until every authoritative server has them, then
+        ask the CA to look. The propagation wait has its own bound: the order's deadline moves by it."""
+        from certkeeper.network.dns.challenge import record_name
+
+        pending = []
+        for authzr in orderr.authorizations:
+            if authzr.body.status == messages.STATUS_VALID:
+                continue
+            challb = _dns01(authzr)
+            response, validation = challb.response_and_validation(client.net.key)
+            records.setdefault(record_name(authzr.body.identifier.value), []).append(validation)
+            pending.append((challb, response))
+        started = time.monotonic()
+        _DEADLINE.value = None  # DNS is not the ACME server: its wait is bounded by propagation_timeout
+        dns01.publish(records, progress)
+        deadline += time.monotonic() - started
+        _DEADLINE.value = deadline
+        with _acme_errors("answering the DNS-01 challenge"):
+            for challb, response in pending:
+                client.answer_challenge(challb, response)
+        return deadline
 
     def _new_order(self, client: acme_client.ClientV2, csr_pem: bytes, profile: str,
                    replaces: str) -> messages.OrderResource:
@@ -308,7 +378,7 @@ class Issuer:
                                 f"{_challenge_error(body)}")
             time.sleep(_pause_for(response, pause, deadline))
         raise AcmeError(f"timed out after {self.config.order_timeout:g}s waiting for the ACME server to validate "
-                        f"{authzr.body.identifier.value}")
+                        f"{authzr.body.identifier.value}", ca_side=True)
 
     def _finalize(self, client: acme_client.ClientV2, orderr: messages.OrderResource, deadline: float) -> str:
         try:
@@ -322,15 +392,32 @@ class Issuer:
             if body.status == messages.STATUS_VALID and body.certificate:
                 return str(self._post_as_get(client, body.certificate).text)
             if body.status == messages.STATUS_INVALID:
-                raise AcmeError(f"the order failed: {_problem(body.error) if body.error else 'no reason given'}")
+                code = str(body.error.code or "") if body.error else ""
+                raise AcmeError(f"the order failed: {_problem(body.error) if body.error else 'no reason given'}",
+                                code=code, ca_side=code in CA_SIDE_CODES)
             if body.status == messages.STATUS_READY:
                 client.begin_finalization(orderr)
             time.sleep(_pause_for(response, pause, deadline))
-        raise AcmeError(f"timed out after {self.config.order_timeout:g}s waiting for the certificate")
+        raise AcmeError(f"timed out after {self.config.order_timeout:g}s waiting for the certificate", ca_side=True)
 
     @staticmethod
     def _post_as_get(client: acme_client.ClientV2, url: str) -> requests.Response:
         return client._post_as_get(url)  # noqa: SLF001 - RFC 8555 6.3 POST-as-GET
+
+    # -- revocation (RFC 8555 7.6) -------------------------------------------------------------
+
+    def revoke(self, cert_pem: bytes, reason: int) -> bool:
+        """Revoke with the account key (the account that ordered it); False when it already was."""
+        client = self.client()
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        try:
+            with _acme_errors("revoking the certificate"):
+                client.revoke(cert, reason)
+        except AcmeError as exc:
+            if exc.code == "alreadyRevoked":
+                return False
+            raise
+        return True
 
     # -- ARI (RFC 9773) --------------------------------------------------------------------
 
@@ -373,6 +460,24 @@ def ari_cert_id(cert_pem: bytes) -> str:
     return f"{b64(aki)}.{b64(serial_bytes)}"
 
 
+def _check_issued(fullchain: bytes, csr_pem: bytes) -> None:
+    """What the CA sent is a PEM chain whose first certificate is for the CSR's key: else the CA
+    failed (and another authority may do better); nothing of it reaches the keeper."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        leaf = x509.load_pem_x509_certificates(fullchain)[0]
+    except ValueError:
+        raise AcmeError("the ACME server sent a certificate that is not PEM", ca_side=True) from None
+
+    def spki(key: Any) -> bytes:
+        return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    if spki(leaf.public_key()) != spki(x509.load_pem_x509_csr(csr_pem).public_key()):
+        raise AcmeError("the ACME server sent a certificate for another key than the one in the CSR",
+                        ca_side=True)
+
+
 def _jwk(pem: bytes) -> jose.JWK:
     key = certs.load_private_key(pem, "acme.account_key")
     if isinstance(key, rsa.RSAPrivateKey):
@@ -400,6 +505,13 @@ def _http01(authzr: messages.AuthorizationResource) -> messages.ChallengeBody:
         if isinstance(challb.chall, acme_challenges.HTTP01):
             return challb
     raise AcmeError(f"the ACME server offers no http-01 challenge for {authzr.body.identifier.value}")
+
+
+def _dns01(authzr: messages.AuthorizationResource) -> messages.ChallengeBody:
+    for challb in authzr.body.challenges:
+        if isinstance(challb.chall, acme_challenges.DNS01):
+            return challb
+    raise AcmeError(f"the ACME server offers no dns-01 challenge for {authzr.body.identifier.value}")
 
 
 def _backoff(deadline: float) -> Iterator[float]:
@@ -458,6 +570,7 @@ def _challenge_error(body: messages.Authorization) -> str:
 def _acme_errors(doing: str) -> Iterator[None]:
     """Turn library and network exceptions into one-line AcmeErrors."""
     _LAST_RETRY_AFTER.value = None
+    _LAST_STATUS.value = None
     try:
         yield
     except AcmeError:
@@ -467,24 +580,51 @@ def _acme_errors(doing: str) -> Iterator[None]:
         retry = getattr(_LAST_RETRY_AFTER, "value", None)
         if retry is None and error.code == "rateLimited":
             retry = 3600.0
-        raise AcmeError(f"{doing}: {_problem(error)}", retry_after=retry, code=error.code or "") from None
+        status = getattr(_LAST_STATUS, "value", None) or 0
+        raise AcmeError(f"{doing}: {_problem(error)}", retry_after=retry, code=error.code or "",
+                        ca_side=error.code in CA_SIDE_CODES or status >= 500) from None
     except acme_errors.ValidationError as error:
         details = "; ".join(_challenge_error(a.body) for a in error.failed_authzrs)
         raise AcmeError(f"{doing}: validation failed: {details}") from None
     except acme_errors.ClientError as error:  # an HTTP error without a problem document
         response = error.args[0] if error.args else None
         if isinstance(response, requests.Response):
-            raise AcmeError(f"{doing}: HTTP {response.status_code} {response.reason} from {response.url}") from None
+            raise AcmeError(f"{doing}: HTTP {response.status_code} {response.reason} from {response.url}",
+                            retry_after=_retry_after_seconds(response),
+                            ca_side=response.status_code >= 500 or response.status_code == 429) from None
         raise AcmeError(f"{doing}: {error}") from None
     except acme_errors.Error as error:
         raise AcmeError(f"{doing}: {error}") from None
     except requests.exceptions.SSLError as error:
         raise AcmeError(f"{doing}: TLS error talking to the ACME server ({_short(error)}); "
                         "set [acme] ca_bundle for a private CA") from None
+    except requests.exceptions.Timeout as error:
+        raise AcmeError(f"{doing}: the ACME server did not answer in time: {_short(error)}", ca_side=True) from None
     except requests.exceptions.RequestException as error:
-        raise AcmeError(f"{doing}: cannot reach the ACME server: {_short(error)}") from None
+        raise AcmeError(f"{doing}: cannot reach the ACME server: {_short(error)}", ca_side=True) from None
     except (ValueError, KeyError, jose.DeserializationError) as error:
-        raise AcmeError(f"{doing}: unexpected answer from the ACME server: {_short(error)}") from None
+        raise AcmeError(f"{doing}: unexpected answer from the ACME server: {_short(error)}", ca_side=True) from None
+
+
+def _read_body(response: requests.Response, deadline: float) -> requests.Response:
+    """Read a streamed body in pieces, giving up at ``deadline`` (a response hook)."""
+    chunks = []
+    while True:
+        if time.monotonic() >= deadline:
+            response.close()
+            raise requests.exceptions.Timeout(f"the body from {response.url} was still arriving at the "
+                                              "order's deadline")
+        try:
+            chunk = response.raw.read1(65536, decode_content=True)
+        except Exception as exc:  # noqa: BLE001 - urllib3's read errors become requests' ones
+            response.close()
+            raise requests.exceptions.ConnectionError(str(exc)) from None
+        if not chunk:
+            break
+        chunks.append(chunk)
+    response._content = b"".join(chunks)  # noqa: SLF001 - what requests' .content caches
+    response._content_consumed = True  # type: ignore[attr-defined]  # noqa: SLF001
+    return response
 
 
 def _short(error: BaseException) -> str:

@@ -33,7 +33,7 @@ import dns.exception
 import dns.resolver
 import dns.reversename
 
-from certkeeper.core.config import Config
+from certkeeper.core.config import AcmeConfig, Config
 from certkeeper.core.errors import DNSError
 from certkeeper.network.dns import RecordSet, from_rdata
 from certkeeper.network.dns.propagation import make_resolver
@@ -64,6 +64,7 @@ class Expected:
     values: tuple[str, ...]
     kind: str = ""  # how found values are compared: spf, tags, sts, tlsrpt, caa, ptr, set
     note: str = ""  # printed as a comment after the record
+    groups: tuple[tuple[str, ...], ...] = ()  # caa: each authority's names; one of each must be found
 
     def as_record_set(self, ttl: int) -> RecordSet:
         return RecordSet(self.name, self.rtype, self.values, ttl)
@@ -92,17 +93,18 @@ def mx_hosts(config: Config) -> tuple[str, ...]:
 _DIRECTORY_META: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {}  # one fetch per directory and run
 
 
-def directory_caa_identities(config: Config) -> tuple[tuple[str, ...], str]:
-    """The ``meta.caaIdentities`` of ``[acme] directory`` (RFC 8555 7.1.1: the names the CA recognises
-    in CAA records), and "" or why there are none. Fetched once per process, through ``ca_bundle``."""
+def directory_caa_identities(acme: AcmeConfig) -> tuple[tuple[str, ...], str]:
+    """The ``meta.caaIdentities`` of an authority's directory (RFC 8555 7.1.1: the names the CA
+    recognises in CAA records), and "" or why there are none. Fetched once per process, through
+    ``ca_bundle``."""
     import requests
 
-    directory = config.acme.directory
-    key = (directory, str(config.acme.ca_bundle or ""))
+    directory = acme.directory
+    key = (directory, str(acme.ca_bundle or ""))
     if key not in _DIRECTORY_META:
-        verify: bool | str = str(config.acme.ca_bundle) if config.acme.ca_bundle else True
+        verify: bool | str = str(acme.ca_bundle) if acme.ca_bundle else True
         try:
-            response = requests.get(directory, timeout=config.acme.timeout, verify=verify)
+            response = requests.get(directory, timeout=acme.timeout, verify=verify)
             response.raise_for_status()
             meta = response.json().get("meta") or {}
             found = meta.get("caaIdentities") if isinstance(meta, dict) else None
@@ -114,19 +116,38 @@ def directory_caa_identities(config: Config) -> tuple[tuple[str, ...], str]:
     return _DIRECTORY_META[key]
 
 
-def caa_issuers(config: Config) -> tuple[tuple[str, ...], str]:
-    """The CAA issuer names for ``[acme] directory``'s CA, and a note on where they came from when that
-    is not the directory itself: ``[records] caa_issuer``, else the directory's ``meta.caaIdentities``,
-    else (directory unreachable or silent) certkeeper's table of known CAs; () when none of them knows."""
-    if config.records.caa_issuer:
-        return (config.records.caa_issuer,), ""
-    names, problem = directory_caa_identities(config)
+def authority_caa_issuers(acme: AcmeConfig) -> tuple[tuple[str, ...], str]:
+    """One authority's CAA issuer names, and a note on where they came from when that is not its
+    directory: certkeeper's table of known CAs (no fetch needed), else the directory's
+    ``meta.caaIdentities``; () when neither knows."""
+    host = (urlsplit(acme.directory).hostname or "").lower()
+    if host in KNOWN_ISSUERS:
+        return (KNOWN_ISSUERS[host],), ""
+    names, problem = directory_caa_identities(acme)
     if names:
         return names, ""
-    host = (urlsplit(config.acme.directory).hostname or "").lower()
-    if host in KNOWN_ISSUERS:
-        return (KNOWN_ISSUERS[host],), f"{problem}; {KNOWN_ISSUERS[host]} from certkeeper's list of known CAs"
     return (), f"{problem}: set [records] caa_issuer to the CA's CAA name"
+
+
+def caa_groups(config: Config) -> tuple[tuple[tuple[str, ...], ...], str]:
+    """The CAA issuer names of every configured authority, one tuple per authority (a fallback must be
+    allowed to issue too), and what could not be found; ``[records] caa_issuer`` alone when set."""
+    if config.records.caa_issuer:
+        return ((config.records.caa_issuer,),), ""
+    groups, notes = [], []
+    for name in config.authorities:
+        names, note = authority_caa_issuers(config.authority(name))
+        if names and names not in groups:
+            groups.append(names)
+        if note:
+            notes.append(f"{name}: {note}" if len(config.authorities) > 1 else note)
+    return tuple(groups), "; ".join(notes)
+
+
+def caa_issuers(config: Config) -> tuple[tuple[str, ...], str]:
+    """Every CAA issuer name to publish (see ``caa_groups``), each once, and what could not be found."""
+    groups, note = caa_groups(config)
+    return tuple(dict.fromkeys(n for g in groups for n in g)), note
 
 
 def caa_issuer(config: Config) -> str:
@@ -203,15 +224,24 @@ def _dkim_records(config: Config, domain: str) -> list[Expected]:
 
 def _caa_records(config: Config, domain: str) -> list[Expected]:
     names = sorted({d.removeprefix("*.") for c in config.certificates for d in c.domains if in_domain(d, domain)})
-    issuers, note = caa_issuers(config)
+    groups, note = caa_groups(config)
+    issuers = tuple(dict.fromkeys(n for g in groups for n in g))
     if not issuers:
         log.warning("CAA: %s", note)
         return [Expected("CAA (RFC 8659)", name, "CAA", (), "none", f"no CAA issuer known: {note}")
                 for name in names or [domain]]
     if note:
         log.info("CAA: %s", note)
-    return [Expected("CAA (RFC 8659): only this CA may issue", name, "CAA",
-                     tuple(f'0 issue "{issuer}"' for issuer in issuers), "caa") for name in names or [domain]]
+    wild = {d[2:] for c in config.certificates for d in c.domains if d.startswith("*.")}
+    heading = "CAA (RFC 8659): only this CA may issue" if len(groups) == 1 else \
+        "CAA (RFC 8659): only these CAs (every configured authority) may issue"
+    out = []
+    for name in names or [domain]:
+        values = tuple(f'0 issue "{i}"' for i in issuers)
+        if name in wild:  # RFC 8659 4.3: issuewild for the wildcard certificate's CAs
+            values += tuple(f'0 issuewild "{i}"' for i in issuers)
+        out.append(Expected(heading, name, "CAA", values, "caa", groups=groups))
+    return out
 
 
 def _mta_sts_records(config: Config, domain: str) -> list[Expected]:
@@ -437,10 +467,19 @@ def _check_caa(item: Expected, lookup: Lookup) -> Row:
     expected = ", ".join(item.values)
     if not found:
         return Row(label, expected, "- (any CA may issue)", "missing")
-    mine = {v.split('"')[1].lower() for v in item.values}  # any name the CA recognises will do
     shown = ", ".join(found) + (f" (at {name})" if name != item.name else "")
-    issuers = {v.split('"')[1].split(";")[0].strip().lower() for v in found if " issue " in f" {v} " and '"' in v}
-    return Row(label, expected, shown, "ok" if mine & issuers else "wrong")
+
+    def issuers(values: tuple[str, ...], tag: str) -> set[str]:
+        return {v.split('"')[1].split(";")[0].strip().lower() for v in values if f" {tag} " in f" {v} " and '"' in v}
+
+    # Every configured CA may issue, by any of the names it recognises; for a wildcard, issuewild when
+    # present, else issue (RFC 8659 4.3).
+    issue, wild = issuers(found, "issue"), issuers(found, "issuewild") or issuers(found, "issue")
+    groups = item.groups or tuple((n,) for n in issuers(item.values, "issue"))
+    ok = all(set(g) & issue for g in groups)
+    if issuers(item.values, "issuewild"):
+        ok = ok and all(set(g) & wild for g in groups)
+    return Row(label, expected, shown, "ok" if ok else "wrong")
 
 
 def _mx_policy_rows(config: Config, domain: str, lookup: Lookup) -> list[Row]:

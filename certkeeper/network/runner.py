@@ -26,15 +26,19 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from certkeeper.core import certs, renewal
 from certkeeper.core.challenges import ChallengeTable
-from certkeeper.core.config import CertificateConfig, Config
+from certkeeper.core.config import REVOCATION_REASONS, CertificateConfig, Config
 from certkeeper.core.errors import AcmeError, CertkeeperError, LocalError, RemoteError, ServiceError
 from certkeeper.core.state import CertState, load_cert_state, save_cert_state
 from certkeeper.keeper.store import CertificateStore
 from certkeeper.network.issuer import Issuer, ari_cert_id
 from certkeeper.network.keeper_client import Keeper
+
+if TYPE_CHECKING:
+    from certkeeper.network.dns.challenge import Dns01Records
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +90,16 @@ class Renewer:
         self.keeper = keeper
         self.challenges = keeper.challenges
         self.clock = clock
-        acme = dataclasses.replace(config.acme, directory=dry_run) if dry_run else config.acme
-        self.issuer = Issuer(acme, config.state_dir, self.challenges)
-        self.issuer.remember_account = not dry_run
+        # One Issuer (account) per authority; ``issuer`` is the default one. A dry run sends every
+        # order to the staging directory, with the default authority's account, and caches nothing.
+        self.issuers = {name: Issuer(config.authority(name), config.state_dir, self.challenges, name)
+                        for name in config.authorities}
+        if dry_run:
+            staging = Issuer(dataclasses.replace(config.acme, directory=dry_run), config.state_dir, self.challenges)
+            staging.remember_account = False
+            self.issuers = dict.fromkeys(config.authorities, staging)
+        self.issuer = self.issuers[config.default_authority]
+        self._dns01: Dns01Records | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._before: dict[str, CertState] = {}  # state before this run's attempt, for a rollback
         self._locks_guard = threading.Lock()
@@ -121,8 +132,11 @@ class Renewer:
         if info.not_after <= now or (state.ari_cert == info.fingerprint and state.ari_next_check
                                      and state.ari_next_check > now):
             return
+        issuer = self.issuers.get(self._issued_by(state))
+        if issuer is None:  # its authority is no longer configured: no one to ask (RFC 9773 4: only the issuer)
+            return
         try:
-            window = self.issuer.renewal_window(cert_pem)
+            window = issuer.renewal_window(cert_pem)
         except (RemoteError, LocalError) as exc:
             log.warning("%s: renewal information unavailable: %s", cert.name, exc)
             state.ari_next_check = now + timedelta(hours=1)  # do not ask again on every run
@@ -142,11 +156,13 @@ class Renewer:
     # -- renewing ----------------------------------------------------------------------
 
     def renew(self, names: Sequence[str] | None = None, force: bool = False, progress: Progress | None = None,
-              serve_challenges: Callable[[], AbstractContextManager[object]] | None = None) -> RenewReport:
+              serve_challenges: Callable[[], AbstractContextManager[object]] | None = None,
+              fresh_key: bool = False) -> RenewReport:
         """Renew what is due (everything selected, with ``force``); one outcome per certificate.
 
         ``serve_challenges`` starts an HTTP-01 listener for the duration of the
         orders (the CLI's; the daemon's listener is always up and passes None).
+        ``fresh_key`` orders with a new key whatever ``reuse_key`` says, and without ``replaces``.
         """
         progress = progress or (lambda line: None)
         selected = self.select(names)
@@ -160,7 +176,8 @@ class Renewer:
                 workers = min(self.config.acme.concurrency, len(due))
                 with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="renew") as pool:
                     outcomes = dict(zip([c.name for c in due],
-                                        pool.map(lambda c: self._renew_locked(c, force, progress), due), strict=True))
+                                        pool.map(lambda c: self._renew_locked(c, force, progress, fresh_key), due),
+                                        strict=True))
         else:
             outcomes = {}
         renewed = [c for c in due if outcomes[c.name].status == "renewed"]
@@ -182,7 +199,8 @@ class Renewer:
             for cert in selected:
                 progress(f"{cert.name}: dry run against {self.dry_run}")
                 try:
-                    info = self.keeper.install(cert.name, self._obtain(cert, progress))
+                    fullchain, _ = self._obtain(cert, progress, load_cert_state(self.config.state_dir, cert.name), True)
+                    info = self.keeper.install(cert.name, fullchain)
                 except CertkeeperError as exc:
                     report.outcomes.append(Outcome(cert.name, "failed", f"dry run: {exc}"))
                     continue
@@ -199,32 +217,61 @@ class Renewer:
                     report.outcomes.append(Outcome(cert.name, "renewed", lines[0], None, info.not_after))
         return report
 
+    def revoke(self, name: str, reason: str, progress: Progress | None = None) -> bool:
+        """Revoke the certificate on disk at the authority that issued it (RFC 8555 7.6, with that
+        account's key); False when it was already revoked. Renew it with ``fresh_key`` next."""
+        progress = progress or (lambda line: None)
+        (cert,) = self.select([name])
+        current = self.keeper.inspect(cert.name).cert
+        if not current:
+            raise LocalError(f"{name}: there is no certificate on disk to revoke")
+        authority = self._issued_by(load_cert_state(self.config.state_dir, name))
+        issuer = self.issuers.get(authority)
+        if issuer is None:
+            raise LocalError(f"{name}: it was issued by authority {authority!r}, which is no longer configured")
+        done = issuer.revoke(current, REVOCATION_REASONS[reason])
+        serial = certs.parse_cert(current).serial
+        line = f"{name}: serial {serial:x} {'revoked' if done else 'was already revoked'} at {authority} ({reason})"
+        log.warning("%s", line)
+        progress(line)
+        return done
+
     def _lock(self, name: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(name, threading.Lock())
 
-    def _renew_locked(self, cert: CertificateConfig, force: bool, progress: Progress) -> Outcome:
+    def _renew_locked(self, cert: CertificateConfig, force: bool, progress: Progress,
+                      fresh_key: bool = False) -> Outcome:
         with self._lock(cert.name), _file_lock(self.config.state_dir / "locks" / f"{cert.name}.lock"):
             decision = self.decide(cert, force)  # another run may have renewed it meanwhile
             if not decision.due:
                 return _not_due(decision)
-            return self._renew_one(cert, decision, progress)
+            return self._renew_one(cert, decision, progress, fresh_key)
 
-    def _renew_one(self, cert: CertificateConfig, decision: renewal.Decision, progress: Progress) -> Outcome:
+    def _issued_by(self, state: CertState) -> str:
+        """The authority that issued the certificate on disk (one from before authorities: the default)."""
+        return state.authority or self.config.default_authority
+
+    def _renew_one(self, cert: CertificateConfig, decision: renewal.Decision, progress: Progress,
+                   fresh_key: bool = False) -> Outcome:
         state = load_cert_state(self.config.state_dir, cert.name)
         now = self.clock()
         state.last_attempt = now
         self._before[cert.name] = dataclasses.replace(state)  # restored if a reload rolls back
         progress(f"{cert.name}: renewing ({decision.reason})")
         try:
-            info = self.keeper.install_kept(cert.name)  # issued before a rollback: install and reload it again
+            # Issued before a rollback: installed and reloaded again, no new order (never for a revocation).
+            info = None if fresh_key else self.keeper.install_kept(cert.name)
             if info is not None:
                 progress(f"{cert.name}: installing again serial {info.serial:x}, issued before the rollback "
                          "(no new order)")
+                authority = self._issued_by(state)
             else:
-                info = self.keeper.install(cert.name, self._obtain(cert, progress))
+                fullchain, authority = self._obtain(cert, progress, state, decision.reason == "forced", fresh_key)
+                info = self.keeper.install(cert.name, fullchain)
         except CertkeeperError as exc:
             return self._failed(cert, state, exc, now)
+        state.authority = authority
         state.last_success, state.consecutive_failures, state.last_error = now, 0, ""
         state.retry_not_before, state.retry_by_server, state.failed_settings = None, False, ""
         # RFC 9773: ask for the new certificate's window a few hours from now, not at once.
@@ -234,31 +281,101 @@ class Renewer:
         state.next_renewal, state.next_renewal_reason = next_time, why
         save_cert_state(self.config.state_dir, state)
         log.info("%s: new certificate serial %x, valid until %s", cert.name, info.serial, info.not_after)
-        return Outcome(cert.name, "renewed", f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC", next_time,
+        source = f", from {authority}" if len(self.config.authorities) > 1 else ""
+        return Outcome(cert.name, "renewed", f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC{source}", next_time,
                        info.not_after)
 
-    def _obtain(self, cert: CertificateConfig, progress: Progress) -> bytes:
-        """Order with a CSR from the keeper (which keeps the key); the issued full chain."""
-        current = self.keeper.inspect(cert.name).cert
-        csr = self.keeper.make_csr(cert.name)
-        replaces = ""
-        if current and not self.dry_run:  # the staging directory never saw this certificate
+    def _obtain(self, cert: CertificateConfig, progress: Progress, state: CertState,
+                force: bool = False, fresh_key: bool = False) -> tuple[bytes, str]:
+        """Order with a CSR from the keeper (which keeps the key): (the issued full chain, the authority).
+
+        The certificate's authority first, then each fallback in turn, but only after a failure on
+        the CA's side (``AcmeError.ca_side``: 5xx, timeout, rate limit, serverInternal); a failure on
+        ours (a challenge not reachable) would fail the same way at the next CA. An authority in its
+        own backoff is skipped unless forced or every one is."""
+        # Revoked, or a dry run (the staging directory never saw it): it replaces nothing.
+        current = None if fresh_key or self.dry_run else self.keeper.inspect(cert.name).cert
+        csr = self.keeper.make_csr(cert.name, fresh_key=True) if fresh_key else self.keeper.make_csr(cert.name)
+        now = self.clock()
+        chain = list(cert.authorities)
+        ready = [n for n in chain if force or not (r := state.authority_retry(n)) or r <= now]
+        tried = ready or chain
+        for name in chain:
+            if name not in tried:
+                log.info("%s: not asking %s before %s (its backoff)", cert.name, name, state.authority_retry(name))
+        failures: list[tuple[str, AcmeError]] = []
+        for i, name in enumerate(tried):
             try:
-                replaces = ari_cert_id(current) if self._server_has_ari() else ""
+                fullchain = self._order(cert, name, csr, current, state, progress)
+            except AcmeError as exc:
+                failures.append((name, exc))
+                self._authority_failed(state, name, exc, now)
+                if exc.ca_side and i + 1 < len(tried):
+                    log.warning("%s: authority %s failed on its side (%s); asking %s", cert.name, name, exc,
+                                tried[i + 1])
+                    progress(f"{cert.name}: {name} failed ({exc}); trying {tried[i + 1]}")
+                    continue
+                raise self._chain_error(failures, chain, state, now) from None
+            state.authority_backoff.pop(name, None)
+            return fullchain, name
+        raise AssertionError("unreachable")
+
+    def _order(self, cert: CertificateConfig, name: str, csr: bytes, current: bytes | None, state: CertState,
+               progress: Progress) -> bytes:
+        issuer = self.issuers[name]
+        replaces = ""
+        if current and name == self._issued_by(state):  # RFC 9773 5: only the issuer knows the old one
+            try:
+                replaces = ari_cert_id(current) if self._server_has_ari(issuer) else ""
             except ValueError:
                 replaces = ""
-        profile = cert.profile or self.config.acme.profile
+        profile = cert.profile or issuer.config.profile
+        dns01 = self._dns01_records() if cert.challenge == "dns-01" else None
         try:
-            issued = self.issuer.issue(cert.domains, csr, profile=profile, replaces=replaces, progress=progress)
+            issued = issuer.issue(cert.domains, csr, profile=profile, replaces=replaces, progress=progress,
+                                  dns01=dns01)
         except AcmeError as exc:
-            if not replaces or "alreadyReplaced" not in str(exc):
+            if not replaces or (exc.code != "alreadyReplaced" and "alreadyReplaced" not in str(exc)):
                 raise
-            issued = self.issuer.issue(cert.domains, csr, profile=profile, progress=progress)
+            # RFC 9773 5: the old certificate was already replaced (by another order): order without it.
+            log.info("%s: %s says the certificate was already replaced; ordering without replaces", cert.name, name)
+            issued = issuer.issue(cert.domains, csr, profile=profile, progress=progress, dns01=dns01)
         return issued.fullchain
 
-    def _server_has_ari(self) -> bool:
+    def _dns01_records(self) -> Dns01Records:
+        """DNS-01 through the configured backend (the zone file written by the keeper)."""
+        with self._locks_guard:
+            if self._dns01 is None:
+                from certkeeper.network.dns import backend_for
+                from certkeeper.network.dns.challenge import Dns01Records
+
+                self._dns01 = Dns01Records(self.config, backend_for(self.config, keeper=self.keeper))
+            return self._dns01
+
+    @staticmethod
+    def _authority_failed(state: CertState, name: str, exc: AcmeError, now: datetime) -> None:
+        failures = state.authority_failures(name) + 1
+        retry_after = now + timedelta(seconds=exc.retry_after) if exc.retry_after else None
+        state.authority_backoff[name] = [failures, renewal.backoff(failures, retry_after, now).isoformat()]
+
+    @staticmethod
+    def _chain_error(failures: list[tuple[str, AcmeError]], chain: list[str], state: CertState,
+                     now: datetime) -> AcmeError:
+        """One error for the run; with several authorities, each one's reason and the earliest time
+        any of them may be asked again as the Retry-After."""
+        name, last = failures[-1]
+        if len(failures) == 1 and len(chain) == 1:
+            return last
+        times = [t for t in (state.authority_retry(n) for n in chain) if t is not None]
+        soonest = min(times) if times and all(state.authority_retry(n) for n in chain) else None
+        retry = max(0.0, (soonest - now).total_seconds()) if soonest else last.retry_after
+        text = "; ".join(f"{n}: {e}" for n, e in failures)
+        return AcmeError(text, retry_after=retry or None, code=last.code, ca_side=last.ca_side)
+
+    @staticmethod
+    def _server_has_ari(issuer: Issuer) -> bool:
         try:
-            self.issuer.client().directory["renewalInfo"]
+            issuer.client().directory["renewalInfo"]
         except KeyError:
             return False
         return True
@@ -271,7 +388,7 @@ class Renewer:
             retry_after = now + timedelta(seconds=exc.retry_after)
         state.retry_not_before = renewal.backoff(state.consecutive_failures, retry_after, now)
         state.retry_by_server = retry_after is not None and retry_after >= state.retry_not_before
-        state.failed_settings = renewal.config_digest(self.config, cert)
+        state.failed_settings = renewal.certificate_settings(self.config, cert)
         save_cert_state(self.config.state_dir, state)
         log.error("%s: renewal failed: %s", cert.name, exc)  # the outcome line tells the CLI user
         return Outcome(cert.name, "failed", str(exc), state.retry_not_before)
@@ -291,6 +408,7 @@ class Renewer:
             before = self._before.get(name)
             if before is not None:  # the attempt counts on top of the failures before it
                 state.last_success, state.consecutive_failures = before.last_success, before.consecutive_failures
+                state.authority = before.authority  # the old certificate is back: so is its issuer (ARI)
             self._failed(self.config.certificate(name), state,
                          ServiceError(failed.get(name, "the new certificate was rolled back")), self.clock())
         return failed
