@@ -70,4 +70,5 @@ pytest_plugins = [
     "tests.fixtures.pebble",
     "tests.fixtures.bind",
     "tests.fixtures.mailservices",
+    "tests.fixtures.dnssec",
 ]
