@@ -96,6 +96,14 @@ class Plan:
 @dataclass(frozen=True)
 class MakeCsr:
     name: str
+    use_next: bool = False  # a dane certificate: the next key (its TLSA record has been seen long enough)
+
+
+@message
+@dataclass(frozen=True)
+class DaneKeys:
+    """The SPKI digests of a dane certificate's current and next key (the keeper makes a missing next key)."""
+    name: str
 
 
 @message
@@ -248,6 +256,14 @@ class Planned:
 class Csr:
     name: str
     csr: str
+
+
+@message
+@dataclass(frozen=True)
+class DaneDigests:
+    name: str
+    current: str  # "" when there is no certificate set yet
+    next: str
 
 
 @message

@@ -31,6 +31,9 @@ DKIM_ALGORITHMS = ("rsa2048", "rsa3072", "rsa4096", "ed25519")
 DKIM_SIGNERS = ("rspamd", "filter-dkimsign", "none")
 MTA_STS_MODES = ("enforce", "testing", "none")
 DNS_BACKENDS = ("rfc2136", "zonefile", "manual")
+# certkeeper.core.dane computes "2 1 1" too; the renewal does not publish the CA's key yet, so only
+# "3 1 1" (the key certkeeper rolls with a next key) is accepted here.
+DANE_USAGES = ("3 1 1",)
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1", "hmac-md5")
 # Hook kinds with a built-in default command (OpenBSD rc.d / base tools).
 HOOK_DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
@@ -91,6 +94,7 @@ class CertificateConfig:
     reuse_key: bool = False
     profile: str = ""  # overrides [acme] profile for this certificate
     hooks: tuple[str, ...] = ()
+    dane: bool = False  # TLSA records for the current and the next key ([dane])
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,18 @@ class DnsConfig:
     # CA file to trust instead of the system's. Both for tests and split-horizon set-ups.
     mta_sts_fetch_address: str = ""
     mta_sts_fetch_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class DaneConfig:
+    """TLSA records for the ``dane = true`` certificates (RFC 6698, 7671, 7672)."""
+
+    ports: tuple[int, ...] = (25,)
+    usage: str = "3 1 1"  # or "2 1 1" (DANE-TA: the CA's key; breaks when the CA changes intermediates)
+    ttl: int = 0  # the TLSA records' TTL; 0 = [dns] ttl
+    resolver: str = ""  # "host:port" of a DNSSEC-validating resolver for `dns --check` (default: [dns] resolver)
+    # Where `dns --check` connects to each port instead of resolving the name ("addr"; tests, split horizon).
+    check_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -210,6 +226,7 @@ class Config:
     hooks: dict[str, HookConfig] = field(default_factory=dict)
     mta_sts: tuple[MtaStsConfig, ...] = ()
     dns: DnsConfig = field(default_factory=DnsConfig)
+    dane: DaneConfig = field(default_factory=DaneConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     dmarc: DmarcConfig = field(default_factory=DmarcConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
@@ -391,7 +408,7 @@ class _Reader:
     def config(self, data: dict[str, Any]) -> Config | None:
         top = {
             "state_dir", "control_socket", "pid_file", "user", "group", "acme", "http", "certificate", "hooks",
-            "mta_sts", "dns", "tlsrpt", "dmarc", "records", "dkim", "alerts", "metrics",
+            "mta_sts", "dns", "dane", "tlsrpt", "dmarc", "records", "dkim", "alerts", "metrics",
         }
         self.table(data, "", top)
         state_dir = self.required_path(data, "", "state_dir", Config.state_dir)
@@ -405,6 +422,7 @@ class _Reader:
         hooks = self.hooks(self.section(data, "hooks"))
         mta_sts = tuple(self.mta_sts_list(data, certificates))
         dns = self.dns(self.section(data, "dns"))
+        dane = self.dane(self.section(data, "dane"), certificates, dns)
         tlsrpt = self.tlsrpt(self.section(data, "tlsrpt"))
         dmarc = self.dmarc(self.section(data, "dmarc"))
         records = self.records(self.section(data, "records"))
@@ -415,7 +433,7 @@ class _Reader:
         return Config(
             path=Path(self.filename), state_dir=state_dir, control_socket=control_socket, pid_file=pid_file,
             user=user, group=group, acme=acme, http=http, certificates=certificates, hooks=hooks, mta_sts=mta_sts,
-            dns=dns, tlsrpt=tlsrpt, dmarc=dmarc, records=records, dkim=dkim, alerts=alerts, metrics=metrics,
+            dns=dns, dane=dane, tlsrpt=tlsrpt, dmarc=dmarc, records=records, dkim=dkim, alerts=alerts, metrics=metrics,
         )
 
     def account_name(self, data: dict[str, Any], key: str, default: str) -> str:
@@ -494,6 +512,7 @@ class _Reader:
             self.table(item, w, {
                 "name", "domains", "key_type", "key", "cert", "chain", "fullchain", "key_owner", "key_group",
                 "key_mode", "cert_owner", "cert_group", "cert_mode", "reuse_key", "profile", "hooks",
+                "dane",
             })
             # A bad name is reported and the rest of the table still checked: every problem, one pass.
             name = self.string(item, w, "name")
@@ -537,6 +556,7 @@ class _Reader:
                 cert_group=self.string(item, w, "cert_group"),
                 cert_mode=self.mode(item, w, "cert_mode", 0o644),
                 reuse_key=self.boolean(item, w, "reuse_key", False),
+                dane=self.boolean(item, w, "dane", False),
                 profile=profile,
                 hooks=self.strings(item, w, "hooks"),
             )
@@ -645,6 +665,42 @@ class _Reader:
                 self.error(f"{w}.tsig_secret_file", "is required when tsig_key_name is set")
         if backend == "zonefile" and config.zonefile is None:
             self.error(f"{w}.zonefile", "is required with backend 'zonefile'")
+        return config
+
+    def dane(self, data: dict[str, Any], certificates: tuple[CertificateConfig, ...], dns: DnsConfig) -> DaneConfig:
+        w = "dane"
+        self.table(data, w, {"ports", "usage", "ttl", "resolver", "check_address"})
+        raw_ports = self.get(data, w, "ports", list, None)
+        ports: list[int] = []
+        for i, port in enumerate(raw_ports if raw_ports is not None else list(DaneConfig.ports)):
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                self.error(f"{w}.ports[{i + 1}]", f"{_show(port)} is not a TCP port (1..65535)")
+            elif port in ports:
+                self.error(f"{w}.ports[{i + 1}]", f"{port} is listed twice")
+            else:
+                ports.append(port)
+        if raw_ports is not None and not raw_ports:
+            self.error(f"{w}.ports", "is empty; list at least one port (25 for SMTP)")
+        resolver = self.string(data, w, "resolver")
+        if resolver:
+            self.host_port(f"{w}.resolver", resolver)
+        check_address = self.string(data, w, "check_address")
+        if check_address:
+            try:
+                ipaddress.ip_address(check_address)
+            except ValueError:
+                self.error(f"{w}.check_address", f"{check_address!r} is not a numeric IP address")
+        config = DaneConfig(ports=tuple(ports), usage=self.choice(data, w, "usage", DANE_USAGES, "3 1 1"),
+                            ttl=self.integer(data, w, "ttl", 0, 0, 86400), resolver=resolver,
+                            check_address=check_address)
+        for i, cert in enumerate(certificates):
+            if cert.dane and dns.backend == "manual":
+                self.error(f"certificate[{i + 1}].dane", "needs [dns] backend rfc2136 or zonefile: TLSA "
+                           "records change at every key roll and must be seen before the key is used")
+            if cert.dane and dns.zone and any(not (d == dns.zone or d.endswith("." + dns.zone))
+                                              for d in cert.domains if not d.startswith("*.")):
+                self.error(f"certificate[{i + 1}].dane", f"a name of {cert.name!r} is outside [dns] zone "
+                           f"{dns.zone!r}, where its TLSA record would go")
         return config
 
     def host_port(self, where: str, value: str) -> None:

@@ -16,6 +16,7 @@ path under state_dir        owner     mode   what
 ``mta-sts/DOMAIN.json``     network   0700   MTA-STS publication history (the listener reads it)
 ``alerts/alerts.json``      network   0700   alert episodes
 ``dns/manual.json``         network   0700   records asked of the operator (manual backend)
+``dane/NAME.json``          network   0700   DANE: since when the next key's TLSA is seen
 ``listener/``               listener  0700   where a handed-over key passes on its way into ssl
 ==========================  ========  =====  =============================================
 
@@ -59,6 +60,7 @@ ENTRIES = (
     Entry("mta-sts", "network", 0o700, "MTA-STS publication history"),
     Entry("alerts", "network", 0o700, "alert episodes"),
     Entry("dns", "network", 0o700, "manual DNS records"),
+    Entry("dane", "network", 0o700, "DANE next-key visibility"),
     Entry("listener", "listener", 0o700, "the listener's scratch directory"),
 )
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from certkeeper import protocol
-from certkeeper.core import certs, dkim, renewal
+from certkeeper.core import certs, dane, dkim, renewal
 from certkeeper.core.challenges import ChallengeTable
 from certkeeper.core.config import HOOK_DEFAULT_COMMANDS, CertificateConfig, Config, DkimConfig
 from certkeeper.core.errors import AcmeError, CertkeeperError, LocalError
@@ -103,13 +103,25 @@ class LocalKeeper:
                             settings=renewal.settings_digest(cert, self.config.acme),
                             disk_problem=self.store.check(cert))
 
-    def make_csr(self, name: str) -> bytes:
+    def make_csr(self, name: str, use_next: bool = False) -> bytes:
         """A CSR for the certificate's names, for the key the next ``install`` must match.
 
-        ``reuse_key`` keeps the key on disk while it is of the configured type."""
+        ``reuse_key`` keeps the key on disk while it is of the configured type. A ``dane`` certificate
+        never gets a fresh key here: it keeps the current one, or (``use_next``, or its first
+        certificate) takes the next key whose TLSA record the network side has published and seen."""
         cert = self.certificate(name)
         current = self.store.read(cert)
-        if cert.reuse_key and current is not None and _key_type(current.key) == cert.key_type:
+        if use_next and not cert.dane:
+            raise Refusal(f"{name}: the next key is only kept for a certificate with dane = true")
+        reusable = current is not None and _key_type(current.key) == cert.key_type
+        if cert.dane and (use_next or current is None):
+            key = self._next_key(cert, create=False)
+            if key is None:
+                raise LocalError(f"{name}: there is no next key to use yet (its TLSA record comes first)")
+        elif cert.dane and current is not None and not reusable:
+            raise LocalError(f"{name}: the key is {_key_type(current.key) or 'unreadable'}, key_type asks for "
+                             f"{cert.key_type}; with dane the change waits for the next key's TLSA record")
+        elif current is not None and (cert.reuse_key or cert.dane) and reusable:
             key = current.key
         else:
             key = certs.generate_key(cert.key_type)
@@ -135,10 +147,49 @@ class LocalKeeper:
         self.store.install(cert, new_set)
         with self._lock:
             self._pending.pop(name, None)
+        if cert.dane and self._next_key(cert, create=False) == key:  # the next key is now the current one
+            next_path = next_key_path(cert)
+            next_path.unlink()
+            fsync_dir(next_path.parent)
+            log.info("%s: the next key is now the current key", name)
         log.info("%s: installed serial %x, valid until %s", name, info.serial, info.not_after)
         if self.on_installed is not None:
             self.on_installed(cert)
         return info
+
+    # -- DANE: the next key --------------------------------------------------------------
+
+    def dane_keys(self, name: str) -> tuple[str, str]:
+        """SPKI SHA-256 digests of the current key ("" without one) and of the next key, which is
+        made here when it is missing or not of the configured key_type (only the digests leave)."""
+        cert = self.certificate(name)
+        if not cert.dane:
+            raise Refusal(f"{name}: dane is not set for this certificate")
+        current = self.store.read(cert)
+        next_key = self._next_key(cert, create=True)
+        assert next_key is not None
+        return (dane.spki_digest(current.key) if current is not None else "", dane.spki_digest(next_key))
+
+    def _next_key(self, cert: CertificateConfig, create: bool) -> bytes | None:
+        """The next key of a dane certificate (KEY.next: the key's owner, group and mode)."""
+        path = next_key_path(cert)
+        with self._lock:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                data = b""
+            except OSError as exc:
+                raise LocalError(f"{path}: cannot read: {exc.strerror}") from None
+            if data and _key_type(data) == cert.key_type:
+                return data
+            if not create:
+                return None
+            data = certs.generate_key(cert.key_type)
+            uid = _account(cert.key_owner, "user") if cert.key_owner else -1
+            gid = _account(cert.key_group, "group") if cert.key_group else -1
+            write_atomic(path, data, cert.key_mode, uid, gid)
+            log.info("%s: made a new next key %s (%s)", cert.name, path, cert.key_type)
+            return data
 
     def rollback(self, name: str) -> None:
         cert = self.certificate(name)
@@ -304,6 +355,21 @@ def dkim_owner(item: DkimConfig) -> tuple[int, int]:
     return uid, gid
 
 
+def next_key_path(cert: CertificateConfig) -> Path:
+    """Where a dane certificate's next key waits: beside the key, ``KEY.next``."""
+    return cert.key.with_name(cert.key.name + ".next")
+
+
+def _account(name: str, kind: str) -> int:
+    import grp
+    import pwd
+
+    try:
+        return pwd.getpwnam(name).pw_uid if kind == "user" else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise LocalError(f"no {kind} {name!r} for the next key") from None
+
+
 def _key_type(pem: bytes) -> str:
     try:
         return certs.key_type_of(pem)
@@ -362,8 +428,11 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
         case p.Plan(name=name, force=force):
             d = keeper.plan(name, force, now())
             return p.Planned(name, d.due, d.when.isoformat(), d.reason, d.not_after.isoformat() if d.not_after else "")
-        case p.MakeCsr(name=name):
-            return p.Csr(name, keeper.make_csr(name).decode())
+        case p.MakeCsr(name=name, use_next=use_next):
+            return p.Csr(name, keeper.make_csr(name, use_next).decode())
+        case p.DaneKeys(name=name):
+            current, next_digest = keeper.dane_keys(name)
+            return p.DaneDigests(name, current, next_digest)
         case p.Install(name=name, fullchain=fullchain):
             info = keeper.install(name, fullchain.encode())
             return p.Installed(name, f"{info.serial:x}")

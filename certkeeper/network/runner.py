@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from certkeeper.core import certs, renewal
+from certkeeper.core import certs, dane, renewal
 from certkeeper.core.challenges import ChallengeTable
 from certkeeper.core.config import CertificateConfig, Config
 from certkeeper.core.errors import AcmeError, CertkeeperError, LocalError, RemoteError, ServiceError
 from certkeeper.core.state import CertState, load_cert_state, save_cert_state
 from certkeeper.keeper.store import CertificateStore
+from certkeeper.network.dane import Dane, KeyPlan
 from certkeeper.network.issuer import Issuer, ari_cert_id
 from certkeeper.network.keeper_client import Keeper
 
@@ -85,6 +86,7 @@ class Renewer:
         self._locks: dict[str, threading.Lock] = {}
         self._before: dict[str, CertState] = {}  # state before this run's attempt, for a rollback
         self._locks_guard = threading.Lock()
+        self._dane_side: Dane | None = None
 
     # -- planning ----------------------------------------------------------------------
 
@@ -145,6 +147,9 @@ class Renewer:
         selected = self.select(names)
         decisions = {c.name: self.decide(c, force) for c in selected}
         due = [c for c in selected if decisions[c.name].due]
+        for cert in selected:  # a dane certificate's next key is published and watched before it is due
+            if cert.dane and cert not in due:
+                self._dane_maintain(cert, progress)
         report = RenewReport()
         if due:
             with (serve_challenges or nullcontext)():
@@ -181,7 +186,13 @@ class Renewer:
         self._before[cert.name] = dataclasses.replace(state)  # restored if a reload rolls back
         progress(f"{cert.name}: renewing ({decision.reason})")
         try:
-            info = self.keeper.install(cert.name, self._obtain(cert, progress))
+            plan = self._dane_plan(cert, progress, now) if cert.dane else None
+            fullchain = self._obtain(cert, progress, use_next=bool(plan and plan.use_next and plan.current))
+            if cert.dane:
+                self._dane().check_before_install(cert, fullchain)
+            info = self.keeper.install(cert.name, fullchain)
+            if plan is not None and plan.use_next:  # the next key is in use: publish a new next key
+                self._dane().switched(cert, plan.current, self.clock())
         except CertkeeperError as exc:
             return self._failed(cert, state, exc, now)
         state.last_success, state.consecutive_failures, state.last_error = now, 0, ""
@@ -196,10 +207,39 @@ class Renewer:
         return Outcome(cert.name, "renewed", f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC", next_time,
                        info.not_after)
 
-    def _obtain(self, cert: CertificateConfig, progress: Progress) -> bytes:
+    # -- DANE --------------------------------------------------------------------------
+
+    def _dane(self) -> Dane:
+        if self._dane_side is None:
+            self._dane_side = Dane(self.config, self.keeper, lambda line: log.info("%s", line))
+        return self._dane_side
+
+    def _dane_plan(self, cert: CertificateConfig, progress: Progress, now: datetime) -> KeyPlan:
+        """Publish the TLSA records and choose the key: the next one only once its record has been
+        seen everywhere for 2 x TTL (RFC 7671 8.1); otherwise the current one, and say so."""
+        view = self.keeper.inspect(cert.name)
+        key_type = dane.public_key_type(view.cert) if view.cert else ""
+        want_change = not cert.reuse_key or (bool(key_type) and key_type != cert.key_type)
+        plan = self._dane().maintain(cert, now, want_change)
+        if plan.current and want_change and not plan.use_next:
+            when = f"{plan.usable_at:%Y-%m-%d %H:%M:%S} UTC" if plan.usable_at else "once its TLSA record is seen"
+            progress(f"{cert.name}: keeping the current key: the next key's TLSA record is usable from {when}")
+        elif plan.current and plan.use_next:
+            progress(f"{cert.name}: switching to the next key ({plan.next[:16]}…), its TLSA record seen since "
+                     f"{plan.usable_at:%H:%M:%S} minus 2 x TTL")
+        return plan
+
+    def _dane_maintain(self, cert: CertificateConfig, progress: Progress) -> None:
+        try:
+            self._dane().maintain(cert, self.clock(), want_change=False)
+        except CertkeeperError as exc:
+            progress(f"{cert.name}: TLSA records: {exc}")
+            log.warning("%s: TLSA records: %s", cert.name, exc)
+
+    def _obtain(self, cert: CertificateConfig, progress: Progress, use_next: bool = False) -> bytes:
         """Order with a CSR from the keeper (which keeps the key); the issued full chain."""
         current = self.keeper.inspect(cert.name).cert
-        csr = self.keeper.make_csr(cert.name)
+        csr = self.keeper.make_csr(cert.name, use_next) if use_next else self.keeper.make_csr(cert.name)
         replaces = ""
         if current:
             try:
