@@ -158,11 +158,16 @@ def job_dns_check(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> t
     line = _liner(keeper)
     lookup = records.resolver_lookup(config)
     rows = [row for d in args.get("domains") or [] for row in records.check(config, d, lookup)]
+    if any(c.dane for c in config.certificates):  # TLSA through the validating resolver, keys on the ports
+        from certkeeper.network import dane
+
+        rows += [row for d in args.get("domains") or [] for row in dane.check_rows(config, keeper, d)]
     for text in records.render_table(rows).splitlines():
         line(text)
     bad = [r for r in rows if r.status != "ok"]
+    unvalidated = sum(r.status == "not validated" for r in bad)
     line(f"{len(rows) - len(bad)} ok, {sum(r.status == 'missing' for r in bad)} missing, "
-         f"{sum(r.status == 'wrong' for r in bad)} wrong")
+         f"{sum(r.status == 'wrong' for r in bad)} wrong" + (f", {unvalidated} not validated" if unvalidated else ""))
     return (0 if not bad else 1), None
 
 

@@ -7,6 +7,7 @@ import json
 import ssl
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from certkeeper.network import verification
 from certkeeper.network.alerts import Alerter
 from certkeeper.network.runner import Renewer
 from tests.certfactory import make_set
-from tests.fixtures.dnssec import TTL, Resolver, SignedZone, StartResolver, wrong_anchor
+from tests.fixtures.dnssec import MAIL_ADDRESS, TTL, Resolver, SignedZone, StartResolver, wrong_anchor
 from tests.fixtures.mailservices import MailServices
 from tests.fixtures.pebble import Pebble
 from tests.fixtures.peers import require_binary
@@ -180,6 +181,10 @@ verify = ["smtp+starttls://127.0.0.1:{ms.smtp_port}"]
 ports = [{ms.smtp_port}]
 resolver = "{resolver.server}"
 check_address = "127.0.0.1"
+[records]
+ipv4 = ["{MAIL_ADDRESS}"]
+mx = ["{NAME}"]
+caa_issuer = "pebble.test"
 """ + (f'[alerts]\ncommand = ["/bin/sh", "-c", "cat >> {alerts}"]\n' if alerts else "")
 
 
@@ -333,3 +338,44 @@ def test_a_tlsa_record_removed_by_hand_blocks_the_install(
     Alerter(cfg).after_renewal(report.outcomes)
     alert = (ms.root / "alerts.txt").read_text()
     assert "no TLSA record" in alert and NAME in alert
+
+
+def _certkeeper(conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "certkeeper", "-c", str(conf), *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_dns_prints_the_tlsa_records_and_check_validates_them_and_the_live_port(
+        dane_mail: tuple[Config, MailServices, ChallengeTable], signed_bind: SignedZone) -> None:
+    cfg, ms, challenges = dane_mail
+    cert = cfg.certificates[0]
+    tlsa = f"_{ms.smtp_port}._tcp.{NAME}"
+    assert [o.status for o in Renewer(cfg, challenges).renew().outcomes] == ["not-due"]
+    current, upcoming = _key_digest(cert.key), _key_digest(next_key_path(cert))
+    printed = _certkeeper(cfg.path, "dns")
+    assert printed.returncode == 0, printed.stderr
+    tlsa_lines = [line for line in printed.stdout.splitlines() if " IN TLSA " in line]
+    assert sorted(line.split("  ; ")[0].split()[-1] for line in tlsa_lines) == sorted([current, upcoming])
+    assert all(line.startswith(f"{tlsa}. {TTL} IN TLSA 3 1 1 ") for line in tlsa_lines)
+    assert any("current key" in line for line in tlsa_lines) and any("next key" in line for line in tlsa_lines)
+    # The operator adds what `certkeeper dns` printed (the reverse zone already has its PTR).
+    adds = [f"update add {line.split('  ; ')[0].strip()}" for line in printed.stdout.splitlines()
+            if line and not line.startswith(";") and " IN PTR " not in line]
+    script = (f"server {signed_bind.addr} {signed_bind.port}\nzone {signed_bind.zone}\n"
+              f"key {signed_bind.algorithm}:{signed_bind.key_name} {signed_bind.secret}\n" + "\n".join(adds)
+              + "\nsend\n")
+    subprocess.run([require_binary("nsupdate")], input=script, text=True, check=True, timeout=20)
+    green = _certkeeper(cfg.path, "dns", "--check")
+    assert green.returncode == 0, green.stdout + green.stderr
+    assert f"{tlsa} TLSA" in green.stdout and f"{NAME} port {ms.smtp_port} key" in green.stdout
+    table = green.stdout.splitlines()
+    assert all(line.rstrip().endswith(" ok") for line in table[1:-1]), green.stdout
+    assert table[-1].endswith(" ok, 0 missing, 0 wrong")
+    # Someone puts another certificate in place by hand and restarts smtpd: the live port no longer
+    # presents a key that DNS names.
+    CertificateStore(cfg.state_dir).install(cert, make_set((NAME,)))
+    subprocess.run(ms.smtpd_restart(), check=True, timeout=60)
+    red = _certkeeper(cfg.path, "dns", "--check")
+    assert red.returncode == 1
+    row = next(line for line in red.stdout.splitlines() if f"{NAME} port {ms.smtp_port} key" in line)
+    assert row.rstrip().endswith("wrong") and _key_digest(cert.key)[:20] in row

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from certkeeper.core import dane
 from certkeeper.core.config import CertificateConfig, Config
@@ -105,3 +106,113 @@ class Dane:
                 if not dane.matches(answer.values, digest):
                     raise ServiceError(f"{cert.name}: not installed: no TLSA record at {name} on {server.label} "
                                        f"matches the new key ({digest[:16]}…); the old set stays")
+
+
+# ---------------------------------------------------------------------------
+# `certkeeper dns` and `dns --check`.
+
+# How `dns --check` starts TLS on a port: STARTTLS for SMTP submission and relay (and any port it
+# does not know: DANE is for SMTP, RFC 7672), implicit TLS where that is the port's convention.
+PORT_SCHEMES = {465: "smtps", 993: "imaps", 143: "imap+starttls", 443: "https", 25: "smtp+starttls",
+                587: "smtp+starttls"}
+
+
+def dane_certificates(config: Config, domain: str = "") -> list[CertificateConfig]:
+    return [c for c in config.certificates if c.dane
+            and (not domain or any(d == domain or d.endswith("." + domain) for d in c.domains))]
+
+
+def render(config: Config, digests: dict[str, tuple[str, str]], now: datetime) -> str:
+    """BIND lines of every dane certificate's TLSA records (``digests``: name -> (current, next))."""
+    lines = ["; DANE (RFC 7672): TLSA 3 1 1 of the current and the next key; certkeeper publishes these"]
+    for cert in config.certificates:
+        if cert.name not in digests:
+            continue
+        current, next_digest = digests[cert.name]
+        retiring = dane.still_retiring(dane.load_state(config.state_dir, cert.name), now)
+        values = dane.wanted_values(current, next_digest, retiring, config.dane.usage)
+        notes = {dane.value_for_digest(d, config.dane.usage): why for d, why in
+                 ((current, "current key"), (next_digest, "next key"), *((r, "retiring") for r in retiring)) if d}
+        for rrset in record_sets(config, cert, values):
+            for line, value in zip(rrset.to_bind().splitlines(), rrset.values, strict=True):
+                lines.append(f"{line}  ; {notes.get(value, '')}")
+    return "\n".join(lines) + "\n"
+
+
+def validated(server: str, name: str, rtype: str = "TLSA") -> tuple[tuple[str, ...], bool, str]:
+    """Ask a DNSSEC-validating resolver: (values, AD bit set, error or "")."""
+    import dns.exception
+    import dns.flags
+    import dns.message
+    import dns.query
+    import dns.rcode
+    import dns.rdatatype
+
+    from certkeeper.network.dns import from_rdata, split_host_port
+
+    host, port = split_host_port(server)
+    message = dns.message.make_query(name.rstrip(".") + ".", rtype, want_dnssec=True)
+    message.flags |= dns.flags.AD | dns.flags.RD  # RFC 6840 5.7: ask for the AD bit
+    try:
+        response, _ = dns.query.udp_with_fallback(message, host, port=port, timeout=propagation.QUERY_TIMEOUT)
+    except (OSError, dns.exception.DNSException) as exc:
+        return (), False, f"no answer from {server} ({' '.join(str(exc).split()) or type(exc).__name__})"
+    status = dns.rcode.to_text(response.rcode())
+    if status not in ("NOERROR", "NXDOMAIN"):
+        return (), False, f"{status} from {server} (a bogus signature fails validation this way)"
+    kind = dns.rdatatype.from_text(rtype)
+    values = tuple(sorted(from_rdata(r) for rrset in response.answer if rrset.rdtype == kind for r in rrset))
+    return values, bool(response.flags & dns.flags.AD), ""
+
+
+def check_rows(config: Config, keeper: Keeper, domain: str) -> list[Any]:
+    """``dns --check`` rows for the dane certificates of ``domain``: each TLSA RRset through the validating
+    resolver (no AD bit: "not validated"), then the key each port presents against what DNS has."""
+    from certkeeper.network import verification
+    from certkeeper.network.records import Row
+
+    resolver = config.dane.resolver or config.dns.resolver
+    rows: list[Row] = []
+    for cert in dane_certificates(config, domain):
+        current, next_digest = keeper.dane_keys(cert.name)
+        want = dane.wanted_values(current, next_digest, (), config.dane.usage)
+        found: dict[str, tuple[str, ...]] = {}
+        for name in dane.tlsa_names(config.dane.ports, cert.domains):
+            label = f"{name} TLSA"
+            if not resolver:
+                rows.append(Row(label, ", ".join(want), "no validating resolver: set [dane] resolver", "missing"))
+                continue
+            values, ad, error = validated(resolver, name)
+            shown = ", ".join(values) or error or "-"
+            if not values:
+                rows.append(Row(label, ", ".join(want), shown, "missing"))
+            elif not ad:
+                rows.append(Row(label, ", ".join(want), shown, "not validated"))
+            else:
+                found[name] = values
+                complete = all(dane.matches(values, d) for d in (current, next_digest) if d)
+                rows.append(Row(label, ", ".join(want), shown, "ok" if complete else "wrong"))
+        for port in config.dane.ports:
+            for host in (d for d in cert.domains if not d.startswith("*.")):
+                name = f"_{port}._tcp.{host}"
+                address = config.dane.check_address or host
+                url = f"{PORT_SCHEMES.get(port, 'smtp+starttls')}://{address}:{port}"
+                label = f"{host} port {port} key"
+                try:
+                    der = verification.served_leaf(url, host)
+                except (OSError, ValueError, verification.ProbeError) as exc:
+                    rows.append(Row(label, "a key named by TLSA", f"no TLS ({exc})", "missing"))
+                    continue
+                digest = dane.spki_digest(_spki_of_der(der))
+                ok = dane.matches(found.get(name, ()), digest)
+                rows.append(Row(label, "a key named by validated TLSA", f"3 1 1 {digest}",
+                                "ok" if ok else "wrong"))
+    return rows
+
+
+def _spki_of_der(der: bytes) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return x509.load_der_x509_certificate(der).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
