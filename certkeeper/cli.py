@@ -18,7 +18,18 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
 from certkeeper import __version__
-from certkeeper.commands import check, dns, import_acme_client, mta_sts, renew, rotate_dkim, run, status, verify
+from certkeeper.commands import (
+    check,
+    dns,
+    import_acme_client,
+    mta_sts,
+    renew,
+    roll_key,
+    rotate_dkim,
+    run,
+    status,
+    verify,
+)
 from certkeeper.core.config import DEFAULT_PATH, Config, load
 from certkeeper.core.errors import CertkeeperError, ConfigError
 
@@ -37,6 +48,7 @@ COMMANDS: dict[str, Command] = {
     "dns": dns.main,
     "mta-sts": mta_sts.main,
     "rotate-dkim": rotate_dkim.main,
+    "roll-key": roll_key.main,
 }
 # Subcommands that do not read certkeeper.toml.
 NO_CONFIG: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
@@ -95,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain", nargs="?", help="mail domain (default: every [[dkim]] domain)")
     p.add_argument("--now", action="store_true",
                    help="emergency rotation: skip publish_ahead (still waits for DNS)")
+
+    p = sub.add_parser("roll-key", parents=[common],
+                       help="move a dane certificate to its next key once its TLSA record is seen (exit 2: not yet)")
+    p.add_argument("name", metavar="NAME", help="certificate name")
 
     p = sub.add_parser("import-acme-client", parents=[common],
                        help="print a certkeeper.toml equivalent to an acme-client.conf")

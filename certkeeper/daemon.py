@@ -385,7 +385,8 @@ class Daemon:
             log.info("%s", line)
             emit(line)
 
-        code, soonest = await self.renew({"names": names, "force": bool(payload.get("force"))}, both)
+        code, soonest = await self.renew({"names": names, "force": bool(payload.get("force")),
+                                          "roll": bool(payload.get("roll"))}, both)
         if soonest is not None:
             self._schedule_extra(soonest, "the soonest planned renewal or retry")
         return code

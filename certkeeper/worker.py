@@ -69,7 +69,8 @@ def job_renew(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple
 
     line = _liner(keeper)
     report = Renewer(config, keeper=keeper).renew(args.get("names") or None, force=bool(args.get("force")),
-                                                  progress=line if args.get("progress", True) else None)
+                                                  progress=line if args.get("progress", True) else None,
+                                                  roll=bool(args.get("roll")))
     for outcome in report.outcomes:
         line(format_outcome(outcome))
     Alerter(config, keeper=keeper).after_renewal(report.outcomes)

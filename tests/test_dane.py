@@ -379,3 +379,29 @@ def test_dns_prints_the_tlsa_records_and_check_validates_them_and_the_live_port(
     assert red.returncode == 1
     row = next(line for line in red.stdout.splitlines() if f"{NAME} port {ms.smtp_port} key" in line)
     assert row.rstrip().endswith("wrong") and _key_digest(cert.key)[:20] in row
+
+
+def test_roll_key_waits_for_the_next_keys_record_then_takes_it(
+        dane_mail: tuple[Config, MailServices, ChallengeTable], signed_bind: SignedZone) -> None:
+    """Through the CLI: the keeper (this user) and an unprivileged network worker over the protocol."""
+    cfg, ms, challenges = dane_mail
+    cert = cfg.certificates[0]
+    tlsa = f"_{ms.smtp_port}._tcp.{NAME}"
+    early = _certkeeper(cfg.path, "roll-key", NAME)
+    assert early.returncode == 2, early.stdout + early.stderr
+    assert "usable from" in early.stdout and "nothing ordered" in early.stdout
+    current, upcoming = _key_digest(cert.key), _key_digest(next_key_path(cert))
+    assert dane_values(signed_bind.query(tlsa, "TLSA")) == {current, upcoming}
+    usable = dane.next_key_usable_at(dane.load_state(cfg.state_dir, NAME), upcoming, TTL)
+    assert usable is not None
+    _wait_for(lambda: datetime.now(UTC) >= usable, 4 * TTL + 5, "the next key to become usable")
+    rolled = _certkeeper(cfg.path, "roll-key", NAME)
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert _key_digest(cert.key) == upcoming
+    newest = _key_digest(next_key_path(cert))
+    assert dane_values(signed_bind.query(tlsa, "TLSA")) == {current, upcoming, newest}
+    served = verification.served_leaf(f"smtp+starttls://127.0.0.1:{ms.smtp_port}", NAME)
+    assert dane.spki_digest(x509.load_der_x509_certificate(served).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)) == upcoming
+    not_dane = _certkeeper(cfg.path, "roll-key", "nope")
+    assert not_dane.returncode == 1 and "no [[certificate]] named 'nope'" in not_dane.stderr

@@ -87,6 +87,7 @@ class Renewer:
         self._before: dict[str, CertState] = {}  # state before this run's attempt, for a rollback
         self._locks_guard = threading.Lock()
         self._dane_side: Dane | None = None
+        self._roll = False
 
     # -- planning ----------------------------------------------------------------------
 
@@ -137,14 +138,20 @@ class Renewer:
     # -- renewing ----------------------------------------------------------------------
 
     def renew(self, names: Sequence[str] | None = None, force: bool = False, progress: Progress | None = None,
-              serve_challenges: Callable[[], AbstractContextManager[object]] | None = None) -> RenewReport:
+              serve_challenges: Callable[[], AbstractContextManager[object]] | None = None,
+              roll: bool = False) -> RenewReport:
         """Renew what is due (everything selected, with ``force``); one outcome per certificate.
+
+        ``roll`` (``certkeeper roll-key``): a dane certificate changes to its next key, once that key's
+        TLSA record has been seen for 2 x TTL; before then nothing is ordered and the outcome says when.
 
         ``serve_challenges`` starts an HTTP-01 listener for the duration of the
         orders (the CLI's; the daemon's listener is always up and passes None).
         """
         progress = progress or (lambda line: None)
         selected = self.select(names)
+        self._roll = roll
+        force = force or roll
         decisions = {c.name: self.decide(c, force) for c in selected}
         due = [c for c in selected if decisions[c.name].due]
         for cert in selected:  # a dane certificate's next key is published and watched before it is due
@@ -187,6 +194,11 @@ class Renewer:
         progress(f"{cert.name}: renewing ({decision.reason})")
         try:
             plan = self._dane_plan(cert, progress, now) if cert.dane else None
+            if plan is not None and self._roll and not plan.use_next:
+                when = (f"{plan.usable_at:%Y-%m-%d %H:%M:%S} UTC" if plan.usable_at
+                        else "once it is seen on every server")
+                return Outcome(cert.name, "not-due", f"the next key's TLSA record is usable from {when}; "
+                               "nothing ordered (run roll-key again then)", plan.usable_at)
             fullchain = self._obtain(cert, progress, use_next=bool(plan and plan.use_next and plan.current))
             if cert.dane:
                 self._dane().check_before_install(cert, fullchain)
@@ -219,7 +231,7 @@ class Renewer:
         seen everywhere for 2 x TTL (RFC 7671 8.1); otherwise the current one, and say so."""
         view = self.keeper.inspect(cert.name)
         key_type = dane.public_key_type(view.cert) if view.cert else ""
-        want_change = not cert.reuse_key or (bool(key_type) and key_type != cert.key_type)
+        want_change = not cert.reuse_key or self._roll or (bool(key_type) and key_type != cert.key_type)
         plan = self._dane().maintain(cert, now, want_change)
         if plan.current and want_change and not plan.use_next:
             when = f"{plan.usable_at:%Y-%m-%d %H:%M:%S} UTC" if plan.usable_at else "once its TLSA record is seen"
