@@ -403,5 +403,17 @@ def test_roll_key_waits_for_the_next_keys_record_then_takes_it(
     served = verification.served_leaf(f"smtp+starttls://127.0.0.1:{ms.smtp_port}", NAME)
     assert dane.spki_digest(x509.load_der_x509_certificate(served).public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)) == upcoming
+    status = _certkeeper(cfg.path, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    (row,) = json.loads(status.stdout)["dane"]
+    assert row["host"] == tlsa and row["certificate"] == NAME
+    assert (row["current_key"], row["next_key"]) == (upcoming, newest)
+    assert set(row["dns"]) == {current, upcoming, newest} and row["dns_checked"]
+    # The new next key's record was first seen when it was published after the switch: 2 x TTL from then.
+    seen = datetime.fromisoformat(row["dns_checked"].replace("Z", "+00:00"))
+    usable_at = datetime.fromisoformat(row["next_key_usable_at"].replace("Z", "+00:00"))
+    assert timedelta(seconds=2 * TTL - 1) <= usable_at - seen <= timedelta(seconds=2 * TTL + 1)
+    text = _certkeeper(cfg.path, "status").stdout
+    assert "DANE hosts" in text and f"{tlsa[:20]}" in text and upcoming[:12] in text
     not_dane = _certkeeper(cfg.path, "roll-key", "nope")
     assert not_dane.returncode == 1 and "no [[certificate]] named 'nope'" in not_dane.stderr

@@ -113,6 +113,8 @@ class DaneState:
     next_digest: str = ""  # the next key's SPKI digest whose visibility is being measured
     next_seen: datetime | None = None  # first time every authoritative server answered its record
     retired: dict[str, str] = field(default_factory=dict)  # digest -> ISO time it may be withdrawn
+    dns: tuple[str, ...] = ()  # the TLSA values every authoritative server answered at the last check
+    checked: datetime | None = None  # that check
 
 
 def next_key_usable_at(state: DaneState, digest: str, ttl: int) -> datetime | None:
@@ -168,7 +170,9 @@ def load_state(state_dir: Path, name: str) -> DaneState:
         raw: dict[str, Any] = json.loads(_path(state_dir, name).read_text())
         return DaneState(name=name, next_digest=str(raw.get("next_digest", "")),
                          next_seen=datetime.fromisoformat(raw["next_seen"]) if raw.get("next_seen") else None,
-                         retired={str(k): str(v) for k, v in dict(raw.get("retired", {})).items()})
+                         retired={str(k): str(v) for k, v in dict(raw.get("retired", {})).items()},
+                         dns=tuple(str(v) for v in raw.get("dns", ())),
+                         checked=datetime.fromisoformat(raw["checked"]) if raw.get("checked") else None)
     except (OSError, ValueError, TypeError, AttributeError):
         return DaneState(name=name)
 
@@ -178,4 +182,6 @@ def save_state(state_dir: Path, state: DaneState) -> None:
         "next_digest": state.next_digest,
         "next_seen": state.next_seen.isoformat() if state.next_seen else None,
         "retired": state.retired,
+        "dns": list(state.dns),
+        "checked": state.checked.isoformat() if state.checked else None,
     })

@@ -59,6 +59,7 @@ class Dane:
         state = dane.load_state(self.config.state_dir, cert.name)
         values = dane.wanted_values(current, next_digest, dane.still_retiring(state, now), self.config.dane.usage)
         visible = self._publish(cert, values)
+        state.dns, state.checked = (values if visible else ()), now
         if visible:
             dane.seen(state, next_digest, now)
         else:
