@@ -18,11 +18,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from certkeeper import protocol
 from certkeeper.core import certs, config, dane
 from certkeeper.core.challenges import ChallengeTable
 from certkeeper.core.config import Config
 from certkeeper.core.errors import ConfigError
-from certkeeper.keeper.service import next_key_path
+from certkeeper.keeper.service import LocalKeeper, Refusal, answer, next_key_path
 from certkeeper.keeper.store import CertificateStore
 from certkeeper.listener.standalone import serving
 from certkeeper.network import verification
@@ -126,6 +127,43 @@ def test_dane_needs_a_dns_backend_that_publishes_in_the_zone() -> None:
         config.parse('[[certificate]]\nname = "m"\ndomains = ["m.example.test"]\ndane = true\n')
     with pytest.raises(ConfigError, match="outside"):
         config.parse(_conf("").replace("mail.example.test", "mail.example.org"))
+
+
+def test_the_keeper_keeps_the_next_key_and_hands_out_only_digests(tmp_path: Path) -> None:
+    text = (f'state_dir = "{tmp_path}/state"\n'
+            + "".join(f'[[certificate]]\nname = "{n}"\ndomains = ["{n}.example.test"]\ndane = {d}\n'
+                      f'key = "{tmp_path}/{n}.key"\ncert = "{tmp_path}/{n}.crt"\nchain = "{tmp_path}/{n}.chain"\n'
+                      f'fullchain = "{tmp_path}/{n}.full"\nkey_mode = "0640"\n' for n, d in (("mx", "true"),
+                                                                                              ("www", "false")))
+            + '[dns]\nbackend = "rfc2136"\nzone = "example.test"\nserver = "127.0.0.1:53"\n')
+    cfg = config.parse(text)
+    keeper = LocalKeeper(cfg)
+    current, upcoming = keeper.dane_keys("mx")
+    cert = cfg.certificate("mx")
+    path = next_key_path(cert)
+    assert current == "" and path == tmp_path / "mx.key.next"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and upcoming == dane.spki_digest(path.read_bytes())
+    assert keeper.dane_keys("mx") == ("", upcoming)  # kept, not made again
+    # The first certificate takes the next key; protocol round trip as the worker would ask.
+    reply = answer(keeper, protocol.MakeCsr("mx", False), lambda line: None, lambda: datetime.now(UTC))
+    assert isinstance(reply, protocol.Csr)
+    csr = x509.load_pem_x509_csr(reply.csr.encode())
+    assert dane.spki_digest(csr.public_key().public_bytes(serialization.Encoding.DER,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo)) == upcoming
+    reply = answer(keeper, protocol.DaneKeys("mx"), lambda line: None, lambda: datetime.now(UTC))
+    assert reply == protocol.DaneDigests("mx", "", upcoming)
+    # A certificate without dane has no next key, and the worker cannot ask for one.
+    with pytest.raises(Refusal, match="dane is not set"):
+        keeper.dane_keys("www")
+    with pytest.raises(Refusal, match="only kept for a certificate with dane"):
+        answer(keeper, protocol.MakeCsr("www", True), lambda line: None, lambda: datetime.now(UTC))
+    with pytest.raises(Refusal, match="no \\[\\[certificate\\]\\] named"):
+        keeper.dane_keys("other")
+    assert not next_key_path(cfg.certificate("www")).exists()
+    # A key_type change: the next key of the old type is replaced by one of the new type.
+    rsa = config.parse(text.replace('dane = true\n', 'dane = true\nkey_type = "rsa2048"\n', 1))
+    _, rsa_next = LocalKeeper(rsa).dane_keys("mx")
+    assert rsa_next != upcoming and certs.key_type_of(path.read_bytes()) == "rsa2048"
 
 
 # ---------------------------------------------------------------------------
