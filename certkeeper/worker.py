@@ -29,11 +29,12 @@ import socket
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from certkeeper import protocol, sandbox
 from certkeeper.core import logs, secrets
-from certkeeper.core.config import Config, parse
+from certkeeper.core.config import CertificateConfig, Config, parse
 from certkeeper.core.errors import CertkeeperError, ConfigError
 from certkeeper.network.keeper_client import PipeKeeper
 
@@ -112,6 +113,17 @@ def job_hourly(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tupl
     if config.dkim:
         _guard("DKIM rotation", lambda: rotation.run_due(config, datetime.now(UTC), _liner(keeper), keeper))
     _guard("expiry check", lambda: Alerter(config, keeper=keeper).check_expiry())
+    if any(c.dane for c in config.certificates):  # next keys' TLSA records seen, old ones withdrawn
+        from certkeeper.network.dane import Dane
+
+        dane = Dane(config, keeper, _liner(keeper))
+
+        def maintain(cert: CertificateConfig) -> object:
+            return dane.maintain(cert, datetime.now(UTC), want_change=False)
+
+        for cert in config.certificates:
+            if cert.dane:
+                _guard(f"{cert.name}: TLSA records", partial(maintain, cert))
     return 0, None
 
 

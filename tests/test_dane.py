@@ -190,7 +190,7 @@ NAME = "mail.example.test"
 
 
 def _toml(pebble: Pebble, ms: MailServices, resolver: Resolver, hooks: bool, reuse_key: bool = False,
-          alerts: Path | None = None) -> str:
+          alerts: Path | None = None, key_type: str = "ecdsa-p256") -> str:
     cert = ms.certificate_config(NAME)
     hook_names = '["smtpd"]' if hooks else "[]"
     return f"""
@@ -210,6 +210,7 @@ cert = "{cert.cert}"
 chain = "{cert.chain}"
 fullchain = "{cert.fullchain}"
 reuse_key = {str(reuse_key).lower()}
+key_type = "{key_type}"
 hooks = {hook_names}
 dane = true
 [hooks.smtpd]
@@ -455,3 +456,26 @@ def test_roll_key_waits_for_the_next_keys_record_then_takes_it(
     assert "DANE hosts" in text and f"{tlsa[:20]}" in text and upcoming[:12] in text
     not_dane = _certkeeper(cfg.path, "roll-key", "nope")
     assert not_dane.returncode == 1 and "no [[certificate]] named 'nope'" in not_dane.stderr
+
+
+def test_a_key_type_change_orders_nothing_until_the_new_types_next_key_was_seen(
+        dane_mail: tuple[Config, MailServices, ChallengeTable], pebble: Pebble, signed_bind: SignedZone,
+        validating_resolver: Resolver) -> None:
+    cfg, ms, challenges = dane_mail
+    rsa = signed_bind.config(_toml(pebble, ms, validating_resolver, hooks=True, reuse_key=True, key_type="rsa2048"),
+                             state_dir=cfg.state_dir, ttl=TTL)
+    cert = rsa.certificates[0]
+    before = cert.fullchain.read_bytes()
+    report = Renewer(rsa, challenges).renew()
+    (outcome,) = report.outcomes
+    assert outcome.status == "not-due" and "key_type change waits" in outcome.detail, outcome
+    assert cert.fullchain.read_bytes() == before and certs.key_type_of(cert.key.read_bytes()) == "ecdsa-p256"
+    upcoming = _key_digest(next_key_path(cert))
+    assert certs.key_type_of(next_key_path(cert).read_bytes()) == "rsa2048"
+    usable = dane.next_key_usable_at(dane.load_state(rsa.state_dir, NAME), upcoming, TTL)
+    assert usable is not None and outcome.next_renewal == usable
+    _wait_for(lambda: datetime.now(UTC) >= usable, 4 * TTL + 5, "the next key to become usable")
+    with serving(rsa, challenges):
+        report = Renewer(rsa, challenges).renew()
+    assert [o.status for o in report.outcomes] == ["renewed"], report.outcomes
+    assert _key_digest(cert.key) == upcoming and certs.key_type_of(cert.key.read_bytes()) == "rsa2048"

@@ -33,6 +33,7 @@ class KeyPlan:
     visible: bool  # every record is answered by every authoritative server now
     usable_at: datetime | None  # when the next key may be used (None: not seen yet)
     use_next: bool  # this renewal may take the next key
+    new_type: bool = False  # the key on disk is not of the configured key_type
 
 
 def ttl(config: Config) -> int:

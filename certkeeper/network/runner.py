@@ -194,11 +194,12 @@ class Renewer:
         progress(f"{cert.name}: renewing ({decision.reason})")
         try:
             plan = self._dane_plan(cert, progress, now) if cert.dane else None
-            if plan is not None and self._roll and not plan.use_next:
+            if plan is not None and not plan.use_next and (self._roll or plan.new_type):
                 when = (f"{plan.usable_at:%Y-%m-%d %H:%M:%S} UTC" if plan.usable_at
                         else "once it is seen on every server")
+                again = "run roll-key again then" if self._roll else "the key_type change waits for it"
                 return Outcome(cert.name, "not-due", f"the next key's TLSA record is usable from {when}; "
-                               "nothing ordered (run roll-key again then)", plan.usable_at)
+                               f"nothing ordered ({again})", plan.usable_at)
             fullchain = self._obtain(cert, progress, use_next=bool(plan and plan.use_next and plan.current))
             if cert.dane:
                 self._dane().check_before_install(cert, fullchain)
@@ -231,8 +232,9 @@ class Renewer:
         seen everywhere for 2 x TTL (RFC 7671 8.1); otherwise the current one, and say so."""
         view = self.keeper.inspect(cert.name)
         key_type = dane.public_key_type(view.cert) if view.cert else ""
-        want_change = not cert.reuse_key or self._roll or (bool(key_type) and key_type != cert.key_type)
-        plan = self._dane().maintain(cert, now, want_change)
+        new_type = bool(key_type) and key_type != cert.key_type
+        want_change = not cert.reuse_key or self._roll or new_type
+        plan = dataclasses.replace(self._dane().maintain(cert, now, want_change), new_type=new_type)
         if plan.current and want_change and not plan.use_next:
             when = f"{plan.usable_at:%Y-%m-%d %H:%M:%S} UTC" if plan.usable_at else "once its TLSA record is seen"
             progress(f"{cert.name}: keeping the current key: the next key's TLSA record is usable from {when}")
