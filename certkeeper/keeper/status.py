@@ -76,7 +76,7 @@ def collect(config: Config, names: list[str] | None = None, now: datetime | None
         "certificates": [certificate_status(config, store, cert, now) for cert in select(config, names)],
         "dkim": dkim_rows(config),
         "mta_sts": mta_sts_rows(config),
-        "dane": dane_rows(config),
+        **({"dane": dane_rows(config)} if any(c.dane for c in config.certificates) else {}),
     }
 
 
