@@ -113,17 +113,21 @@ def job_hourly(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tupl
     if config.dkim:
         _guard("DKIM rotation", lambda: rotation.run_due(config, datetime.now(UTC), _liner(keeper), keeper))
     _guard("expiry check", lambda: Alerter(config, keeper=keeper).check_expiry())
-    if any(c.dane for c in config.certificates):  # next keys' TLSA records seen, old ones withdrawn
+    from certkeeper.core.dane import load_state
+
+    published = [c for c in config.certificates if c.dane or load_state(config.state_dir, c.name).names]
+    if published:  # next keys' TLSA records seen, old ones withdrawn; all of them when dane was turned off
         from certkeeper.network.dane import Dane
 
         dane = Dane(config, keeper, _liner(keeper))
 
         def maintain(cert: CertificateConfig) -> object:
+            if not cert.dane:
+                return dane.withdraw(cert, datetime.now(UTC))
             return dane.maintain(cert, datetime.now(UTC), want_change=False)
 
-        for cert in config.certificates:
-            if cert.dane:
-                _guard(f"{cert.name}: TLSA records", partial(maintain, cert))
+        for cert in published:
+            _guard(f"{cert.name}: TLSA records", partial(maintain, cert))
     return 0, None
 
 

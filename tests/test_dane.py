@@ -190,7 +190,7 @@ NAME = "mail.example.test"
 
 
 def _toml(pebble: Pebble, ms: MailServices, resolver: Resolver, hooks: bool, reuse_key: bool = False,
-          alerts: Path | None = None, key_type: str = "ecdsa-p256") -> str:
+          alerts: Path | None = None, key_type: str = "ecdsa-p256", dane_on: bool = True) -> str:
     cert = ms.certificate_config(NAME)
     hook_names = '["smtpd"]' if hooks else "[]"
     return f"""
@@ -212,7 +212,7 @@ fullchain = "{cert.fullchain}"
 reuse_key = {str(reuse_key).lower()}
 key_type = "{key_type}"
 hooks = {hook_names}
-dane = true
+dane = {str(dane_on).lower()}
 [hooks.smtpd]
 command = {json.dumps(list(ms.smtpd_restart()))}
 verify = ["smtp+starttls://127.0.0.1:{ms.smtp_port}"]
@@ -479,3 +479,34 @@ def test_a_key_type_change_orders_nothing_until_the_new_types_next_key_was_seen(
         report = Renewer(rsa, challenges).renew()
     assert [o.status for o in report.outcomes] == ["renewed"], report.outcomes
     assert _key_digest(cert.key) == upcoming and certs.key_type_of(cert.key.read_bytes()) == "rsa2048"
+
+
+def test_dane_false_withdraws_the_records_and_keeps_the_key_while_caches_may_hold_them(
+        dane_mail: tuple[Config, MailServices, ChallengeTable], pebble: Pebble, signed_bind: SignedZone,
+        validating_resolver: Resolver) -> None:
+    cfg, ms, challenges = dane_mail
+    tlsa = f"_{ms.smtp_port}._tcp.{NAME}"
+    assert [o.status for o in Renewer(cfg, challenges).renew().outcomes] == ["not-due"]
+    assert len(signed_bind.query(tlsa, "TLSA")) == 2
+    off = signed_bind.config(_toml(pebble, ms, validating_resolver, hooks=True, dane_on=False),
+                             state_dir=cfg.state_dir, ttl=TTL)
+    cert = off.certificates[0]
+    key = _key_digest(cert.key)
+    lines: list[str] = []
+    assert [o.status for o in Renewer(off, challenges).renew(progress=lines.append).outcomes] == ["not-due"]
+    assert signed_bind.query(tlsa, "TLSA") == []
+    assert not next_key_path(cert).exists()
+    state = dane.load_state(off.state_dir, NAME)
+    assert state.withdrawn is not None and state.names == (tlsa,)
+    # A renewal now keeps the key out of the way of caches that still hold the records.
+    (outcome,) = Renewer(off, challenges).renew(force=True).outcomes
+    assert outcome.status == "not-due" and "may still be cached" in outcome.detail, outcome
+    assert _key_digest(cert.key) == key
+    after = dane.key_change_allowed_after(state, TTL)
+    assert after is not None and outcome.next_renewal == after
+    _wait_for(lambda: datetime.now(UTC) >= after, 4 * TTL + 5, "the withdrawn records to expire from caches")
+    with serving(off, challenges):
+        report = Renewer(off, challenges).renew(force=True)
+    assert [o.status for o in report.outcomes] == ["renewed"], report.outcomes
+    assert _key_digest(cert.key) != key
+    assert dane.load_state(off.state_dir, NAME) == dane.DaneState(NAME)  # nothing left to guard

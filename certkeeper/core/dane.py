@@ -115,6 +115,13 @@ class DaneState:
     retired: dict[str, str] = field(default_factory=dict)  # digest -> ISO time it may be withdrawn
     dns: tuple[str, ...] = ()  # the TLSA values every authoritative server answered at the last check
     checked: datetime | None = None  # that check
+    names: tuple[str, ...] = ()  # the TLSA names published (withdrawn when dane is set to false)
+    withdrawn: datetime | None = None  # when every server stopped answering them (dane = false)
+
+
+def key_change_allowed_after(state: DaneState, ttl: int) -> datetime | None:
+    """After a withdrawal, the key may change only once caches have forgotten the records (2 x TTL)."""
+    return state.withdrawn + timedelta(seconds=2 * ttl) if state.withdrawn else None
 
 
 def next_key_usable_at(state: DaneState, digest: str, ttl: int) -> datetime | None:
@@ -172,7 +179,9 @@ def load_state(state_dir: Path, name: str) -> DaneState:
                          next_seen=datetime.fromisoformat(raw["next_seen"]) if raw.get("next_seen") else None,
                          retired={str(k): str(v) for k, v in dict(raw.get("retired", {})).items()},
                          dns=tuple(str(v) for v in raw.get("dns", ())),
-                         checked=datetime.fromisoformat(raw["checked"]) if raw.get("checked") else None)
+                         checked=datetime.fromisoformat(raw["checked"]) if raw.get("checked") else None,
+                         names=tuple(str(v) for v in raw.get("names", ())),
+                         withdrawn=datetime.fromisoformat(raw["withdrawn"]) if raw.get("withdrawn") else None)
     except (OSError, ValueError, TypeError, AttributeError):
         return DaneState(name=name)
 
@@ -184,4 +193,6 @@ def save_state(state_dir: Path, state: DaneState) -> None:
         "retired": state.retired,
         "dns": list(state.dns),
         "checked": state.checked.isoformat() if state.checked else None,
+        "names": list(state.names),
+        "withdrawn": state.withdrawn.isoformat() if state.withdrawn else None,
     })

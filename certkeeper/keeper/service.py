@@ -99,6 +99,8 @@ class LocalKeeper:
         cert = self.certificate(name)
         on_disk = self.store.read(cert)
         state = load_cert_state(self.config.state_dir, cert.name)
+        if not cert.dane:
+            self._dispose_next_key(cert)
         return renewal.plan(cert, on_disk, state, now, force=force,
                             settings=renewal.settings_digest(cert, self.config.acme),
                             disk_problem=self.store.check(cert))
@@ -169,6 +171,15 @@ class LocalKeeper:
         next_key = self._next_key(cert, create=True)
         assert next_key is not None
         return (dane.spki_digest(current.key) if current is not None else "", dane.spki_digest(next_key))
+
+    def _dispose_next_key(self, cert: CertificateConfig) -> None:
+        """dane was set to false: the next key is not needed any more (a new one is made if it comes back)."""
+        path = next_key_path(cert)
+        with self._lock:
+            if path.exists():
+                path.unlink()
+                fsync_dir(path.parent)
+                log.info("%s: dane is off: deleted the next key %s", cert.name, path)
 
     def _next_key(self, cert: CertificateConfig, create: bool) -> bytes | None:
         """The next key of a dane certificate (KEY.next: the key's owner, group and mode)."""

@@ -59,6 +59,10 @@ class Dane:
         current, next_digest = self.keeper.dane_keys(cert.name)
         state = dane.load_state(self.config.state_dir, cert.name)
         values = dane.wanted_values(current, next_digest, dane.still_retiring(state, now), self.config.dane.usage)
+        names = dane.tlsa_names(self.config.dane.ports, cert.domains)
+        for gone in (n for n in state.names if n not in names):  # a port or name no longer configured
+            self._withdraw(gone)
+        state.names, state.withdrawn = names, None
         visible = self._publish(cert, values)
         state.dns, state.checked = (values if visible else ()), now
         if visible:
@@ -85,6 +89,24 @@ class Dane:
                 self.progress(f"{cert.name}: TLSA {rrset.name}: not yet on every server: {exc}")
                 visible = False
         return visible
+
+    def withdraw(self, cert: CertificateConfig, now: datetime) -> bool:
+        """``dane = false``: remove the records published for ``cert``; True once every server has none.
+        The key then stays until caches have forgotten them (``key_change_allowed_after``)."""
+        state = dane.load_state(self.config.state_dir, cert.name)
+        if not state.names or state.withdrawn is not None:
+            return True
+        for name in state.names:
+            self._withdraw(name)
+        state.withdrawn, state.dns, state.next_digest, state.next_seen, state.retired = now, (), "", None, {}
+        dane.save_state(self.config.state_dir, state)
+        self.progress(f"{cert.name}: dane is off: TLSA records withdrawn from {', '.join(state.names)}; the key "
+                      f"stays until {dane.key_change_allowed_after(state, ttl(self.config)):%Y-%m-%d %H:%M:%S} UTC")
+        return True
+
+    def _withdraw(self, name: str) -> None:
+        self.backend.remove(name, "TLSA")
+        propagation.wait_until_absent(self.config, name, "TLSA", self.progress)
 
     def switched(self, cert: CertificateConfig, old: str, now: datetime) -> None:
         """After the next key became the current one: keep the old record one TTL more, and publish a

@@ -157,6 +157,8 @@ class Renewer:
         for cert in selected:  # a dane certificate's next key is published and watched before it is due
             if cert.dane and cert not in due:
                 self._dane_maintain(cert, progress)
+            elif not cert.dane and dane.load_state(self.config.state_dir, cert.name).names:
+                self._dane_withdraw(cert, progress)
         report = RenewReport()
         if due:
             with (serve_challenges or nullcontext)():
@@ -192,6 +194,10 @@ class Renewer:
         state.last_attempt = now
         self._before[cert.name] = dataclasses.replace(state)  # restored if a reload rolls back
         progress(f"{cert.name}: renewing ({decision.reason})")
+        if not cert.dane:
+            held = self._dane_hold(cert, now)
+            if held is not None:
+                return held
         try:
             plan = self._dane_plan(cert, progress, now) if cert.dane else None
             if plan is not None and not plan.use_next and (self._roll or plan.new_type):
@@ -242,6 +248,33 @@ class Renewer:
             progress(f"{cert.name}: switching to the next key ({plan.next[:16]}…), its TLSA record seen since "
                      f"{plan.usable_at:%H:%M:%S} minus 2 x TTL")
         return plan
+
+    def _dane_withdraw(self, cert: CertificateConfig, progress: Progress) -> None:
+        try:
+            self._dane().withdraw(cert, self.clock())
+        except CertkeeperError as exc:
+            progress(f"{cert.name}: withdrawing the TLSA records: {exc}")
+            log.warning("%s: withdrawing the TLSA records: %s", cert.name, exc)
+
+    def _dane_hold(self, cert: CertificateConfig, now: datetime) -> Outcome | None:
+        """After ``dane = false``: no new key until the records are gone from every server and from caches."""
+        state = dane.load_state(self.config.state_dir, cert.name)
+        if not state.names:
+            return None
+        ttl = self.config.dane.ttl or self.config.dns.ttl
+        if state.withdrawn is None:
+            self._dane_withdraw(cert, lambda line: log.info("%s", line))
+            state = dane.load_state(self.config.state_dir, cert.name)
+        after = dane.key_change_allowed_after(state, ttl)
+        if after is not None and now >= after:  # caches have forgotten the records: nothing left to guard
+            dane.save_state(self.config.state_dir, dane.DaneState(cert.name))
+            return None
+        on_disk = self.keeper.inspect(cert.name).cert
+        if cert.reuse_key and on_disk and dane.public_key_type(on_disk) == cert.key_type:
+            return None  # the key stays anyway
+        when = f"{after:%Y-%m-%d %H:%M:%S} UTC" if after else "once every server has dropped them"
+        return Outcome(cert.name, "not-due", f"dane is off; the withdrawn TLSA records may still be cached: "
+                       f"a new key only from {when}", after)
 
     def _dane_maintain(self, cert: CertificateConfig, progress: Progress) -> None:
         try:
