@@ -18,18 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
 from certkeeper import __version__
-from certkeeper.commands import (
-    check,
-    dns,
-    import_acme_client,
-    mta_sts,
-    renew,
-    roll_key,
-    rotate_dkim,
-    run,
-    status,
-    verify,
-)
+from certkeeper.commands import check, dns, import_acme_client, mta_sts, renew, rotate_dkim, run, status, verify
+from certkeeper.commands.roll_key import main as roll_key_main
 from certkeeper.core.config import DEFAULT_PATH, Config, load
 from certkeeper.core.errors import CertkeeperError, ConfigError
 
@@ -48,7 +38,7 @@ COMMANDS: dict[str, Command] = {
     "dns": dns.main,
     "mta-sts": mta_sts.main,
     "rotate-dkim": rotate_dkim.main,
-    "roll-key": roll_key.main,
+    "roll-key": roll_key_main,
 }
 # Subcommands that do not read certkeeper.toml.
 NO_CONFIG: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {

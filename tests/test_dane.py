@@ -314,6 +314,7 @@ def test_key_changes_only_after_the_next_tlsa_was_seen_for_twice_the_ttl(
         assert [o.status for o in report.outcomes] == ["renewed"], report.outcomes
         assert _key_digest(cert.key) == first_key
         assert any("keeping the current key" in line for line in lines), lines
+        assert "kept the current key (the next key's TLSA record is usable from" in report.outcomes[0].detail
         state = dane.load_state(cfg.state_dir, NAME)
         assert state.next_digest == next_key and state.next_seen is not None
         usable = dane.next_key_usable_at(state, next_key, TTL)

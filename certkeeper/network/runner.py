@@ -194,11 +194,10 @@ class Renewer:
         state.last_attempt = now
         self._before[cert.name] = dataclasses.replace(state)  # restored if a reload rolls back
         progress(f"{cert.name}: renewing ({decision.reason})")
-        if not cert.dane:
-            held = self._dane_hold(cert, now)
+        try:
+            held = None if cert.dane else self._dane_hold(cert, now)
             if held is not None:
                 return held
-        try:
             plan = self._dane_plan(cert, progress, now) if cert.dane else None
             if plan is not None and not plan.use_next and (self._roll or plan.new_type):
                 when = (f"{plan.usable_at:%Y-%m-%d %H:%M:%S} UTC" if plan.usable_at
@@ -223,8 +222,11 @@ class Renewer:
         state.next_renewal, state.next_renewal_reason = next_time, why
         save_cert_state(self.config.state_dir, state)
         log.info("%s: new certificate serial %x, valid until %s", cert.name, info.serial, info.not_after)
-        return Outcome(cert.name, "renewed", f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC", next_time,
-                       info.not_after)
+        detail = f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC"
+        if plan is not None and plan.current and not plan.use_next and not cert.reuse_key:
+            when = f"{plan.usable_at:%Y-%m-%d %H:%M:%S} UTC" if plan.usable_at else "once it is seen everywhere"
+            detail += f"; kept the current key (the next key's TLSA record is usable from {when})"
+        return Outcome(cert.name, "renewed", detail, next_time, info.not_after)
 
     # -- DANE --------------------------------------------------------------------------
 
@@ -245,8 +247,8 @@ class Renewer:
             when = f"{plan.usable_at:%Y-%m-%d %H:%M:%S} UTC" if plan.usable_at else "once its TLSA record is seen"
             progress(f"{cert.name}: keeping the current key: the next key's TLSA record is usable from {when}")
         elif plan.current and plan.use_next:
-            progress(f"{cert.name}: switching to the next key ({plan.next[:16]}…), its TLSA record seen since "
-                     f"{plan.usable_at:%H:%M:%S} minus 2 x TTL")
+            progress(f"{cert.name}: switching to the next key ({plan.next[:16]}…), its TLSA record usable since "
+                     f"{plan.usable_at:%Y-%m-%d %H:%M:%S} UTC")
         return plan
 
     def _dane_withdraw(self, cert: CertificateConfig, progress: Progress) -> None:
