@@ -28,6 +28,7 @@ from certkeeper.keeper.store import CertificateStore
 from certkeeper.listener.standalone import serving
 from certkeeper.network import verification
 from certkeeper.network.alerts import Alerter
+from certkeeper.network.dane import render as render_tlsa
 from certkeeper.network.runner import Renewer
 from tests.certfactory import make_set
 from tests.fixtures.dnssec import MAIL_ADDRESS, TTL, Resolver, SignedZone, StartResolver, wrong_anchor
@@ -138,6 +139,10 @@ def test_the_keeper_keeps_the_next_key_and_hands_out_only_digests(tmp_path: Path
             + '[dns]\nbackend = "rfc2136"\nzone = "example.test"\nserver = "127.0.0.1:53"\n')
     cfg = config.parse(text)
     keeper = LocalKeeper(cfg)
+    assert keeper.dane_keys("mx", create=False) == ("", "")  # what `certkeeper dns` reads: nothing made
+    printed = render_tlsa(cfg, {"mx": ("", "")}, datetime.now(UTC))
+    assert "mx: no certificate yet" in printed and " IN TLSA " not in printed
+    assert not next_key_path(cfg.certificate("mx")).exists()
     current, upcoming = keeper.dane_keys("mx")
     cert = cfg.certificate("mx")
     path = next_key_path(cert)

@@ -25,14 +25,15 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     if not getattr(args, "check", False):
         out.write(records.render(config, domains))
         dane_names = {c.name for d in domains for c in _dane_certificates(config, d)}
-        if dane_names:  # the keeper's next keys (made here when missing); only their digests are printed
+        if dane_names:  # the keys' digests, read here (the daemon or the next check makes a missing next key)
             from datetime import UTC, datetime
 
             from certkeeper.keeper.service import LocalKeeper
             from certkeeper.network import dane
 
             keeper = LocalKeeper(config)
-            out.write(dane.render(config, {n: keeper.dane_keys(n) for n in sorted(dane_names)}, datetime.now(UTC)))
+            digests = {n: keeper.dane_keys(n, create=False) for n in sorted(dane_names)}
+            out.write(dane.render(config, digests, datetime.now(UTC)))
         return 0
     return privsep.run_cli_job(config, "dns-check", {"domains": domains},  # lookups: unprivileged
                                privsep.printer(out), int(getattr(args, "verbose", 0) or 0))

@@ -161,16 +161,17 @@ class LocalKeeper:
 
     # -- DANE: the next key --------------------------------------------------------------
 
-    def dane_keys(self, name: str) -> tuple[str, str]:
+    def dane_keys(self, name: str, create: bool = True) -> tuple[str, str]:
         """SPKI SHA-256 digests of the current key ("" without one) and of the next key, which is
-        made here when it is missing or not of the configured key_type (only the digests leave)."""
+        made here when it is missing or not of the configured key_type (only the digests leave);
+        without ``create`` a missing next key is ""."""
         cert = self.certificate(name)
         if not cert.dane:
             raise Refusal(f"{name}: dane is not set for this certificate")
         current = self.store.read(cert)
-        next_key = self._next_key(cert, create=True)
-        assert next_key is not None
-        return (dane.spki_digest(current.key) if current is not None else "", dane.spki_digest(next_key))
+        next_key = self._next_key(cert, create=create)
+        return (dane.spki_digest(current.key) if current is not None else "",
+                dane.spki_digest(next_key) if next_key else "")
 
     def _dispose_next_key(self, cert: CertificateConfig) -> None:
         """dane was set to false: the next key is not needed any more (a new one is made if it comes back)."""

@@ -153,8 +153,13 @@ def render(config: Config, digests: dict[str, tuple[str, str]], now: datetime) -
         if cert.name not in digests:
             continue
         current, next_digest = digests[cert.name]
+        if not current or not next_digest:
+            lines.append(f"; {cert.name}: no {'certificate' if not current else 'next key'} yet; "
+                         "the next renewal check makes it and publishes its record")
         retiring = dane.still_retiring(dane.load_state(config.state_dir, cert.name), now)
         values = dane.wanted_values(current, next_digest, retiring, config.dane.usage)
+        if not values:
+            continue
         notes = {dane.value_for_digest(d, config.dane.usage): why for d, why in
                  ((current, "current key"), (next_digest, "next key"), *((r, "retiring") for r in retiring)) if d}
         for rrset in record_sets(config, cert, values):
