@@ -123,6 +123,21 @@ def test_bad_dane_configuration_is_one_line_naming_the_key(text: str, message: s
         info.value.lines
 
 
+def test_dane_and_mta_sts_agree_on_the_mx_host() -> None:
+    base = ('[[certificate]]\nname = "mail.example.test"\ndomains = ["mail.example.test"]\ndane = true\n'
+            '[[certificate]]\nname = "mta-sts.example.test"\ndomains = ["mta-sts.example.test"]\n'
+            '[dns]\nbackend = "rfc2136"\nzone = "example.test"\nserver = "127.0.0.1:53"\n'
+            '[[mta_sts]]\ndomain = "example.test"\nmode = "enforce"\nmax_age = 86400\nmx = MX\n')
+    for mx in ('["mail.example.test"]', '["*.example.test"]'):
+        assert config.parse(base.replace("MX", mx)).mta_sts[0].mx
+    with pytest.raises(ConfigError) as info:
+        config.parse(base.replace("MX", '["mx.example.test"]'), "certkeeper.toml")
+    assert any("mta_sts[1].mx: the MX host 'mail.example.test' has DANE TLSA records (certificate[1] dane = true)"
+               in line for line in info.value.lines), info.value.lines
+    # mode "none" is a policy being withdrawn: nothing to agree with.
+    config.parse(base.replace("MX", '["mx.example.test"]').replace('"enforce"', '"none"'))
+
+
 def test_dane_needs_a_dns_backend_that_publishes_in_the_zone() -> None:
     with pytest.raises(ConfigError, match=r"certificate\[1\]\.dane: needs \[dns\] backend"):
         config.parse('[[certificate]]\nname = "m"\ndomains = ["m.example.test"]\ndane = true\n')

@@ -426,6 +426,7 @@ class _Reader:
         tlsrpt = self.tlsrpt(self.section(data, "tlsrpt"))
         dmarc = self.dmarc(self.section(data, "dmarc"))
         records = self.records(self.section(data, "records"))
+        self.dane_with_mta_sts(certificates, mta_sts, records)
         dkim = tuple(self.dkim_list(data))
         alerts = self.alerts(self.section(data, "alerts"))
         metrics = self.metrics(self.section(data, "metrics"))
@@ -703,6 +704,22 @@ class _Reader:
                            f"{dns.zone!r}, where its TLSA record would go")
         return config
 
+    def dane_with_mta_sts(self, certificates: tuple[CertificateConfig, ...], mta_sts: tuple[MtaStsConfig, ...],
+                          records: RecordsConfig) -> None:
+        """An MX host with TLSA records must also be allowed by the MTA-STS policy of the same domain, or
+        senders that use MTA-STS refuse the host that DANE senders accept (the MX, the policy's mx, the
+        certificate's names and the TLSA owner name must agree)."""
+        mx_hosts = records.mx or ((certificates[0].name.lower(),) if certificates else ())
+        dane_names = {d: i for i, c in enumerate(certificates) if c.dane for d in c.domains}
+        for i, policy in enumerate(mta_sts):
+            if policy.mode == "none":
+                continue
+            for host in mx_hosts:
+                if host in dane_names and not any(_mx_pattern_matches(p, host) for p in policy.mx):
+                    self.error(f"mta_sts[{i + 1}].mx", f"the MX host {host!r} has DANE TLSA records (certificate"
+                               f"[{dane_names[host] + 1}] dane = true) but matches none of {list(policy.mx)}; "
+                               "MTA-STS senders would refuse it")
+
     def host_port(self, where: str, value: str) -> None:
         problem = host_port_problem(value)
         if problem:
@@ -841,6 +858,14 @@ class _Reader:
         for i, item in enumerate(dkim):
             if item.signer_hook and item.signer_hook not in hooks and item.signer_hook not in HOOK_DEFAULT_COMMANDS:
                 self.error(f"dkim[{i + 1}].signer_hook", f"{item.signer_hook!r} is not a configured hook")
+
+
+def _mx_pattern_matches(pattern: str, host: str) -> bool:
+    """RFC 8461 4.1: "*.example.com" matches exactly one more label; other patterns the name itself."""
+    if pattern.startswith("*."):
+        head, _, rest = host.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return host == pattern
 
 
 def hook_config(config: Config, name: str) -> HookConfig:
