@@ -30,6 +30,7 @@ from certkeeper.commands import (
     status,
     verify,
 )
+from certkeeper.commands.roll_key import main as roll_key_main
 from certkeeper.core.config import DEFAULT_PATH, REVOCATION_REASONS, Config, load
 from certkeeper.core.errors import CertkeeperError, ConfigError
 
@@ -49,6 +50,7 @@ COMMANDS: dict[str, Command] = {
     "mta-sts": mta_sts.main,
     "rotate-dkim": rotate_dkim.main,
     "revoke": revoke.main,
+    "roll-key": roll_key_main,
 }
 # Subcommands that do not read certkeeper.toml.
 NO_CONFIG: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
@@ -119,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adopt", metavar="SELECTOR",
                    help="take over a key made by hand (its record in DNS): active if its private key is found, "
                         "else retired on schedule")
+
+    p = sub.add_parser("roll-key", parents=[common],
+                       help="move a dane certificate to its next key once its TLSA record is seen (exit 2: not yet)")
+    p.add_argument("name", metavar="NAME", help="certificate name")
 
     p = sub.add_parser("import-acme-client", parents=[common],
                        help="print a certkeeper.toml equivalent to an acme-client.conf")

@@ -466,7 +466,7 @@ class Daemon:
             log.info("%s", line)
             emit(line)
 
-        args: dict[str, Any] = {"names": names, "force": bool(payload.get("force"))}
+        args: dict[str, Any] = {"names": names, "force": bool(payload.get("force")), "roll": bool(payload.get("roll"))}
         if payload.get("dry_run"):  # the staging directory; the keeper installs nothing, runs no hook
             directory = payload.get("directory")
             if not isinstance(directory, str) or not directory.startswith("https://"):

@@ -97,6 +97,14 @@ class Plan:
 class MakeCsr:
     name: str
     fresh_key: bool = False  # never the key on disk (after a revocation): reuse_key does not apply
+    use_next: bool = False  # a dane certificate: the next key (its TLSA record has been seen long enough)
+
+
+@message
+@dataclass(frozen=True)
+class DaneKeys:
+    """The SPKI digests of a dane certificate's current and next key (the keeper makes a missing next key)."""
+    name: str
 
 
 @message
@@ -291,6 +299,14 @@ class Planned:
 class Csr:
     name: str
     csr: str
+
+
+@message
+@dataclass(frozen=True)
+class DaneDigests:
+    name: str
+    current: str  # "" when there is no certificate set yet
+    next: str
 
 
 @message

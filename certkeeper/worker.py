@@ -29,11 +29,12 @@ import socket
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from certkeeper import protocol, sandbox
 from certkeeper.core import logs, secrets
-from certkeeper.core.config import Config, parse
+from certkeeper.core.config import CertificateConfig, Config, parse
 from certkeeper.core.errors import CertkeeperError, ConfigError
 from certkeeper.network.keeper_client import PipeKeeper
 
@@ -77,7 +78,8 @@ def job_renew(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple
         (name,) = args["names"]
         renewer.revoke(name, str(reason), line)
     report = renewer.renew(args.get("names") or None, force=bool(args.get("force")) or bool(reason),
-                           progress=line if args.get("progress", True) else None, fresh_key=bool(reason))
+                           progress=line if args.get("progress", True) else None, fresh_key=bool(reason),
+                           roll=bool(args.get("roll")))
     for outcome in report.outcomes:
         line(format_outcome(outcome))
     if dry_run:
@@ -135,6 +137,21 @@ def job_hourly(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tupl
         _guard("DKIM rotation", lambda: reports.append(rotation.run_due(config, datetime.now(UTC), _liner(keeper),
                                                                         keeper)))
     _guard("expiry check", lambda: Alerter(config, keeper=keeper).check_expiry())
+    from certkeeper.core.dane import load_state
+
+    published = [c for c in config.certificates if c.dane or load_state(config.state_dir, c.name).names]
+    if published:  # next keys' TLSA records seen, old ones withdrawn; all of them when dane was turned off
+        from certkeeper.network.dane import Dane
+
+        dane = Dane(config, keeper, _liner(keeper))
+
+        def maintain(cert: CertificateConfig) -> object:
+            if not cert.dane:
+                return dane.withdraw(cert, datetime.now(UTC))
+            return dane.maintain(cert, datetime.now(UTC), want_change=False)
+
+        for cert in published:
+            _guard(f"{cert.name}: TLSA records", partial(maintain, cert))
     # When the next DKIM step is due: the daemon runs this job again then, not an hour later.
     return 0, min((r.next_due for r in reports if r.next_due is not None), default=None)
 
@@ -197,13 +214,19 @@ def job_dns_check(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> t
     line = _liner(keeper)
     lookup = records.resolver_lookup(config)
     rows = [row for d in args.get("domains") or [] for row in records.check(config, d, lookup)]
+    if any(c.dane for c in config.certificates):  # TLSA through the validating resolver, keys on the ports
+        from certkeeper.network import dane
+
+        rows += [row for d in args.get("domains") or [] for row in dane.check_rows(config, keeper, d)]
     for text in records.render_table(rows).splitlines():
         line(text)
     # "unmanaged" (a DKIM key made by hand) is reported, not a failure: adopt it or let it be.
     bad = [r for r in rows if r.status not in ("ok", "unmanaged")]
     unmanaged = sum(r.status == "unmanaged" for r in rows)
+    unvalidated = sum(r.status == "not validated" for r in bad)
     line(f"{sum(r.status == 'ok' for r in rows)} ok, {sum(r.status == 'missing' for r in bad)} missing, "
-         f"{sum(r.status == 'wrong' for r in bad)} wrong" + (f", {unmanaged} unmanaged" if unmanaged else ""))
+         f"{sum(r.status == 'wrong' for r in bad)} wrong" + (f", {unvalidated} not validated" if unvalidated else "")
+         + (f", {unmanaged} unmanaged" if unmanaged else ""))
     return (0 if not bad else 1), None
 
 

@@ -113,4 +113,5 @@ pytest_plugins = [
     "tests.fixtures.bind",
     "tests.fixtures.mailservices",
     "tests.fixtures.rspamd",
+    "tests.fixtures.dnssec",
 ]

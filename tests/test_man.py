@@ -27,6 +27,7 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "HOOK TABLES": ('[hooks.x]\ncommand = ["true"]\nbogus_key = 1\n', config.HookConfig),
     "MTA-STS TABLES": ('[[mta_sts]]\ndomain = "example.com"\nmode = "none"\nbogus_key = 1\n', config.MtaStsConfig),
     "DNS SECTION": ("[dns]\nbogus_key = 1\n", config.DnsConfig),
+    "DANE SECTION": ("[dane]\nbogus_key = 1\n", config.DaneConfig),
     "TLSRPT SECTION": ("[tlsrpt]\nbogus_key = 1\n", config.TlsRptConfig),
     "DMARC SECTION": ("[dmarc]\nbogus_key = 1\n", config.DmarcConfig),
     "RECORDS SECTION": ("[records]\nbogus_key = 1\n", config.RecordsConfig),
@@ -35,7 +36,7 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "METRICS SECTION": ("[metrics]\nbogus_key = 1\n", config.MetricsConfig),
     "FLEET SECTION": ('[fleet]\nbackend = "etcd"\nbogus_key = 1\n', config.FleetConfig),
 }
-SUB_TABLES = {"acme", "http", "certificate", "hooks", "mta_sts", "dns", "tlsrpt", "dmarc", "records", "dkim",
+SUB_TABLES = {"acme", "http", "certificate", "hooks", "mta_sts", "dns", "dane", "tlsrpt", "dmarc", "records", "dkim",
               "alerts", "metrics", "fleet", "authority"}
 
 

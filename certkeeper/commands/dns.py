@@ -6,7 +6,7 @@ import argparse
 from typing import TextIO
 
 from certkeeper import privsep
-from certkeeper.core.config import Config
+from certkeeper.core.config import CertificateConfig, Config
 from certkeeper.core.errors import ConfigError
 
 
@@ -24,6 +24,21 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     domains = [domain.lower().rstrip(".")] if domain else configured
     if not getattr(args, "check", False):
         out.write(records.render(config, domains))
+        dane_names = {c.name for d in domains for c in _dane_certificates(config, d)}
+        if dane_names:  # the keys' digests, read here (the daemon or the next check makes a missing next key)
+            from datetime import UTC, datetime
+
+            from certkeeper.keeper.service import LocalKeeper
+            from certkeeper.network import dane
+
+            keeper = LocalKeeper(config)
+            digests = {n: keeper.dane_keys(n, create=False) for n in sorted(dane_names)}
+            out.write(dane.render(config, digests, datetime.now(UTC)))
         return 0
     return privsep.run_cli_job(config, "dns-check", {"domains": domains},  # lookups: unprivileged
                                privsep.printer(out), int(getattr(args, "verbose", 0) or 0))
+
+
+def _dane_certificates(config: Config, domain: str) -> list[CertificateConfig]:
+    return [c for c in config.certificates if c.dane and any(d == domain or d.endswith("." + domain)
+                                                             for d in c.domains)]

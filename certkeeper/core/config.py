@@ -45,6 +45,9 @@ CHALLENGES = ("http-01", "dns-01")
 REVOCATION_REASONS = {"unspecified": 0, "keyCompromise": 1, "affiliationChanged": 3, "superseded": 4,
                       "cessationOfOperation": 5}
 DEFAULT_AUTHORITY = "acme"  # the name the [acme] table stands for
+# certkeeper.core.dane computes "2 1 1" too; the renewal does not publish the CA's key yet, so only
+# "3 1 1" (the key certkeeper rolls with a next key) is accepted here.
+DANE_USAGES = ("3 1 1",)
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1", "hmac-md5")
 # Hook kinds with a built-in default command, one per service manager; which manager runs the host
 # is found at run time (certkeeper.keeper.hooks.service_manager): "rcctl" (OpenBSD), "systemd" (Debian's
@@ -136,6 +139,7 @@ class CertificateConfig:
     def authorities(self) -> tuple[str, ...]:
         """The authorities an order goes to, in order."""
         return (self.authority, *self.fallback)
+    dane: bool = False  # TLSA records for the current and the next key ([dane])
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,18 @@ class DnsConfig:
     # CA file to trust instead of the system's. Both for tests and split-horizon set-ups.
     mta_sts_fetch_address: str = ""
     mta_sts_fetch_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class DaneConfig:
+    """TLSA records for the ``dane = true`` certificates (RFC 6698, 7671, 7672)."""
+
+    ports: tuple[int, ...] = (25,)
+    usage: str = "3 1 1"  # or "2 1 1" (DANE-TA: the CA's key; breaks when the CA changes intermediates)
+    ttl: int = 0  # the TLSA records' TTL; 0 = [dns] ttl
+    resolver: str = ""  # "host:port" of a DNSSEC-validating resolver for `dns --check` (default: [dns] resolver)
+    # Where `dns --check` connects to each port instead of resolving the name ("addr"; tests, split horizon).
+    check_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -285,6 +301,7 @@ class Config:
     hooks: dict[str, HookConfig] = field(default_factory=dict)
     mta_sts: tuple[MtaStsConfig, ...] = ()
     dns: DnsConfig = field(default_factory=DnsConfig)
+    dane: DaneConfig = field(default_factory=DaneConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     dmarc: DmarcConfig = field(default_factory=DmarcConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
@@ -543,7 +560,7 @@ class _Reader:
     def config(self, data: dict[str, Any]) -> Config | None:
         top = {
             "state_dir", "control_socket", "pid_file", "user", "group", "acme", "http", "certificate", "hooks",
-            "mta_sts", "dns", "tlsrpt", "dmarc", "records", "dkim", "alerts", "metrics", "fleet", "authority",
+            "mta_sts", "dns", "dane", "tlsrpt", "dmarc", "records", "dkim", "alerts", "metrics", "fleet", "authority",
         }
         self.table(data, "", top)
         state_dir = self.required_path(data, "", "state_dir", Config.state_dir)
@@ -559,9 +576,11 @@ class _Reader:
         hooks = self.hooks(self.section(data, "hooks"))
         mta_sts = tuple(self.mta_sts_list(data, certificates))
         dns = self.dns(self.section(data, "dns"))
+        dane = self.dane(self.section(data, "dane"), certificates, dns)
         tlsrpt = self.tlsrpt(self.section(data, "tlsrpt"))
         dmarc = self.dmarc(self.section(data, "dmarc"))
         records = self.records(self.section(data, "records"))
+        self.dane_with_mta_sts(certificates, mta_sts, records)
         dkim = tuple(self.dkim_list(data))
         alerts = self.alerts(self.section(data, "alerts"))
         metrics = self.metrics(self.section(data, "metrics"))
@@ -571,7 +590,7 @@ class _Reader:
         return Config(
             path=Path(self.filename), state_dir=state_dir, control_socket=control_socket, pid_file=pid_file,
             user=user, group=group, acme=acme, http=http, certificates=certificates, hooks=hooks, mta_sts=mta_sts,
-            dns=dns, tlsrpt=tlsrpt, dmarc=dmarc, records=records, dkim=dkim, alerts=alerts, metrics=metrics,
+            dns=dns, dane=dane, tlsrpt=tlsrpt, dmarc=dmarc, records=records, dkim=dkim, alerts=alerts, metrics=metrics,
             fleet=fleet, authorities=authorities, default_authority=default,
         )
 
@@ -701,7 +720,7 @@ class _Reader:
             self.table(item, w, {
                 "name", "domains", "key_type", "key", "cert", "chain", "fullchain", "key_owner", "key_group",
                 "key_mode", "cert_owner", "cert_group", "cert_mode", "reuse_key", "profile", "hooks", "authority",
-                "fallback", "challenge",
+                "fallback", "challenge", "dane",
             })
             # A bad name is reported and the rest of the table still checked: every problem, one pass.
             name = self.string(item, w, "name")
@@ -746,6 +765,7 @@ class _Reader:
                 cert_group=self.group(item, w, "cert_group"),
                 cert_mode=self.mode(item, w, "cert_mode", 0o644),
                 reuse_key=self.boolean(item, w, "reuse_key", False),
+                dane=self.boolean(item, w, "dane", False),
                 profile=profile,
                 hooks=self.strings(item, w, "hooks"),
                 authority=self.string(item, w, "authority", authority),
@@ -859,6 +879,58 @@ class _Reader:
         if backend == "zonefile" and config.zonefile is None:
             self.error(f"{w}.zonefile", "is required with backend 'zonefile'")
         return config
+
+    def dane(self, data: dict[str, Any], certificates: tuple[CertificateConfig, ...], dns: DnsConfig) -> DaneConfig:
+        w = "dane"
+        self.table(data, w, {"ports", "usage", "ttl", "resolver", "check_address"})
+        raw_ports = self.get(data, w, "ports", list, None)
+        ports: list[int] = []
+        for i, port in enumerate(raw_ports if raw_ports is not None else list(DaneConfig.ports)):
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                self.error(f"{w}.ports[{i + 1}]", f"{_show(port)} is not a TCP port (1..65535)")
+            elif port in ports:
+                self.error(f"{w}.ports[{i + 1}]", f"{port} is listed twice")
+            else:
+                ports.append(port)
+        if raw_ports is not None and not raw_ports:
+            self.error(f"{w}.ports", "is empty; list at least one port (25 for SMTP)")
+        resolver = self.string(data, w, "resolver")
+        if resolver:
+            self.host_port(f"{w}.resolver", resolver)
+        check_address = self.string(data, w, "check_address")
+        if check_address:
+            try:
+                ipaddress.ip_address(check_address)
+            except ValueError:
+                self.error(f"{w}.check_address", f"{check_address!r} is not a numeric IP address")
+        config = DaneConfig(ports=tuple(ports), usage=self.choice(data, w, "usage", DANE_USAGES, "3 1 1"),
+                            ttl=self.integer(data, w, "ttl", 0, 0, 86400), resolver=resolver,
+                            check_address=check_address)
+        for i, cert in enumerate(certificates):
+            if cert.dane and dns.backend == "manual":
+                self.error(f"certificate[{i + 1}].dane", "needs [dns] backend rfc2136 or zonefile: TLSA "
+                           "records change at every key roll and must be seen before the key is used")
+            if cert.dane and dns.zone and any(not (d == dns.zone or d.endswith("." + dns.zone))
+                                              for d in cert.domains if not d.startswith("*.")):
+                self.error(f"certificate[{i + 1}].dane", f"a name of {cert.name!r} is outside [dns] zone "
+                           f"{dns.zone!r}, where its TLSA record would go")
+        return config
+
+    def dane_with_mta_sts(self, certificates: tuple[CertificateConfig, ...], mta_sts: tuple[MtaStsConfig, ...],
+                          records: RecordsConfig) -> None:
+        """An MX host with TLSA records must also be allowed by the MTA-STS policy of the same domain, or
+        senders that use MTA-STS refuse the host that DANE senders accept (the MX, the policy's mx, the
+        certificate's names and the TLSA owner name must agree)."""
+        mx_hosts = records.mx or ((certificates[0].name.lower(),) if certificates else ())
+        dane_names = {d: i for i, c in enumerate(certificates) if c.dane for d in c.domains}
+        for i, policy in enumerate(mta_sts):
+            if policy.mode == "none":
+                continue
+            for host in mx_hosts:
+                if host in dane_names and not any(_mx_pattern_matches(p, host) for p in policy.mx):
+                    self.error(f"mta_sts[{i + 1}].mx", f"the MX host {host!r} has DANE TLSA records (certificate"
+                               f"[{dane_names[host] + 1}] dane = true) but matches none of {list(policy.mx)}; "
+                               "MTA-STS senders would refuse it")
 
     def host_port(self, where: str, value: str) -> None:
         problem = host_port_problem(value)
@@ -1067,6 +1139,14 @@ class _Reader:
         for i, item in enumerate(dkim):
             if item.signer_hook and item.signer_hook not in hooks and item.signer_hook not in HOOK_DEFAULT_COMMANDS:
                 self.error(f"dkim[{i + 1}].signer_hook", f"{item.signer_hook!r} is not a configured hook")
+
+
+def _mx_pattern_matches(pattern: str, host: str) -> bool:
+    """RFC 8461 4.1: "*.example.com" matches exactly one more label; other patterns the name itself."""
+    if pattern.startswith("*."):
+        head, _, rest = host.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return host == pattern
 
 
 def hook_config(config: Config, name: str) -> HookConfig:

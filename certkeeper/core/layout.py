@@ -17,6 +17,7 @@ path under state_dir        owner     mode   what
 ``alerts/alerts.json``      network   0700   alert episodes
 ``dns/manual.json``         network   0700   records asked of the operator (manual backend)
 ``fleet/status.json``       network   0700   [fleet]: the fleet as last seen in etcd; this host's signing selectors
+``dane/NAME.json``          network   0700   DANE: since when the next key's TLSA is seen
 ``listener/``               listener  0700   where a handed-over key passes on its way into ssl
 ==========================  ========  =====  =============================================
 
@@ -61,6 +62,7 @@ ENTRIES = (
     Entry("alerts", "network", 0o700, "alert episodes"),
     Entry("dns", "network", 0o700, "manual DNS records"),
     Entry("fleet", "network", 0o700, "the fleet as last seen in etcd"),
+    Entry("dane", "network", 0o700, "DANE next-key visibility"),
     Entry("listener", "listener", 0o700, "the listener's scratch directory"),
 )
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from certkeeper import protocol
-from certkeeper.core import certs, dkim, renewal
+from certkeeper.core import certs, dane, dkim, renewal
 from certkeeper.core.challenges import ChallengeTable
 from certkeeper.core.config import HOOK_DEFAULT_COMMANDS, AlertsConfig, CertificateConfig, Config, DkimConfig
 from certkeeper.core.errors import AcmeError, CertkeeperError, LocalError
@@ -108,16 +108,32 @@ class LocalKeeper:
 
     def plan(self, name: str, force: bool, now: datetime) -> renewal.Decision:
         """The planner's decision from the files on disk and the certificate's state."""
-        return decide(self.config, self.store, self.certificate(name), now, force)
+        cert = self.certificate(name)
+        if not cert.dane:
+            self._dispose_next_key(cert)
+        return decide(self.config, self.store, cert, now, force)
 
-    def make_csr(self, name: str, fresh_key: bool = False) -> bytes:
+    def make_csr(self, name: str, fresh_key: bool = False, use_next: bool = False) -> bytes:
         """A CSR for the certificate's names, for the key the next ``install`` must match.
 
         ``reuse_key`` keeps the key on disk while it is of the configured type; ``fresh_key`` (a
-        revoked certificate's renewal) never does: a compromised key must not be certified again."""
+        revoked certificate's renewal) never does: a compromised key must not be certified again.
+        A ``dane`` certificate never gets an unpublished key here: it keeps the current one, or
+        (``use_next``, ``fresh_key``, or its first certificate) takes the next key whose TLSA record
+        the network side has published and seen."""
         cert = self.certificate(name)
         current = self.store.read(cert)
-        if cert.reuse_key and not fresh_key and current is not None and _key_type(current.key) == cert.key_type:
+        if use_next and not cert.dane:
+            raise Refusal(f"{name}: the next key is only kept for a certificate with dane = true")
+        reusable = current is not None and _key_type(current.key) == cert.key_type
+        if cert.dane and (use_next or fresh_key or current is None):
+            key = self._next_key(cert, create=False)
+            if key is None:
+                raise LocalError(f"{name}: there is no next key to use yet (its TLSA record comes first)")
+        elif cert.dane and current is not None and not reusable:
+            raise LocalError(f"{name}: the key is {_key_type(current.key) or 'unreadable'}, key_type asks for "
+                             f"{cert.key_type}; with dane the change waits for the next key's TLSA record")
+        elif current is not None and (cert.reuse_key or cert.dane) and not fresh_key and reusable:
             key = current.key
         else:
             key = certs.generate_key(cert.key_type)
@@ -148,6 +164,11 @@ class LocalKeeper:
         self.store.install(cert, new_set)
         with self._lock:
             self._pending.pop(name, None)
+        if cert.dane and self._next_key(cert, create=False) == key:  # the next key is now the current one
+            next_path = next_key_path(cert)
+            next_path.unlink()
+            fsync_dir(next_path.parent)
+            log.info("%s: the next key is now the current key", name)
         log.info("%s: installed serial %x, valid until %s", name, info.serial, info.not_after)
         if self.on_installed is not None:
             self.on_installed(cert)
@@ -156,6 +177,50 @@ class LocalKeeper:
     def _refuse_in_dry_run(self, what: str) -> None:
         if self.dry_run:
             raise Refusal(f"a dry run does not {what}")
+
+    # -- DANE: the next key --------------------------------------------------------------
+
+    def dane_keys(self, name: str, create: bool = True) -> tuple[str, str]:
+        """SPKI SHA-256 digests of the current key ("" without one) and of the next key, which is
+        made here when it is missing or not of the configured key_type (only the digests leave);
+        without ``create`` a missing next key is ""."""
+        cert = self.certificate(name)
+        if not cert.dane:
+            raise Refusal(f"{name}: dane is not set for this certificate")
+        current = self.store.read(cert)
+        next_key = self._next_key(cert, create=create)
+        return (dane.spki_digest(current.key) if current is not None else "",
+                dane.spki_digest(next_key) if next_key else "")
+
+    def _dispose_next_key(self, cert: CertificateConfig) -> None:
+        """dane was set to false: the next key is not needed any more (a new one is made if it comes back)."""
+        path = next_key_path(cert)
+        with self._lock:
+            if path.exists():
+                path.unlink()
+                fsync_dir(path.parent)
+                log.info("%s: dane is off: deleted the next key %s", cert.name, path)
+
+    def _next_key(self, cert: CertificateConfig, create: bool) -> bytes | None:
+        """The next key of a dane certificate (KEY.next: the key's owner, group and mode)."""
+        path = next_key_path(cert)
+        with self._lock:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                data = b""
+            except OSError as exc:
+                raise LocalError(f"{path}: cannot read: {exc.strerror}") from None
+            if data and _key_type(data) == cert.key_type:
+                return data
+            if not create:
+                return None
+            data = certs.generate_key(cert.key_type)
+            uid = _account(cert.key_owner, "user") if cert.key_owner else -1
+            gid = _account(cert.key_group, "group") if cert.key_group else -1
+            write_atomic(path, data, cert.key_mode, uid, gid)
+            log.info("%s: made a new next key %s (%s)", cert.name, path, cert.key_type)
+            return data
 
     def rollback(self, name: str) -> None:
         """Put the previous set back; the set taken off is kept (once) for ``install_kept``."""
@@ -500,6 +565,21 @@ def dkim_owner(item: DkimConfig) -> tuple[int, int]:
     return uid, gid
 
 
+def next_key_path(cert: CertificateConfig) -> Path:
+    """Where a dane certificate's next key waits: beside the key, ``KEY.next``."""
+    return cert.key.with_name(cert.key.name + ".next")
+
+
+def _account(name: str, kind: str) -> int:
+    import grp
+    import pwd
+
+    try:
+        return pwd.getpwnam(name).pw_uid if kind == "user" else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise LocalError(f"no {kind} {name!r} for the next key") from None
+
+
 def _key_type(pem: bytes) -> str:
     try:
         return certs.key_type_of(pem)
@@ -559,8 +639,11 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
             d = keeper.plan(name, force, now())
             return p.Planned(name, d.due, d.when.isoformat(), d.reason, d.not_after.isoformat() if d.not_after else "",
                              d.action, d.lifts)
-        case p.MakeCsr(name=name, fresh_key=fresh_key):
-            return p.Csr(name, keeper.make_csr(name, fresh_key).decode())
+        case p.MakeCsr(name=name, fresh_key=fresh_key, use_next=use_next):
+            return p.Csr(name, keeper.make_csr(name, fresh_key, use_next).decode())
+        case p.DaneKeys(name=name):
+            current, next_digest = keeper.dane_keys(name)
+            return p.DaneDigests(name, current, next_digest)
         case p.Install(name=name, fullchain=fullchain):
             info = keeper.install(name, fullchain.encode())
             return p.Installed(name, f"{info.serial:x}")

@@ -77,6 +77,7 @@ def collect(config: Config, names: list[str] | None = None, now: datetime | None
         "dkim": dkim_rows(config),
         "mta_sts": mta_sts_rows(config),
         **({"fleet": fleet_status(config, now)} if config.fleet.enabled else {}),
+        **({"dane": dane_rows(config)} if any(c.dane for c in config.certificates) else {}),
     }
 
 
@@ -272,6 +273,51 @@ def _fleet_lines(fleet: dict[str, Any]) -> list[str]:
     return table(title, ["HOST", "LAST HEARTBEAT", "ROLE", "SIGNS WITH", "HAS KEYS"], rows)
 
 
+def dane_rows(config: Config) -> list[dict[str, Any]]:
+    """Per DANE host (``_PORT._tcp.HOST``): the current and next key's digests (from the key files,
+    read here), what every authoritative server answered at the network worker's last check, and
+    from when the next key may be used."""
+    from certkeeper.core import dane
+    from certkeeper.keeper.service import next_key_path
+
+    rows = []
+    store = CertificateStore(config.state_dir)
+    ttl = config.dane.ttl or config.dns.ttl
+    for cert in (c for c in config.certificates if c.dane):
+        current = store.read(cert)
+        try:
+            upcoming = next_key_path(cert).read_bytes()
+        except OSError:
+            upcoming = b""
+        try:
+            current_digest = dane.spki_digest(current.key) if current else None
+            next_digest = dane.spki_digest(upcoming) if upcoming else None
+        except ValueError:
+            current_digest = next_digest = None
+        st = dane.load_state(config.state_dir, cert.name)
+        usable = dane.next_key_usable_at(st, next_digest or "", ttl)
+        for host in dane.tlsa_names(config.dane.ports, cert.domains):
+            rows.append({
+                "host": host, "certificate": cert.name, "current_key": current_digest, "next_key": next_digest,
+                "dns": [dane.digest_of_value(v) for v in st.dns], "dns_checked": _iso(st.checked),
+                "next_key_usable_at": _iso(usable),
+            })
+    return rows
+
+
+def _dane_lines(rows: list[dict[str, Any]]) -> list[str]:
+    cells, details = [], []
+    for row in rows:
+        dns = row["dns"]
+        in_dns = ("current" if row["current_key"] in dns else "") + (" next" if row["next_key"] in dns else "")
+        usable = str(row["next_key_usable_at"] or "not yet seen")[:16].replace("T", " ")
+        cells.append([row["host"], (row["current_key"] or "-")[:12], (row["next_key"] or "-")[:12],
+                      in_dns.strip() or "-", f"next key from {usable}"])
+        details.append([f"DNS (checked {str(row['dns_checked'] or '-')[:16].replace('T', ' ')}): "
+                        + (", ".join(d[:12] for d in dns) or "nothing")])
+    return table("DANE hosts", ["HOST", "CURRENT", "NEXT", "IN DNS", "NEXT ACTION"], cells, details)
+
+
 def _parse_time(value: Any) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
@@ -381,6 +427,8 @@ def render_text(doc: dict[str, Any]) -> str:
     lines += [""] + _generic_lines("MTA-STS domains", MTA_STS_COLUMNS, doc["mta_sts"])
     if "fleet" in doc:
         lines += [""] + _fleet_lines(doc["fleet"])
+    if doc.get("dane"):
+        lines += [""] + _dane_lines(doc["dane"])
     return "\n".join(lines) + "\n"
 
 

@@ -28,12 +28,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from certkeeper.core import certs, renewal
+from certkeeper.core import certs, dane, renewal
 from certkeeper.core.challenges import ChallengeTable
 from certkeeper.core.config import REVOCATION_REASONS, CertificateConfig, Config
 from certkeeper.core.errors import AcmeError, CertkeeperError, LocalError, RemoteError, ServiceError
 from certkeeper.core.state import CertState, load_cert_state, save_cert_state
 from certkeeper.keeper.store import CertificateStore
+from certkeeper.network.dane import Dane, KeyPlan
 from certkeeper.network.issuer import Issuer, ari_cert_id
 from certkeeper.network.keeper_client import Keeper
 
@@ -103,6 +104,8 @@ class Renewer:
         self._locks: dict[str, threading.Lock] = {}
         self._before: dict[str, CertState] = {}  # state before this run's attempt, for a rollback
         self._locks_guard = threading.Lock()
+        self._dane_side: Dane | None = None
+        self._roll = False
 
     # -- planning ----------------------------------------------------------------------
 
@@ -157,8 +160,11 @@ class Renewer:
 
     def renew(self, names: Sequence[str] | None = None, force: bool = False, progress: Progress | None = None,
               serve_challenges: Callable[[], AbstractContextManager[object]] | None = None,
-              fresh_key: bool = False) -> RenewReport:
+              fresh_key: bool = False, roll: bool = False) -> RenewReport:
         """Renew what is due (everything selected, with ``force``); one outcome per certificate.
+
+        ``roll`` (``certkeeper roll-key``): a dane certificate changes to its next key, once that key's
+        TLSA record has been seen for 2 x TTL; before then nothing is ordered and the outcome says when.
 
         ``serve_challenges`` starts an HTTP-01 listener for the duration of the
         orders (the CLI's; the daemon's listener is always up and passes None).
@@ -168,8 +174,15 @@ class Renewer:
         selected = self.select(names)
         if self.dry_run:
             return self._dry_run(selected, progress, serve_challenges)
+        self._roll = roll
+        force = force or roll
         decisions = {c.name: self.decide(c, force) for c in selected}
         due = [c for c in selected if decisions[c.name].due]
+        for cert in selected:  # a dane certificate's next key is published and watched before it is due
+            if cert.dane and cert not in due:
+                self._dane_maintain(cert, progress)
+            elif not cert.dane and dane.load_state(self.config.state_dir, cert.name).names:
+                self._dane_withdraw(cert, progress)
         report = RenewReport()
         if due:
             with (serve_challenges or nullcontext)():
@@ -260,15 +273,31 @@ class Renewer:
         self._before[cert.name] = dataclasses.replace(state)  # restored if a reload rolls back
         progress(f"{cert.name}: renewing ({decision.reason})")
         try:
-            # Issued before a rollback: installed and reloaded again, no new order (never for a revocation).
-            info = None if fresh_key else self.keeper.install_kept(cert.name)
+            held = None if cert.dane else self._dane_hold(cert, now)
+            if held is not None:
+                return held
+            plan = self._dane_plan(cert, progress, now) if cert.dane else None
+            if plan is not None and not plan.use_next and (self._roll or plan.new_type):
+                when = (f"{plan.usable_at:%Y-%m-%d %H:%M:%S} UTC" if plan.usable_at
+                        else "once it is seen on every server")
+                again = "run roll-key again then" if self._roll else "the key_type change waits for it"
+                return Outcome(cert.name, "not-due", f"the next key's TLSA record is usable from {when}; "
+                               f"nothing ordered ({again})", plan.usable_at)
+            # Issued before a rollback: installed and reloaded again, no new order (never for a revocation,
+            # nor on a DANE host, whose TLSA records may have moved on since).
+            info = None if fresh_key or cert.dane else self.keeper.install_kept(cert.name)
             if info is not None:
                 progress(f"{cert.name}: installing again serial {info.serial:x}, issued before the rollback "
                          "(no new order)")
                 authority = self._issued_by(state)
             else:
-                fullchain, authority = self._obtain(cert, progress, state, decision.reason == "forced", fresh_key)
+                fullchain, authority = self._obtain(cert, progress, state, decision.reason == "forced", fresh_key,
+                                                    use_next=bool(plan and plan.use_next and plan.current))
+                if cert.dane:
+                    self._dane().check_before_install(cert, fullchain)
                 info = self.keeper.install(cert.name, fullchain)
+                if plan is not None and plan.use_next:  # the next key is in use: publish a new next key
+                    self._dane().switched(cert, plan.current, self.clock())
         except CertkeeperError as exc:
             return self._failed(cert, state, exc, now)
         state.authority = authority
@@ -281,12 +310,73 @@ class Renewer:
         state.next_renewal, state.next_renewal_reason = next_time, why
         save_cert_state(self.config.state_dir, state)
         log.info("%s: new certificate serial %x, valid until %s", cert.name, info.serial, info.not_after)
-        source = f", from {authority}" if len(self.config.authorities) > 1 else ""
-        return Outcome(cert.name, "renewed", f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC{source}", next_time,
-                       info.not_after)
+        detail = f"valid until {info.not_after:%Y-%m-%d %H:%M} UTC"
+        if len(self.config.authorities) > 1:
+            detail += f", from {authority}"
+        if plan is not None and plan.current and not plan.use_next and not cert.reuse_key:
+            when = f"{plan.usable_at:%Y-%m-%d %H:%M:%S} UTC" if plan.usable_at else "once it is seen everywhere"
+            detail += f"; kept the current key (the next key's TLSA record is usable from {when})"
+        return Outcome(cert.name, "renewed", detail, next_time, info.not_after)
+
+    # -- DANE --------------------------------------------------------------------------
+
+    def _dane(self) -> Dane:
+        if self._dane_side is None:
+            self._dane_side = Dane(self.config, self.keeper, lambda line: log.info("%s", line))
+        return self._dane_side
+
+    def _dane_plan(self, cert: CertificateConfig, progress: Progress, now: datetime) -> KeyPlan:
+        """Publish the TLSA records and choose the key: the next one only once its record has been
+        seen everywhere for 2 x TTL (RFC 7671 8.1); otherwise the current one, and say so."""
+        view = self.keeper.inspect(cert.name)
+        key_type = dane.public_key_type(view.cert) if view.cert else ""
+        new_type = bool(key_type) and key_type != cert.key_type
+        want_change = not cert.reuse_key or self._roll or new_type
+        plan = dataclasses.replace(self._dane().maintain(cert, now, want_change), new_type=new_type)
+        if plan.current and want_change and not plan.use_next:
+            when = f"{plan.usable_at:%Y-%m-%d %H:%M:%S} UTC" if plan.usable_at else "once its TLSA record is seen"
+            progress(f"{cert.name}: keeping the current key: the next key's TLSA record is usable from {when}")
+        elif plan.current and plan.use_next:
+            progress(f"{cert.name}: switching to the next key ({plan.next[:16]}…), its TLSA record usable since "
+                     f"{plan.usable_at:%Y-%m-%d %H:%M:%S} UTC")
+        return plan
+
+    def _dane_withdraw(self, cert: CertificateConfig, progress: Progress) -> None:
+        try:
+            self._dane().withdraw(cert, self.clock())
+        except CertkeeperError as exc:
+            progress(f"{cert.name}: withdrawing the TLSA records: {exc}")
+            log.warning("%s: withdrawing the TLSA records: %s", cert.name, exc)
+
+    def _dane_hold(self, cert: CertificateConfig, now: datetime) -> Outcome | None:
+        """After ``dane = false``: no new key until the records are gone from every server and from caches."""
+        state = dane.load_state(self.config.state_dir, cert.name)
+        if not state.names:
+            return None
+        ttl = self.config.dane.ttl or self.config.dns.ttl
+        if state.withdrawn is None:
+            self._dane_withdraw(cert, lambda line: log.info("%s", line))
+            state = dane.load_state(self.config.state_dir, cert.name)
+        after = dane.key_change_allowed_after(state, ttl)
+        if after is not None and now >= after:  # caches have forgotten the records: nothing left to guard
+            dane.save_state(self.config.state_dir, dane.DaneState(cert.name))
+            return None
+        on_disk = self.keeper.inspect(cert.name).cert
+        if cert.reuse_key and on_disk and dane.public_key_type(on_disk) == cert.key_type:
+            return None  # the key stays anyway
+        when = f"{after:%Y-%m-%d %H:%M:%S} UTC" if after else "once every server has dropped them"
+        return Outcome(cert.name, "not-due", f"dane is off; the withdrawn TLSA records may still be cached: "
+                       f"a new key only from {when}", after)
+
+    def _dane_maintain(self, cert: CertificateConfig, progress: Progress) -> None:
+        try:
+            self._dane().maintain(cert, self.clock(), want_change=False)
+        except CertkeeperError as exc:
+            progress(f"{cert.name}: TLSA records: {exc}")
+            log.warning("%s: TLSA records: %s", cert.name, exc)
 
     def _obtain(self, cert: CertificateConfig, progress: Progress, state: CertState,
-                force: bool = False, fresh_key: bool = False) -> tuple[bytes, str]:
+                force: bool = False, fresh_key: bool = False, use_next: bool = False) -> tuple[bytes, str]:
         """Order with a CSR from the keeper (which keeps the key): (the issued full chain, the authority).
 
         The certificate's authority first, then each fallback in turn, but only after a failure on
@@ -295,7 +385,7 @@ class Renewer:
         own backoff is skipped unless forced or every one is."""
         # Revoked, or a dry run (the staging directory never saw it): it replaces nothing.
         current = None if fresh_key or self.dry_run else self.keeper.inspect(cert.name).cert
-        csr = self.keeper.make_csr(cert.name, fresh_key=True) if fresh_key else self.keeper.make_csr(cert.name)
+        csr = self.keeper.make_csr(cert.name, fresh_key=fresh_key, use_next=use_next)
         now = self.clock()
         chain = list(cert.authorities)
         ready = [n for n in chain if force or not (r := state.authority_retry(n)) or r <= now]

@@ -261,6 +261,12 @@ def probe(url: str, server_name: str, timeout: float = PROBE_TIMEOUT) -> Observa
     return Observation(endpoint=endpoint.url, cert=cert, error=error, checked_at=datetime.now(UTC))
 
 
+def served_leaf(url: str, server_name: str, timeout: float = PROBE_TIMEOUT) -> bytes:
+    """The DER leaf certificate the service at ``url`` presents for ``server_name``; OSError,
+    ``ssl.SSLError`` or ``ProbeError`` when it cannot be had."""
+    return _served_leaf(Endpoint.parse(url), server_name, timeout)
+
+
 def _served_leaf(endpoint: Endpoint, server_name: str, timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
     with socket.create_connection((endpoint.host, endpoint.port), timeout=timeout) as sock:
