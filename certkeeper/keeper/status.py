@@ -20,6 +20,7 @@ from typing import Any
 from certkeeper.core import certs, dkimstate, mtasts_state, renewal, state
 from certkeeper.core.config import CertificateConfig, Config
 from certkeeper.core.errors import CertkeeperError, ConfigError
+from certkeeper.core.times import parse_iso
 from certkeeper.keeper.store import CertificateSet, CertificateStore
 from certkeeper.network import verification
 
@@ -51,7 +52,7 @@ def _normalise(row: dict[str, Any]) -> dict[str, Any]:
     """Rows from the DKIM and MTA-STS modules in the document's time format; "" means unknown (null)."""
     for key, value in row.items():
         if key in TIME_KEYS:
-            row[key] = _iso(_parse_time(value)) if value else None
+            row[key] = _iso(parse_iso(value)) if value else None
         elif value == "":
             row[key] = None
     return row
@@ -169,7 +170,7 @@ def _endpoints(config: Config, name: str) -> list[dict[str, Any]]:
     rows = verification.last_results(config, name)
     for row in rows:
         for key in ("checked_at", "not_after"):
-            row[key] = _iso(_parse_time(row.get(key))) if row.get(key) else None
+            row[key] = _iso(parse_iso(row.get(key))) if row.get(key) else None
     return rows
 
 
@@ -195,7 +196,7 @@ def dkim_rows(config: Config) -> list[dict[str, Any]]:
     since_of = {"pending": "created", "active": "activated", "retiring": "retired", "revoked": "revoked"}
     for row in rows:
         if row.get("domain") in timing and "since" not in row:  # when the key entered its state
-            row["since"] = _iso(_parse_time(row.get(since_of.get(str(row.get("state")), ""))))
+            row["since"] = _iso(parse_iso(row.get(since_of.get(str(row.get("state")), ""))))
         if "next_action" in row or row.get("domain") not in timing:
             continue
         item = timing[row["domain"]]
@@ -206,7 +207,7 @@ def dkim_rows(config: Config) -> list[dict[str, Any]]:
             "revoked": ("remove record", "revoked", item.remove_after),
         }
         action, since, delay = steps.get(row.get("state", ""), ("create key", "", None))
-        start = _parse_time(row.get(since)) if since else None
+        start = parse_iso(row.get(since)) if since else None
         row["since"] = _iso(start)  # when the key entered its state
         row["next_action"] = action
         row["next_action_at"] = _iso(start + delay) if start and delay is not None else None
@@ -246,11 +247,11 @@ def fleet_status(config: Config, now: datetime) -> dict[str, Any]:
         return {"host": config.fleet.host, "as_of": None, "leader": None, "hosts": []}
     rows = []
     for h in hosts:
-        beat = _parse_time(h.get("heartbeat"))
+        beat = parse_iso(h.get("heartbeat"))
         rows.append({"host": str(h.get("host")), "last_heartbeat": _iso(beat),
                      "live": beat is not None and now - beat <= config.fleet.live_within,
                      "keys": h.get("keys", {}), "signing": h.get("signing", {})})
-    return {"host": config.fleet.host, "as_of": _iso(_parse_time(data.get("at"))), "leader": data.get("leader"),
+    return {"host": config.fleet.host, "as_of": _iso(parse_iso(data.get("at"))), "leader": data.get("leader"),
             "hosts": rows}
 
 
@@ -318,16 +319,6 @@ def _dane_lines(rows: list[dict[str, Any]]) -> list[str]:
     return table("DANE hosts", ["HOST", "CURRENT", "NEXT", "IN DNS", "NEXT ACTION"], cells, details)
 
 
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
 # ---------------------------------------------------------------------------
 # Human output: one table per kind, at most 80 columns.
 
@@ -378,7 +369,7 @@ def _certificate_lines(rows: list[dict[str, Any]]) -> list[str]:
         cells.append([row["name"], row["status"], not_after, days, row["next_action"]])
         extra = [f"domains: {', '.join(row['domains'])}", f"why: {row['next_renewal_reason']}"]
         if row["backoff_lifts"]:
-            extra.append(f"backoff until {_short(_parse_time(row['backoff_until']))} UTC; ends sooner with "
+            extra.append(f"backoff until {_short(parse_iso(row['backoff_until']))} UTC; ends sooner with "
                          f"{row['backoff_lifts'].removeprefix('its time, or ')}")
         if row.get("authority"):
             extra.append(f"issued by: {row['authority']}")

@@ -47,6 +47,7 @@ from certkeeper.core import certs, layout, state
 from certkeeper.core.config import AlertsConfig, Config
 from certkeeper.core.errors import CertkeeperError
 from certkeeper.core.files import set_aside, write_atomic, write_json_atomic
+from certkeeper.core.times import parse_iso
 from certkeeper.keeper.hooks import run_command
 from certkeeper.keeper.service import fallback_sendmail
 from certkeeper.keeper.store import CertificateStore
@@ -381,10 +382,10 @@ class Alerter:
                     "`certkeeper verify` checks them)")
         lines = []
         for r in results:
-            checked = _parse_iso(r.get("checked_at"))
+            checked = parse_iso(r.get("checked_at"))
             where = f"{r.get('hook') or ''} {r.get('endpoint') or ''}".strip()
             if r.get("serial"):
-                seen = f"serial {r['serial']}, valid until {_show(_parse_iso(r.get('not_after')), now)}"
+                seen = f"serial {r['serial']}, valid until {_show(parse_iso(r.get('not_after')), now)}"
             else:
                 seen = f"nothing ({r.get('error') or 'no answer'})"
             verdict = "the file on disk" if r.get("ok") else "NOT the file on disk"
@@ -467,16 +468,6 @@ class Alerter:
             return self.config.certificate(name).domains
         except KeyError:
             return ()
-
-
-def _parse_iso(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _parse(pem: bytes) -> certs.CertInfo | None:
