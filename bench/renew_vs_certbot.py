@@ -4,7 +4,8 @@
     python3 bench/renew_vs_certbot.py [--runs 5]
 
 certbot comes from PyPI into its own venv under /tmp (created on first use).
-Target (issue 2): certkeeper <= 0.3 x certbot.
+Targets: certkeeper <= 0.3 x certbot (issue 2); through the privilege split, where each run starts a
+network worker and (for the HTTP-01 challenge) the listener: <= 0.2 x (issue 10).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "certkeeper")], check=True)
     with tempfile.TemporaryDirectory() as tmp, start_pebble(Path(tmp) / "pebble") as pebble:
         work = Path(tmp)
+        work.chmod(0o711)  # run as root, certkeeper's network worker and listener are _certkeeper
         conf = work / "certkeeper.toml"
         conf.write_text(pebble.config_text(work, ["mail.example.com"]))
         ck = [sys.executable, "-m", "certkeeper", "--config", str(conf), "renew", "--force", "mail.example.com"]
@@ -76,7 +78,7 @@ def main() -> None:
           f"(min {min(ours):.3f}, max {max(ours):.3f})")
     print(f"certbot certonly --standalone:          median {theirs_median:.3f} s over {args.runs} runs "
           f"(min {min(theirs):.3f}, max {max(theirs):.3f})")
-    print(f"ratio certkeeper / certbot: {ours_median / theirs_median:.2f} (target <= 0.30)")
+    print(f"ratio certkeeper / certbot: {ours_median / theirs_median:.2f} (target <= 0.20 through the split)")
 
 
 if __name__ == "__main__":

@@ -229,8 +229,11 @@ class ListenerLink:
         self.serving: tuple[str, ...] = ()
         self._lock = threading.Lock()
 
-    def start(self) -> tuple[str, ...]:
-        """Start it as root; it binds, drops its ids, then says ``Bound`` (or why it could not)."""
+    def spawn(self) -> None:
+        """Start the process (as root) without telling it to listen yet: it loads its libraries
+        meanwhile, and ``start`` then binds at once. A spawned listener never started just exits."""
+        if self.proc is not None:
+            return
         problem = reachable(identity(self.config))
         if problem:
             raise LocalError(problem)
@@ -245,6 +248,12 @@ class ListenerLink:
         finally:
             child.close()
         self.sock = parent
+
+    def start(self) -> tuple[str, ...]:
+        """Start it (``spawn``) and have it bind, drop its ids, then say ``Bound`` (or why it could not)."""
+        self.spawn()
+        parent = self.sock
+        assert parent is not None
         try:
             protocol.send(parent, protocol.ListenerStart(str(self.config.path), self.config_text, self.foreground,
                                                          self.verbosity, self.http_only))
@@ -278,7 +287,7 @@ class ListenerLink:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.sock is not None and self.alive():
+        if self.sock is not None and self.alive() and self.addresses:
             with contextlib.suppress(OSError, EOFError, LocalError):
                 self.request(protocol.Stop())
         if self.sock is not None:
@@ -290,6 +299,7 @@ class ListenerLink:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.proc, self.addresses = None, ()  # ``start`` may start another one
 
 
 class ListenerChallenges(ChallengeTable):
@@ -336,6 +346,8 @@ def run_cli_job(config: Config, job: str, args: dict[str, Any], emit: Callable[[
         raise LocalError(f"{config.path}: cannot read: {exc.strerror or exc}") from None
     layout.prepare(config, identity(config))
     link = ListenerLink(config, text, foreground=True, verbosity=verbosity, http_only=True)
+    if job == "renew" and config.http.listen:
+        link.spawn()  # its imports overlap the worker's; it binds only if an order needs HTTP-01
     challenges = ListenerChallenges(link, start=lambda: _start_http01(link))
     keeper = LocalKeeper(config, challenges, dry_run=job == "renew" and bool(args.get("dry_run")))
     try:

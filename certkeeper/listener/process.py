@@ -147,7 +147,10 @@ def confine(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(argv[0]))
-    start = protocol.receive(sock)
+    try:
+        start = protocol.receive(sock)
+    except EOFError:  # spawned ahead of need (the CLI's renew), and nothing needed it
+        return 0
     if not isinstance(start, protocol.ListenerStart):
         raise SystemExit("certkeeper listener: the first message is not a ListenerStart")
     logs.setup_daemon(start.foreground, start.verbosity)
