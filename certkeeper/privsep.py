@@ -21,6 +21,7 @@ the processes are the same, only the ids do not change.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -30,16 +31,17 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from certkeeper import protocol, sandbox
-from certkeeper.core import certs
 from certkeeper.core.challenges import ChallengeTable
 from certkeeper.core.config import Config
 from certkeeper.core.errors import LocalError
 from certkeeper.core.files import write_atomic
-from certkeeper.keeper.service import LocalKeeper, WorkerResult, job_args, serve
-from certkeeper.keeper.store import CertificateStore
+
+if TYPE_CHECKING:  # loaded when a worker is served: the CLI starts its worker first (see run_cli_job)
+    from certkeeper.keeper.service import LocalKeeper, WorkerResult
+    from certkeeper.keeper.store import CertificateStore
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +121,14 @@ class WorkerProcess:
             child.close()
         self.sock = parent
         protocol.send(parent, protocol.Start(
-            job=self.job, args=job_args(self.args), config_path=str(self.config.path), config_text=self.config_text,
+            job=self.job, args=json.dumps(self.args, sort_keys=True), config_path=str(self.config.path),
+            config_text=self.config_text,
             secrets=tuple(protocol.Secret(path, data.decode()) for path, data in handed_secrets(self.config).items()),
             foreground=self.foreground, verbosity=self.verbosity))
 
     def serve(self, keeper: LocalKeeper, emit: Callable[[str], None], timeout: float) -> WorkerResult:
+        from certkeeper.keeper.service import serve
+
         assert self.sock is not None
         self.sock.settimeout(timeout)
         try:
@@ -178,6 +183,8 @@ def account_key(config: Config, authority: str = "") -> bytes:
         pass
     except OSError as exc:
         raise LocalError(f"{path}: cannot read the ACME account key: {exc.strerror}") from None
+    from certkeeper.core import certs
+
     pem = certs.generate_key(acme.account_key_type)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_atomic(path, pem, 0o600)
@@ -349,9 +356,16 @@ def run_cli_job(config: Config, job: str, args: dict[str, Any], emit: Callable[[
     if job == "renew" and config.http.listen:
         link.spawn()  # its imports overlap the worker's; it binds only if an order needs HTTP-01
     challenges = ListenerChallenges(link, start=lambda: _start_http01(link))
-    keeper = LocalKeeper(config, challenges, dry_run=job == "renew" and bool(args.get("dry_run")))
+    worker = WorkerProcess(config, text, job, args, True, verbosity)
     try:
-        return run_job(config, text, job, args, keeper, emit, idle_timeout(config), True, verbosity).code
+        worker.start()  # first: its imports overlap this process's loading of the keeper's code
+        from certkeeper.keeper.service import LocalKeeper
+
+        keeper = LocalKeeper(config, challenges, dry_run=job == "renew" and bool(args.get("dry_run")))
+        return worker.serve(keeper, emit, idle_timeout(config)).code
+    except BaseException:
+        worker.kill()
+        raise
     finally:
         challenges.clear()
         link.stop()

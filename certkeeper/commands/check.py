@@ -16,12 +16,13 @@ import argparse
 import sys
 from typing import TextIO
 
-from certkeeper import privsep, sandbox
 from certkeeper.core.config import Config
 from certkeeper.core.errors import ConfigError
 
 
 def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    from certkeeper import sandbox
+
     errors, warnings = hook_problems(config)
     problems = [f"{config.path}: {p}" for p in _host_problems(config)]
     if sandbox.privileged():
@@ -37,6 +38,8 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _host_problems(config: Config) -> list[str]:
+    from certkeeper import privsep, sandbox
+
     try:
         ident = sandbox.lookup_user(config.user, config.group or None)
     except ConfigError as exc:

@@ -18,7 +18,6 @@ it (``certkeeper.protocol`` messages), until the worker's ``Exit``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -696,7 +695,3 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
             keeper.challenges.remove(token)
             return p.Ok()
     raise Refusal(f"{type(request).__name__} is not a request the keeper answers")
-
-
-def job_args(args: dict[str, object]) -> str:
-    return json.dumps(args, sort_keys=True)
