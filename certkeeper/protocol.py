@@ -280,6 +280,7 @@ class Disk:
     cert: str  # PEM, "" when none
     chain: str
     previous: str  # the leaf of the set kept for a rollback, "" when none
+    recovered: bool  # an interrupted install was just finished
 
 
 @message

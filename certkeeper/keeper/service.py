@@ -63,6 +63,7 @@ class DiskView:
     cert: bytes  # b"" when there is none
     chain: bytes
     previous: bytes  # the leaf of the set kept for a rollback
+    recovered: bool = False  # an interrupted install was just finished: its services must load the set
 
 
 class LocalKeeper:
@@ -97,13 +98,13 @@ class LocalKeeper:
         if self.dry_run:
             current = self.store.read(cert)
             return DiskView(current.cert if current else b"", current.chain if current else b"", b"")
-        self.store.recover(cert)
-        if self.store.repair(cert) and self.on_installed is not None:
+        recovered = self.store.recover(cert)
+        if (self.store.repair(cert) or recovered) and self.on_installed is not None:
             self.on_installed(cert)
         current = self.store.read(cert)
         previous = self.store.read_previous(cert)
         return DiskView(current.cert if current else b"", current.chain if current else b"",
-                        previous.cert if previous else b"")
+                        previous.cert if previous else b"", recovered)
 
     def plan(self, name: str, force: bool, now: datetime) -> renewal.Decision:
         """The planner's decision from the files on disk and the certificate's state."""
@@ -633,7 +634,7 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
     match request:
         case p.Inspect(name=name):
             view = keeper.inspect(name)
-            return p.Disk(name, view.cert.decode(), view.chain.decode(), view.previous.decode())
+            return p.Disk(name, view.cert.decode(), view.chain.decode(), view.previous.decode(), view.recovered)
         case p.Plan(name=name, force=force):
             d = keeper.plan(name, force, now())
             return p.Planned(name, d.due, d.when.isoformat(), d.reason, d.not_after.isoformat() if d.not_after else "",

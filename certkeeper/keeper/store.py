@@ -163,19 +163,21 @@ class CertificateStore:
         self.install(cert, previous, keep_previous=False)
         return previous
 
-    def recover(self, cert: CertificateConfig) -> None:
-        """Finish an install interrupted after its journal was written, or clean up."""
+    def recover(self, cert: CertificateConfig) -> bool:
+        """Finish an install interrupted after its journal was written (True: the set on disk changed,
+        its services must load it), or clean up."""
         journal = self._journal(cert)
         if journal.exists() or journal.is_symlink():
             problem = _journal_problem(cert, journal)
             if not problem:
                 log.warning("%s: finishing an interrupted certificate install", cert.name)
                 self._finish(journal)
-                return
+                return True
             set_aside(journal, f"{cert.name}: install journal {problem}")
         for path in _paths(cert).values():
             temp_path(path).unlink(missing_ok=True)
             temp_path(Path(f"{path}{PREV_SUFFIX}")).unlink(missing_ok=True)
+        return False
 
     def recover_all(self, certificates: tuple[CertificateConfig, ...]) -> None:
         for cert in certificates:

@@ -76,7 +76,7 @@ class PipeKeeper:
 
     def inspect(self, name: str) -> DiskView:
         disk = self.call(protocol.Inspect(name), protocol.Disk)
-        return DiskView(disk.cert.encode(), disk.chain.encode(), disk.previous.encode())
+        return DiskView(disk.cert.encode(), disk.chain.encode(), disk.previous.encode(), disk.recovered)
 
     def plan(self, name: str, force: bool, now: datetime) -> renewal.Decision:
         p = self.call(protocol.Plan(name, force), protocol.Planned)

@@ -103,6 +103,7 @@ class Renewer:
         self._dns01: Dns01Records | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._before: dict[str, CertState] = {}  # state before this run's attempt, for a rollback
+        self._recovered: set[str] = set()  # certificates whose interrupted install the keeper finished
         self._locks_guard = threading.Lock()
         self._dane_side: Dane | None = None
         self._roll = False
@@ -121,6 +122,9 @@ class Renewer:
     def decide(self, cert: CertificateConfig, force: bool = False) -> renewal.Decision:
         """Refresh ARI when it is time, then the keeper plans from the files on disk and the state."""
         view = self.keeper.inspect(cert.name)  # finishes an interrupted install, rebuilds a lost chain
+        if view.recovered:  # a set installed before a crash: its services have not loaded it yet
+            with self._locks_guard:
+                self._recovered.add(cert.name)
         now = self.clock()
         if view.cert and not force:
             self._refresh_ari(cert, view.cert, load_cert_state(self.config.state_dir, cert.name), now)
@@ -194,7 +198,13 @@ class Renewer:
         else:
             outcomes = {}
         renewed = [c for c in due if outcomes[c.name].status == "renewed"]
-        failures = self._reload(renewed, progress)
+        # An install a crash interrupted was finished by the keeper (store.recover): what is on disk
+        # changed, so its hooks run and verify it as after a renewal.
+        recovered = [c for c in selected if c.name in self._recovered and c not in renewed]
+        for cert in recovered:
+            progress(f"{cert.name}: an interrupted install was finished; reloading its services")
+        failures = self._reload(renewed + recovered, progress)
+        self._recovered.difference_update(c.name for c in recovered)
         for cert in selected:
             outcome = outcomes.get(cert.name) or _not_due(decisions[cert.name])
             if cert.name in failures:
