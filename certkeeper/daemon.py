@@ -261,6 +261,7 @@ class Daemon:
                 log.warning("stopping %d worker(s) in progress; an interrupted install is finished or discarded "
                             "at the next start", len(still))
                 for w in still:
+                    w.cancelled = True
                     w.kill()
         await asyncio.to_thread(self.listener.stop)
         log.info("stopped")

@@ -100,6 +100,7 @@ class WorkerProcess:
         self.verbosity = verbosity
         self.proc: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
+        self.cancelled = False  # stopped on purpose (SIGTERM): what it had in flight is no failure
 
     def start(self) -> None:
         ident = identity(self.config)
@@ -136,8 +137,10 @@ class WorkerProcess:
         except LocalError as exc:
             if "ended without a result" in str(exc) and self.proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    raise LocalError(f"{exc} (exit status {self.proc.wait(EXIT_GRACE)})") from None
-            raise
+                    exc = LocalError(f"{exc} (exit status {self.proc.wait(EXIT_GRACE)})")
+            if not self.cancelled:  # an order the worker took with it counts as a failed attempt (not at a stop)
+                keeper.orders_lost(str(exc))
+            raise exc from None
         finally:
             self.finish()
 

@@ -181,6 +181,8 @@ args = json.loads(start.args)
 mode = args["mode"]
 if mode == "crash":
     p.send(sock, p.Challenge("tok-crash", "tok-crash.thumb")); p.receive(sock); sys.exit(3)
+if mode == "csr-crash":
+    p.send(sock, p.MakeCsr("a.example.com")); p.receive(sock); sys.exit(3)
 if mode == "garbage":
     p.send(sock, p.Line("still talking")); sock.sendall(b"\0\0\0\5hello"); time.sleep(60)
 if mode == "hang":
@@ -818,3 +820,17 @@ def test_address_in_use_is_reported_before_detaching(pebble, tmp_path):
         busy.close()
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+async def test_a_worker_that_dies_during_an_order_counts_as_a_failed_attempt(fake_daemon):
+    """Issue 12: a worker killed between its CSR and the install (an order in flight) is a failed attempt
+    of that certificate, with backoff, kept where the runner keeps it and readable by the next worker."""
+    from certkeeper.core.state import load_cert_state, state_path
+
+    with pytest.raises(LocalError, match=r"ended without a result \(exit status 3\)"):
+        await run_fake(fake_daemon, "csr-crash")
+    state = load_cert_state(fake_daemon.config.state_dir, "a.example.com")
+    assert state.consecutive_failures == 1 and "the order was lost" in state.last_error
+    assert state.retry_not_before is not None and state.retry_not_before > datetime.now(UTC)
+    path = state_path(fake_daemon.config.state_dir, "a.example.com")
+    assert path.stat().st_uid == path.parent.stat().st_uid  # the worker's file, as the runner writes it

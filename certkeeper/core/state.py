@@ -59,6 +59,11 @@ _KINDS: dict[str, type] = {
     for f in fields(CertState) if f.name not in _TIME_FIELDS}
 
 
+def state_path(state_dir: Path, name: str) -> Path:
+    """``STATE/certificates/NAME.json`` (the network worker's; see ``core.layout``)."""
+    return _path(state_dir, name)
+
+
 def _path(state_dir: Path, name: str) -> Path:
     return state_dir / "certificates" / f"{name}.json"
 

@@ -222,6 +222,32 @@ class LocalKeeper:
             log.info("%s: made a new next key %s (%s)", cert.name, path, cert.key_type)
             return data
 
+    def orders_lost(self, why: str) -> list[str]:
+        """The worker ended (killed, timed out, refused) between a CSR and its install: each such
+        order counts as a failed attempt of its certificate, with the runner's backoff, so a worker
+        that dies on every order does not order again at every check. Returns the names."""
+        from certkeeper.core.state import load_cert_state, save_cert_state, state_path
+
+        with self._lock:
+            names, self._pending = sorted(self._pending), {}
+        now = datetime.now(UTC)
+        for name in names:
+            state = load_cert_state(self.config.state_dir, name)
+            state.last_attempt = now
+            state.consecutive_failures += 1
+            state.last_error = f"the order was lost: {why}"
+            state.retry_not_before = renewal.backoff(state.consecutive_failures, None, now)
+            state.retry_by_server = False
+            state.failed_settings = renewal.certificate_settings(self.config, self.certificate(name))
+            save_cert_state(self.config.state_dir, state)
+            path = state_path(self.config.state_dir, name)
+            owner = path.parent.stat()
+            if os.geteuid() == 0:  # the file stays the network worker's, like the directory it is in
+                os.chown(path, owner.st_uid, owner.st_gid)
+            log.error("%s: %s; next attempt not before %s", name, state.last_error,
+                      state.retry_not_before.strftime("%Y-%m-%d %H:%M:%S UTC"))
+        return names
+
     def rollback(self, name: str) -> None:
         """Put the previous set back; the set taken off is kept (once) for ``install_kept``."""
         self._refuse_in_dry_run("roll back")
