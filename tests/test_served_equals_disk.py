@@ -67,3 +67,39 @@ verify = []
                            text=True, timeout=120, cwd=ROOT)
     assert again.returncode == 2, again.stdout + again.stderr
     assert marker.read_text().split() == [NAME]  # nothing left to finish: no second reload
+
+
+def test_status_shows_the_served_serial_beside_the_one_on_disk(tmp_path):
+    """The last verification said "ok" for the set on disk then; the disk has changed since (a renewal
+    whose reload has not run yet): status names the served serial and the mismatch, not the stale "ok"."""
+    from datetime import UTC, datetime
+
+    from certkeeper.keeper import status
+    from certkeeper.network import verification
+
+    text = f"""state_dir = "{tmp_path}/state"
+[[certificate]]
+name = "{NAME}"
+domains = ["{NAME}"]
+key = "{tmp_path}/k.pem"
+cert = "{tmp_path}/c.pem"
+chain = "{tmp_path}/ch.pem"
+fullchain = "{tmp_path}/f.pem"
+hooks = ["smtpd"]
+[hooks.smtpd]
+command = ["true"]
+verify = ["smtp+starttls://127.0.0.1:25"]
+"""
+    config = parse(text, tmp_path / "c.toml")
+    cert = config.certificate(NAME)
+    store = CertificateStore(config.state_dir)
+    old, new = make_set((NAME,)), make_set((NAME,))
+    store.install(cert, old)
+    served = certs.parse_cert(old.cert)
+    seen = verification.Observation("smtp+starttls://127.0.0.1:25", served, "", datetime.now(UTC))
+    verification.save_results(config, NAME, [verification.Check(NAME, "smtpd", served, seen)])
+    store.install(cert, new)  # on disk, not yet reloaded
+    row = status.collect(config)["certificates"][0]
+    assert row["served_serial"] == f"{served.serial:X}" != row["serial"] == f"{certs.parse_cert(new.cert).serial:X}"
+    text_out = "".join(status.render_text(status.collect(config)).split())  # lines wrap at 80 columns
+    assert f"servedserial{served.serial:X},MISMATCH(diskhasserial{row['serial']}now)" in text_out

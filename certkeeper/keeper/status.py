@@ -31,7 +31,7 @@ LAST_COLUMN = 26  # the NEXT ACTION column gets at least this much when a row is
 CERTIFICATE_KEYS = (
     "name", "domains", "status", "serial", "not_before", "not_after", "days_left", "next_renewal",
     "next_renewal_reason", "next_action", "last_attempt", "last_success", "consecutive_failures", "last_error",
-    "endpoints", "set_aside", "next_action_at", "backoff_until", "backoff_lifts", "authority",
+    "endpoints", "set_aside", "next_action_at", "backoff_until", "backoff_lifts", "authority", "served_serial",
 )
 DKIM_COLUMNS = (("DOMAIN", "domain"), ("SELECTOR", "selector"), ("ALG", "algorithm"), ("STATE", "state"),
                 ("SINCE", "since"))
@@ -125,6 +125,10 @@ def certificate_status(config: Config, store: CertificateStore, cert: Certificat
         # The authority that issued the certificate on disk (one from before authorities: the default).
         "authority": (st.authority or config.default_authority) if info else None,
     }
+    # What the services served at the last verification, beside ``serial`` (on disk now): the one serial
+    # every endpoint answered with, or None (never checked, or they disagree).
+    served = {ep.get("serial") for ep in row["endpoints"]}
+    row["served_serial"] = served.pop() if len(served) == 1 else None
     return {key: row[key] for key in CERTIFICATE_KEYS}
 
 
@@ -379,6 +383,8 @@ def _certificate_lines(rows: list[dict[str, Any]]) -> list[str]:
         for ep in row["endpoints"]:
             seen = f"serial {ep.get('serial')}" if ep.get("serial") else "nothing"
             verdict = "ok" if ep.get("ok") else f"MISMATCH ({ep.get('error') or 'differs from disk'})"
+            if ep.get("serial") and row["serial"] and ep.get("serial") != row["serial"]:
+                verdict = f"MISMATCH (disk has serial {row['serial']} now)"  # the disk changed since the check
             extra.append(f"{ep.get('hook', '')} {ep.get('endpoint', '')}: served {seen}, {verdict}, "
                          f"checked {str(ep.get('checked_at') or '-')[:16].replace('T', ' ')}")
         details.append(extra)
