@@ -343,3 +343,30 @@ def test_fuzz_the_frame_parser(body):
         return
     assert type(message).__name__ in protocol.MESSAGES
     assert protocol.parse(protocol.render(message)[4:]) == message
+
+
+def test_the_key_the_signer_uses_now_is_never_deleted_for_a_worker(tmp_path):
+    """A compromised worker asking to dispose of the active DKIM key is refused: signing would stop."""
+    conf = tmp_path / "dkimsign.conf"
+    text = f"""
+state_dir = "{tmp_path}/state"
+[hooks.signer]
+command = ["true"]
+[[dkim]]
+domain = "example.com"
+key_dir = "{tmp_path}/dkim"
+signer = "filter-dkimsign"
+signer_config = "{conf}"
+signer_hook = "signer"
+key_owner = ""
+key_group = ""
+algorithms = ["ed25519"]
+"""
+    config = parse(text, tmp_path / "certkeeper.toml")
+    keeper = LocalKeeper(config)
+    keeper.dkim_key("example.com", "s1", "ed25519", create=True)
+    keeper.switch_signer("example.com", [("example.com", "s1", "ed25519")], lambda line: None)
+    assert "-s s1 " in conf.read_text()
+    with pytest.raises(Refusal, match="signs now"):
+        keeper.dispose_dkim_key("example.com", "s1", "ed25519", lambda line: None)
+    assert keeper.dkim_key_path("example.com", "s1").exists()

@@ -435,6 +435,10 @@ class LocalKeeper:
         self._refuse_in_dry_run("delete keys")
         item = self.dkim_item(domain)
         path = self.dkim_key_path(domain, selector)
+        if item.signer != "none" and signers.keys_named(item).get(selector) == path:
+            # The signer's configuration names it now: deleting it would stop signing (a worker that
+            # asks for this is broken or hostile; the rotation switches away from a key long before).
+            raise Refusal(f"dkim {domain}: selector {selector!r} signs now; its key is not deleted")
         if item.reveal_retired:
             private = existing_dkim_key(path, algorithm)
             if private is not None:
