@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # loaded when a worker is served: the CLI starts its worker f
 log = logging.getLogger(__name__)
 
 EXIT_GRACE = 5.0  # seconds a worker that sent its result gets to exit before it is killed
+LISTENER_TIMEOUT = 30.0  # seconds the listener gets to answer one request (bind, serve, a challenge)
 
 
 def identity(config: Config) -> sandbox.Identity | None:
@@ -257,6 +258,7 @@ class ListenerLink:
             raise LocalError(f"cannot start the listener: {exc.strerror or exc}") from None
         finally:
             child.close()
+        parent.settimeout(LISTENER_TIMEOUT)  # a hung listener must not hang the keeper's threads
         self.sock = parent
 
     def start(self) -> tuple[str, ...]:

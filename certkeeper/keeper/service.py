@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ALERT_TIMEOUT = 30.0  # seconds for one run of [alerts] command
+MAX_LINE = 4000  # characters of one progress line from a worker that reach the log
 KEPT_SUFFIX = ".rolled-back.pem"  # STATE/journal/NAME.rolled-back.pem: key + full chain a rollback took off
 KEPT_MIN_LEFT = timedelta(days=1)  # a kept certificate with less left is not installed again
 REVEAL_DIR = "revealed"  # key_dir/revealed/: retired DKIM private keys published on purpose (reveal_retired)
@@ -642,7 +643,7 @@ def serve(sock: socket.socket, keeper: LocalKeeper, emit: Callable[[str], None],
         except TimeoutError:
             raise LocalError(f"the {what} sent nothing for {sock.gettimeout():g} s; stopped it") from None
         if isinstance(request, protocol.Line):
-            emit(request.text)
+            emit(request.text[:MAX_LINE])  # a worker cannot flood the log with one message
             continue
         if isinstance(request, protocol.Exit):
             return WorkerResult(request.code, datetime.fromisoformat(request.next) if request.next else None)
