@@ -19,7 +19,6 @@ for (a renewal runs to its end); its lines are dropped.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import json
@@ -28,10 +27,13 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from certkeeper.core.config import Config
 from certkeeper.core.errors import CertkeeperError, LocalError
+
+if TYPE_CHECKING:  # asyncio is the daemon's: the CLI's client side (forward) never loads it
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +234,8 @@ class ControlServer:
             raise
 
     async def start(self) -> None:
+        import asyncio  # the daemon's side only: the CLI's client never loads it
+
         self._server = await asyncio.start_unix_server(self._serve, sock=self.sock, limit=MAX_REQUEST)
 
     async def stop(self) -> None:
@@ -253,6 +257,8 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            import asyncio
+
             raw = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
             code = await self._run(raw, writer)
             writer.write(render_exit(code))
