@@ -37,17 +37,8 @@ from tests.fixtures.bind import BindServer, new_bind  # noqa: E402
 from tests.fixtures.load import IdleFlood, Probe, open_fds, rss_kib, sources  # noqa: E402
 from tests.fixtures.pebble import Pebble, start_pebble  # noqa: E402
 from tests.fixtures.peers import Process, free_port, wait_for_port  # noqa: E402
+from tests.fixtures.site import MTA_STS, NAMES, POLICY  # noqa: E402
 
-NAMES = ("mail.example.com", "mta-sts.example.com")
-MTA_STS = """
-[[mta_sts]]
-domain = "example.com"
-mode = "enforce"
-mx = ["mail.example.com"]
-max_age = 604800
-certificate = "mta-sts.example.com"
-"""
-POLICY = b"version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmax_age: 604800\r\n"
 NOFILE = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
           "os.execv(sys.executable, [sys.executable, '-m', 'certkeeper', *sys.argv[1:]])")
 

@@ -28,19 +28,7 @@ from certkeeper.core.config import parse
 from certkeeper.core.errors import LocalError
 from tests.fixtures.bind import new_bind
 from tests.fixtures.peers import Process, free_port, wait_for_port
-
-NAMES = ("mail.example.com", "mta-sts.example.com")
-MTA_STS = """
-[[mta_sts]]
-domain = "example.com"
-mode = "enforce"
-mx = ["mail.example.com"]
-max_age = 604800
-certificate = "mta-sts.example.com"
-"""
-POLICY = b"version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmax_age: 604800\r\n"
-TLSRPT = '[tlsrpt]\nrua = ["mailto:tlsrpt@example.com"]\n'
-
+from tests.fixtures.site import MTA_STS, NAMES, POLICY, TLSRPT
 
 # ---------------------------------------------------------------------------
 # The control socket, both ends, in this process.

@@ -21,6 +21,7 @@ from certkeeper.core.config import parse
 from certkeeper.listener import web
 from certkeeper.listener.web import ConnectionPool, Limits, WebServer, address_key, connection_budget
 from tests.fixtures.peers import free_port
+from tests.fixtures.site import MTA_STS, POLICY
 from tests.test_web import client_context, get_redirect, handshake_serial, issue, make_config, port_of
 
 
@@ -222,15 +223,6 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_one():
 
 NOFILE_1024 = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)); "
                "os.execv(sys.executable, [sys.executable, '-m', 'certkeeper', *sys.argv[1:]])")
-MTA_STS = """
-[[mta_sts]]
-domain = "example.com"
-mode = "enforce"
-mx = ["mail.example.com"]
-max_age = 604800
-certificate = "mta-sts.example.com"
-"""
-POLICY = b"version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmax_age: 604800\r\n"
 
 
 def test_daemon_keeps_serving_under_an_idle_flood_with_nofile_1024(pebble, tmp_path):
