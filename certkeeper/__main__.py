@@ -1,5 +1,3 @@
-import sys
+from certkeeper.cli import entry
 
-from certkeeper.cli import main
-
-sys.exit(main())
+entry()

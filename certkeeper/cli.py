@@ -186,5 +186,27 @@ def quiet_stdout() -> None:
         os.close(devnull)
 
 
+def entry() -> NoReturn:
+    """The ``certkeeper`` command. A one-shot command has written and synced all it writes when
+    ``main`` returns: with no other thread left, the interpreter's teardown (tens of milliseconds
+    for the libraries loaded) is skipped. The daemon's threads, if any, get the normal exit."""
+    import logging
+    import threading
+
+    code = main()
+    if threading.active_count() > 1:
+        sys.exit(code)
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass  # `certkeeper status | head`: the reader has what it wanted
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -239,6 +239,7 @@ class ListenerLink:
         self.addresses: tuple[str, ...] = ()
         self.serving: tuple[str, ...] = ()
         self._lock = threading.Lock()
+        self._begun = False  # ListenerStart sent, Bound not read yet
 
     def spawn(self) -> None:
         """Start the process (as root) without telling it to listen yet: it loads its libraries
@@ -263,18 +264,33 @@ class ListenerLink:
 
     def start(self) -> tuple[str, ...]:
         """Start it (``spawn``) and have it bind, drop its ids, then say ``Bound`` (or why it could not)."""
-        self.spawn()
+        self.begin()
         parent = self.sock
         assert parent is not None
         try:
-            protocol.send(parent, protocol.ListenerStart(str(self.config.path), self.config_text, self.foreground,
-                                                         self.verbosity, self.http_only))
             bound = protocol.expect(protocol.receive(parent), protocol.Bound)
         except (EOFError, LocalError) as exc:
             self.stop()
             raise LocalError(str(exc) or "the listener ended before it listened") from None
+        finally:
+            self._begun = False
         self.addresses = bound.addresses
         return self.addresses
+
+    def begin(self) -> None:
+        """The first half of ``start``: tell it to bind and drop its ids, without waiting for its answer
+        (``start`` then reads it). Once begun, nothing else may be sent before ``start``."""
+        if self._begun:
+            return
+        self.spawn()
+        assert self.sock is not None
+        try:
+            protocol.send(self.sock, protocol.ListenerStart(str(self.config.path), self.config_text, self.foreground,
+                                                            self.verbosity, self.http_only))
+        except OSError as exc:
+            self.stop()
+            raise LocalError(f"the listener ended before it listened: {exc.strerror or exc}") from None
+        self._begun = True
 
     def request(self, message: object) -> object:
         with self._lock:
@@ -299,6 +315,9 @@ class ListenerLink:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
+        if self._begun:  # told to bind, never asked for a challenge: read its answer, then stop it
+            with contextlib.suppress(OSError, EOFError, LocalError):
+                self.start()
         if self.sock is not None and self.alive() and self.addresses:
             with contextlib.suppress(OSError, EOFError, LocalError):
                 self.request(protocol.Stop())
@@ -332,6 +351,11 @@ class ListenerChallenges(ChallengeTable):
             self._start = None
         protocol.expect(self.link.request(protocol.Challenge(token, key_authorization)), protocol.Ok)
 
+    def expect(self) -> None:
+        """The listener binds while the order is placed (``begin``); ``add`` then waits for it."""
+        if self._start is not None:
+            self.link.begin()
+
     def remove(self, token: str) -> None:
         super().remove(token)
         with contextlib.suppress(OSError, EOFError, LocalError):
@@ -358,12 +382,12 @@ def run_cli_job(config: Config, job: str, args: dict[str, Any], emit: Callable[[
         raise LocalError(f"{config.path}: cannot read: {exc.strerror or exc}") from None
     layout.prepare(config, identity(config))
     link = ListenerLink(config, text, foreground=True, verbosity=verbosity, http_only=True)
-    if job == "renew" and config.http.listen:
-        link.spawn()  # its imports overlap the worker's; it binds only if an order needs HTTP-01
     challenges = ListenerChallenges(link, start=lambda: _start_http01(link))
     worker = WorkerProcess(config, text, job, args, True, verbosity)
     try:
-        worker.start()  # first: its imports overlap this process's loading of the keeper's code
+        worker.start()  # first: its imports overlap the listener's and this process's loading of the keeper
+        if job == "renew" and config.http.listen:
+            link.spawn()  # it binds only if an order needs HTTP-01 (LocalKeeper.make_csr)
         from certkeeper.keeper.service import LocalKeeper
 
         keeper = LocalKeeper(config, challenges, dry_run=job == "renew" and bool(args.get("dry_run")))

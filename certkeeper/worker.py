@@ -277,12 +277,21 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         log.error("%s job: internal error: %s: %s", start.job, type(exc).__name__, message)
         _say(sock, f"certkeeper: internal error: {type(exc).__name__}: {message}")
-    protocol.send(sock, protocol.Exit(code, soonest.isoformat() if soonest else ""))
+    _tell(sock, protocol.Exit(code, soonest.isoformat() if soonest else ""))
     return code
 
 
 def _say(sock: socket.socket, text: str) -> None:
-    protocol.send(sock, protocol.Line(text))
+    _tell(sock, protocol.Line(text))
+
+
+def _tell(sock: socket.socket, message: object) -> None:
+    """The last words to the keeper; a keeper that went first (the CLI's reader closed its pipe,
+    a SIGINT) has nothing left to hear, and that is no error of this worker's."""
+    try:
+        protocol.send(sock, message)
+    except (BrokenPipeError, ConnectionResetError):
+        log.debug("the keeper went away before the worker's %s", type(message).__name__)
 
 
 

@@ -29,6 +29,10 @@ class ChallengeTable:
         with self._lock:
             self._answers.pop(token, None)
 
+    def expect(self) -> None:
+        """An order that answers HTTP-01 is about to be placed: a table with a listener to start
+        may start it now, so that its binding overlaps the order. Here, nothing to do."""
+
     def get(self, token: str) -> str | None:
         with self._lock:
             return self._answers.get(token)

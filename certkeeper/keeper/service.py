@@ -18,6 +18,7 @@ it (``certkeeper.protocol`` messages), until the worker's ``Exit``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -140,6 +141,9 @@ class LocalKeeper:
             key = certs.generate_key(cert.key_type)
         with self._lock:
             self._pending[name] = key
+        if cert.challenge == "http-01":
+            with contextlib.suppress(LocalError):  # a listener that cannot start says so at the challenge
+                self.challenges.expect()
         return certs.make_csr(key, cert.domains)
 
     def install(self, name: str, fullchain: bytes) -> certs.CertInfo:

@@ -32,16 +32,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import smtplib
 import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from certkeeper.core import certs, layout, state
 from certkeeper.core.config import AlertsConfig, Config
@@ -52,6 +49,9 @@ from certkeeper.keeper.hooks import run_command
 from certkeeper.keeper.service import fallback_sendmail
 from certkeeper.keeper.store import CertificateStore
 from certkeeper.network.keeper_client import Keeper
+
+if TYPE_CHECKING:
+    from email.message import EmailMessage
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ class Alert:
 
 
 def render_mail(alert: Alert, alerts: AlertsConfig, now: datetime) -> EmailMessage:
+    from email.message import EmailMessage  # the mail modules only when there is mail to send
+    from email.utils import format_datetime, make_msgid
+
     msg = EmailMessage()
     msg["From"] = alerts.mail_from or f"certkeeper@{socket.getfqdn()}"
     msg["To"] = ", ".join(alerts.mail_to)
@@ -109,6 +112,8 @@ def _one_line(alert: Alert | None) -> str:
 
 
 def _mail(alert: Alert, alerts: AlertsConfig, now: datetime, keeper: Keeper | None) -> bool:
+    import smtplib
+
     msg = render_mail(alert, alerts, now)
     if alerts.sendmail:
         return _run(alerts.sendmail, msg.as_bytes(), "[alerts] sendmail", keeper, "sendmail", alert)

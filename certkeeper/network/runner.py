@@ -34,11 +34,11 @@ from certkeeper.core.config import REVOCATION_REASONS, CertificateConfig, Config
 from certkeeper.core.errors import AcmeError, CertkeeperError, LocalError, RemoteError, ServiceError
 from certkeeper.core.state import CertState, load_cert_state, save_cert_state
 from certkeeper.keeper.store import CertificateStore
-from certkeeper.network.dane import Dane, KeyPlan
 from certkeeper.network.issuer import Issuer, ari_cert_id
 from certkeeper.network.keeper_client import Keeper
 
 if TYPE_CHECKING:
+    from certkeeper.network.dane import Dane, KeyPlan
     from certkeeper.network.dns.challenge import Dns01Records
 
 log = logging.getLogger(__name__)
@@ -332,6 +332,8 @@ class Renewer:
 
     def _dane(self) -> Dane:
         if self._dane_side is None:
+            from certkeeper.network.dane import Dane  # DNS libraries only for a certificate with dane
+
             self._dane_side = Dane(self.config, self.keeper, lambda line: log.info("%s", line))
         return self._dane_side
 
