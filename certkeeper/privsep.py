@@ -9,7 +9,10 @@ certkeeper runs as three roles (certkeeper(8), PRIVILEGE SEPARATION):
   job as the configured ``user``/``group`` (the kernel drops the ids between
   fork and exec, with no supplementary group); it sets no_new_privs and
   Landlock itself before it reads its ``Start`` message, gets the secrets it
-  needs in that message, and asks the keeper for everything else;
+  needs in that message, and asks the keeper for everything else. The CLI,
+  which has one thread and has read no key yet when it starts its worker,
+  forks it without exec, as OpenBSD's acme-client does: the child drops its
+  ids at once, and the run is spared an interpreter start;
 - the **listener** (``python -m certkeeper.listener``) is started as root,
   binds ports 80/443 and the metrics port, then drops to ``user``/``group``
   before it reads a byte from the network (see ``certkeeper.listener.process``).
@@ -24,10 +27,12 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,14 +97,15 @@ class WorkerProcess:
     command: tuple[str, ...] = (sys.executable, "-m", "certkeeper.worker")  # then the socket's fd
 
     def __init__(self, config: Config, config_text: str, job: str, args: dict[str, Any],
-                 foreground: bool = True, verbosity: int = 1) -> None:
+                 foreground: bool = True, verbosity: int = 1, fork: bool = False) -> None:
         self.config = config
         self.config_text = config_text
         self.job = job
         self.args = args
         self.foreground = foreground
         self.verbosity = verbosity
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.fork = fork  # without exec (the CLI): only while this process has one thread and no key read
+        self.proc: subprocess.Popen[bytes] | ForkedWorker | None = None
         self.sock: socket.socket | None = None
         self.cancelled = False  # stopped on purpose (SIGTERM): what it had in flight is no failure
 
@@ -113,9 +119,12 @@ class WorkerProcess:
         if ident is not None:
             ids = {"user": ident.uid, "group": ident.gid, "extra_groups": []}
         try:
-            self.proc = subprocess.Popen(
-                [*self.command, str(child.fileno())], pass_fds=[child.fileno()],
-                stdin=subprocess.DEVNULL, cwd="/", env=child_env(), **ids)
+            if self.fork and threading.active_count() == 1:
+                self.proc = ForkedWorker.start(parent, child, ident)
+            else:
+                self.proc = subprocess.Popen(
+                    [*self.command, str(child.fileno())], pass_fds=[child.fileno()],
+                    stdin=subprocess.DEVNULL, cwd="/", env=child_env(), **ids)
         except OSError as exc:
             parent.close()
             raise LocalError(f"cannot start the network worker: {exc.strerror or exc}") from None
@@ -161,6 +170,91 @@ class WorkerProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             self.proc.wait()
+
+
+class ForkedWorker:
+    """A network worker forked without exec (the CLI's), with what ``WorkerProcess`` uses of a Popen.
+
+    The child keeps only its end of the socketpair and the standard streams, goes to ``/``, drops to
+    the worker's ids (``sandbox.drop_privileges``: no supplementary group, no way back) and runs
+    ``certkeeper.worker.main``, which sets no_new_privs and Landlock as in an exec'd worker. It
+    never returns into the caller's code: it ends with ``os._exit``."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    @classmethod
+    def start(cls, parent: socket.socket, child: socket.socket, ident: sandbox.Identity | None) -> ForkedWorker:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()  # nothing buffered here is written twice
+        pid = os.fork()
+        if pid:
+            return cls(pid)
+        code = 1
+        try:
+            import gc
+
+            gc.freeze()  # the parent's objects are never collected here: none closes an fd reused by now
+            fd = child.fileno()
+            _keep_only_fds((0, 1, 2, fd))
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
+            os.chdir("/")
+            if ident is not None:
+                sandbox.drop_privileges(ident)
+            from certkeeper import worker
+
+            code = worker.main([str(fd)])
+        except BaseException as exc:  # noqa: BLE001 - the child never returns into the caller's code
+            with contextlib.suppress(OSError, ValueError):
+                print(f"certkeeper worker: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        finally:
+            logging.shutdown()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            os._exit(code)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout is None:
+            if self.returncode is None:
+                self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            return self.returncode
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while (code := self.poll()) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(["certkeeper worker"], timeout)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.05)
+        return code
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def _keep_only_fds(keep: tuple[int, ...]) -> None:
+    """Close every descriptor but ``keep`` (the forked worker holds nothing else of the keeper's)."""
+    top = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024
+    low = 0
+    for fd in sorted(keep):
+        if low < fd:  # closerange(n, n) would close everything from n on
+            os.closerange(low, fd)
+        low = fd + 1
+    if low < top:
+        os.closerange(low, top)
 
 
 def run_job(config: Config, config_text: str, job: str, args: dict[str, Any], keeper: LocalKeeper,
@@ -267,13 +361,12 @@ class ListenerLink:
         self.begin()
         parent = self.sock
         assert parent is not None
+        self._begun = False  # its answer is read here, whatever it is
         try:
             bound = protocol.expect(protocol.receive(parent), protocol.Bound)
         except (EOFError, LocalError) as exc:
             self.stop()
             raise LocalError(str(exc) or "the listener ended before it listened") from None
-        finally:
-            self._begun = False
         self.addresses = bound.addresses
         return self.addresses
 
@@ -383,7 +476,7 @@ def run_cli_job(config: Config, job: str, args: dict[str, Any], emit: Callable[[
     layout.prepare(config, identity(config))
     link = ListenerLink(config, text, foreground=True, verbosity=verbosity, http_only=True)
     challenges = ListenerChallenges(link, start=lambda: _start_http01(link))
-    worker = WorkerProcess(config, text, job, args, True, verbosity)
+    worker = WorkerProcess(config, text, job, args, True, verbosity, fork=True)
     try:
         worker.start()  # first: its imports overlap the listener's and this process's loading of the keeper
         if job == "renew" and config.http.listen:

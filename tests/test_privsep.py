@@ -370,3 +370,63 @@ algorithms = ["ed25519"]
     with pytest.raises(Refusal, match="signs now"):
         keeper.dispose_dkim_key("example.com", "s1", "ed25519", lambda line: None)
     assert keeper.dkim_key_path("example.com", "s1").exists()
+
+
+FORKED_WORKER = r"""
+import json, os, sys
+from pathlib import Path
+from certkeeper import privsep, protocol
+from certkeeper.core.config import load
+from certkeeper.core import layout
+
+path = Path(sys.argv[1])
+config = load(path)
+layout.prepare(config, privsep.identity(config))
+worker = privsep.WorkerProcess(config, path.read_text(), "renew", {"names": None}, True, 0, fork=True)
+worker.start()
+first = protocol.receive(worker.sock)  # the worker's first request: it has dropped, confined itself
+pid = worker.proc.pid
+status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+fds = {}
+for fd in os.listdir(f"/proc/{pid}/fd"):
+    fds[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+print(json.dumps({"first": type(first).__name__, "forked": type(worker.proc).__name__,
+                  "cmdline_same": Path(f"/proc/{pid}/cmdline").read_bytes() == Path("/proc/self/cmdline").read_bytes(),
+                  "uid": status["Uid"].split(), "gid": status["Gid"].split(), "groups": status["Groups"].split(),
+                  "nnp": status["NoNewPrivs"].strip(), "fds": fds}))
+worker.kill()
+"""
+
+
+def test_the_clis_worker_is_forked_drops_its_ids_and_keeps_only_its_socket(tmp_path):
+    """The CLI forks its worker without exec (a one-shot run is spared an interpreter start): the child
+    runs as _certkeeper in every id, no supplementary group, no_new_privs, with only its socket and the
+    standard streams of the keeper's descriptors."""
+    as_root()
+    ident = unprivileged()
+    path = tmp_path / "certkeeper.toml"
+    path.write_text(f"""state_dir = "{tmp_path}/state"
+control_socket = "{tmp_path}/ck.sock"
+[acme]
+directory = "https://127.0.0.1:9/dir"
+account_key = "{tmp_path}/acme/account.pem"
+[[certificate]]
+name = "a.example.com"
+key = "{tmp_path}/k"
+cert = "{tmp_path}/c"
+chain = "{tmp_path}/ch"
+fullchain = "{tmp_path}/f"
+""")
+    (tmp_path / "held-open").write_text("the keeper's file\n")
+    script = "fh = open(%r)\n" % str(tmp_path / "held-open") + FORKED_WORKER  # a descriptor the child must not keep
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT, env=privsep.child_env())
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["first"] == "Inspect" and seen["forked"] == "ForkedWorker" and seen["cmdline_same"]
+    assert seen["uid"] == [str(ident.uid)] * 4 and seen["gid"] == [str(ident.gid)] * 4
+    assert seen["groups"] == [] and seen["nnp"] == "1"
+    assert "0" in seen["fds"] and seen["fds"]["0"] == "/dev/null"
+    others = {fd: target for fd, target in seen["fds"].items() if fd not in ("0", "1", "2")}
+    assert all(target.startswith("socket:") for target in others.values()), others
+    assert str(tmp_path / "held-open") not in seen["fds"].values()
