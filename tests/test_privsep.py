@@ -418,7 +418,7 @@ chain = "{tmp_path}/ch"
 fullchain = "{tmp_path}/f"
 """)
     (tmp_path / "held-open").write_text("the keeper's file\n")
-    script = "fh = open(%r)\n" % str(tmp_path / "held-open") + FORKED_WORKER  # a descriptor the child must not keep
+    script = f"fh = open({str(tmp_path / 'held-open')!r})\n" + FORKED_WORKER  # a descriptor the child must not keep
     done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60,
                           cwd=ROOT, env=privsep.child_env())
     assert done.returncode == 0, done.stderr
