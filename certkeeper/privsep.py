@@ -105,7 +105,7 @@ class WorkerProcess:
         self.foreground = foreground
         self.verbosity = verbosity
         self.fork = fork  # without exec (the CLI): only while this process has one thread and no key read
-        self.proc: subprocess.Popen[bytes] | ForkedWorker | None = None
+        self.proc: subprocess.Popen[bytes] | Forked | None = None
         self.sock: socket.socket | None = None
         self.cancelled = False  # stopped on purpose (SIGTERM): what it had in flight is no failure
 
@@ -120,7 +120,7 @@ class WorkerProcess:
             ids = {"user": ident.uid, "group": ident.gid, "extra_groups": []}
         try:
             if self.fork and threading.active_count() == 1:
-                self.proc = ForkedWorker.start(parent, child, ident)
+                self.proc = Forked.start("worker", child, ident)
             else:
                 self.proc = subprocess.Popen(
                     [*self.command, str(child.fileno())], pass_fds=[child.fileno()],
@@ -172,20 +172,21 @@ class WorkerProcess:
             self.proc.wait()
 
 
-class ForkedWorker:
-    """A network worker forked without exec (the CLI's), with what ``WorkerProcess`` uses of a Popen.
+class Forked:
+    """A role forked without exec (the CLI's worker and listener), with what the callers use of a Popen.
 
     The child keeps only its end of the socketpair and the standard streams, goes to ``/``, drops to
-    the worker's ids (``sandbox.drop_privileges``: no supplementary group, no way back) and runs
-    ``certkeeper.worker.main``, which sets no_new_privs and Landlock as in an exec'd worker. It
-    never returns into the caller's code: it ends with ``os._exit``."""
+    ``ident`` if given (the worker: ``sandbox.drop_privileges``, no supplementary group, no way back;
+    the listener drops itself once it has bound) and runs the role's ``main`` as an exec'd one
+    would, which sets no_new_privs and Landlock. It never returns into the caller's code: it ends
+    with ``os._exit``."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
 
     @classmethod
-    def start(cls, parent: socket.socket, child: socket.socket, ident: sandbox.Identity | None) -> ForkedWorker:
+    def start(cls, role: str, child: socket.socket, ident: sandbox.Identity | None) -> Forked:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()  # nothing buffered here is written twice
@@ -205,12 +206,17 @@ class ForkedWorker:
             os.chdir("/")
             if ident is not None:
                 sandbox.drop_privileges(ident)
-            from certkeeper import worker
+            if role == "worker":
+                from certkeeper import worker
 
-            code = worker.main([str(fd)])
+                code = worker.main([str(fd)])
+            else:
+                from certkeeper.listener import process
+
+                code = process.main([str(fd)])
         except BaseException as exc:  # noqa: BLE001 - the child never returns into the caller's code
             with contextlib.suppress(OSError, ValueError):
-                print(f"certkeeper worker: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                print(f"certkeeper {role}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         finally:
             logging.shutdown()
             for stream in (sys.stdout, sys.stderr):
@@ -322,13 +328,14 @@ class ListenerLink:
     """The keeper's end of the listener process (``certkeeper.listener.process``); thread-safe."""
 
     def __init__(self, config: Config, config_text: str, foreground: bool = True, verbosity: int = 1,
-                 http_only: bool = False) -> None:
+                 http_only: bool = False, fork: bool = False) -> None:
+        self.fork = fork  # without exec (the CLI), as its worker
         self.config = config
         self.config_text = config_text
         self.foreground = foreground
         self.verbosity = verbosity
         self.http_only = http_only
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | Forked | None = None
         self.sock: socket.socket | None = None
         self.addresses: tuple[str, ...] = ()
         self.serving: tuple[str, ...] = ()
@@ -345,9 +352,12 @@ class ListenerLink:
             raise LocalError(problem)
         parent, child = socket.socketpair()
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "certkeeper.listener", str(child.fileno())], pass_fds=[child.fileno()],
-                stdin=subprocess.DEVNULL, cwd="/", env=child_env())
+            if self.fork and threading.active_count() == 1:
+                self.proc = Forked.start("listener", child, None)  # as root: it drops once it has bound
+            else:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "certkeeper.listener", str(child.fileno())], pass_fds=[child.fileno()],
+                    stdin=subprocess.DEVNULL, cwd="/", env=child_env())
         except OSError as exc:
             parent.close()
             raise LocalError(f"cannot start the listener: {exc.strerror or exc}") from None
@@ -474,13 +484,13 @@ def run_cli_job(config: Config, job: str, args: dict[str, Any], emit: Callable[[
     except OSError as exc:
         raise LocalError(f"{config.path}: cannot read: {exc.strerror or exc}") from None
     layout.prepare(config, identity(config))
-    link = ListenerLink(config, text, foreground=True, verbosity=verbosity, http_only=True)
+    link = ListenerLink(config, text, foreground=True, verbosity=verbosity, http_only=True, fork=True)
     challenges = ListenerChallenges(link, start=lambda: _start_http01(link))
     worker = WorkerProcess(config, text, job, args, True, verbosity, fork=True)
     try:
-        worker.start()  # first: its imports overlap the listener's and this process's loading of the keeper
         if job == "renew" and config.http.listen:
-            link.spawn()  # it binds only if an order needs HTTP-01 (LocalKeeper.make_csr)
+            link.spawn()  # it loads its libraries meanwhile; it binds only if an order needs HTTP-01 (make_csr)
+        worker.start()
         from certkeeper.keeper.service import LocalKeeper
 
         keeper = LocalKeeper(config, challenges, dry_run=job == "renew" and bool(args.get("dry_run")))

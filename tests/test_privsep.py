@@ -423,7 +423,7 @@ fullchain = "{tmp_path}/f"
                           cwd=ROOT, env=privsep.child_env())
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen["first"] == "Inspect" and seen["forked"] == "ForkedWorker" and seen["cmdline_same"]
+    assert seen["first"] == "Inspect" and seen["forked"] == "Forked" and seen["cmdline_same"]
     assert seen["uid"] == [str(ident.uid)] * 4 and seen["gid"] == [str(ident.gid)] * 4
     assert seen["groups"] == [] and seen["nnp"] == "1"
     assert "0" in seen["fds"] and seen["fds"]["0"] == "/dev/null"
