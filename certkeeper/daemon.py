@@ -35,7 +35,12 @@ owns the process behaviour:
   exits without a result or stays silent longer than ``idle_timeout`` (one
   order + one DNS propagation wait + the slowest hook, plus a minute) ends the
   job as an error (a check is retried in 10 minutes); the process is killed if
-  still running and its challenges leave the listener.
+  still running and its challenges leave the listener. Whatever way a worker
+  ended, the listener is handed the sets on disk again; when it ended without a
+  result, the certificates whose hooks an install still owes (the store's reload
+  markers: the dead worker would have run them) get a renew worker of their own
+  at once, which runs and verifies those hooks as after a renewal (one such
+  follow-up per death; if it dies too, the next check tries again).
 - **DKIM steps** run at their exact time: each DKIM run (start-up, hourly,
   a date job) returns when the next step is due, and a date job is planned
   then; ``rotate-dkim`` asks the daemon (``schedule-dkim`` on the control
@@ -200,6 +205,11 @@ class Daemon:
     def bind(self) -> None:
         """Control socket and listener (errors reach the terminal), the state directory set for the roles."""
         layout.prepare(self.config, privsep.identity(self.config))
+        for cert in self.config.certificates:  # installs a crash interrupted: finished or discarded first
+            try:
+                self.store.recover(cert)
+            except (CertkeeperError, OSError) as exc:
+                log.error("%s: %s", cert.name, exc)
         path = self.config.control_socket
         self.control = control.ControlServer.bind(path, {"renew": self.command_renew, "status": self.command_status,
                                                      "schedule-dkim": self.command_schedule_dkim})
@@ -375,9 +385,12 @@ class Daemon:
 
     # -- work -----------------------------------------------------------------------
 
-    async def run_worker(self, job: str, args: dict[str, Any],
-                         emit: Callable[[str], None]) -> tuple[int, datetime | None]:
-        """One network worker for ``job``, answered by a keeper of this configuration, in a thread."""
+    async def run_worker(self, job: str, args: dict[str, Any], emit: Callable[[str], None],
+                         follow_up: bool = True) -> tuple[int, datetime | None]:
+        """One network worker for ``job``, answered by a keeper of this configuration, in a thread.
+
+        ``follow_up``: if it ends without a result, reload the services an install left behind
+        (``reload_services``)."""
         if self.stopping.is_set():
             raise LocalError(f"not starting a {job} worker: the daemon is stopping")
         if not self.listener.alive():
@@ -388,9 +401,11 @@ class Daemon:
         keeper = LocalKeeper(config, challenges, self.installed, self.store,
                              dry_run=job == "renew" and bool(args.get("dry_run")))
         self.workers.add(worker)
+        ended = False
         try:
             await asyncio.to_thread(worker.start)
             result = await asyncio.to_thread(worker.serve, keeper, emit, privsep.idle_timeout(config))
+            ended = True
             return result.code, result.soonest
         finally:
             worker.kill()
@@ -398,8 +413,11 @@ class Daemon:
             await asyncio.to_thread(challenges.clear)
             self._spawn(self.reconcile())  # whatever way the worker ended, serve what is on disk
             self._spawn(self.push_metrics())
+            if not ended and follow_up and not worker.cancelled and not keeper.dry_run:
+                self._spawn(self.reload_services())
 
-    async def renew(self, args: dict[str, Any], emit: Callable[[str], None]) -> tuple[int, datetime | None]:
+    async def renew(self, args: dict[str, Any], emit: Callable[[str], None],
+                    follow_up: bool = True) -> tuple[int, datetime | None]:
         """A renew worker, holding the daemon's lock of every certificate it may touch.
 
         Two renewals of one certificate never run at once: a request for some names
@@ -410,7 +428,25 @@ class Daemon:
         async with contextlib.AsyncExitStack() as held:
             for lock in locks:  # always in name order, so two requests cannot deadlock
                 await held.enter_async_context(lock)
-            return await self.run_worker("renew", args, emit)
+            return await self.run_worker("renew", args, emit, follow_up)
+
+    async def reload_services(self) -> None:
+        """A worker died: certificates an install left with hooks still owed (``CertificateStore.pending_reload``)
+        get a renew worker for just those names now, which finds them owed (``LocalKeeper.inspect``) and runs
+        and verifies their hooks as after a renewal; nothing is ordered unless it is due anyway."""
+        if self.stopping.is_set():
+            return
+        config, store = self.config, self.store
+        names = await asyncio.to_thread(lambda: [c.name for c in config.certificates if store.pending_reload(c)])
+        if not names:
+            return
+        log.warning("%s: a worker died before the services loaded the certificate on disk; reloading them",
+                    ", ".join(names))
+        try:
+            await self.renew({"names": names, "force": False}, _log_line, follow_up=False)
+        except Exception as exc:  # noqa: BLE001 - the next check finds them owed again
+            log.error("reloading the services of %s failed: %s; the next check tries again", ", ".join(names),
+                      " ".join(str(exc).split()))
 
     def installed(self, cert: CertificateConfig) -> None:
         """The keeper installed (or restored) a set, in a worker's thread: the listener serves it if it is its."""
