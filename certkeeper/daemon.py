@@ -51,12 +51,16 @@ owns the process behaviour:
 - **Metrics** (``[metrics] listen``): rendered here from the state on disk and
   handed to the listener, which serves them (every ``METRICS_EVERY`` and after
   each job).
-- **SIGHUP** re-reads the configuration (one reload at a time): a bad one is
-  logged as one line and the running one kept (workers get the text the
-  keeper runs with, never the broken file); a good one is sent to the listener
-  (host names, policies), then its certificates; then a check runs so new
-  certificates are obtained at once, then MTA-STS ids are published. Listen
-  addresses and ``user`` need a restart.
+- **SIGHUP** re-reads the configuration (one reload at a time), all or nothing:
+  it must parse and everything it names must be usable here
+  (``keeper.preflight``: the listener's certificate and key files, account
+  keys, EAB, TSIG and fleet files, CA bundles, hook and alert commands, the
+  user); otherwise one line says why (naming the file) and the running one is
+  kept, unchanged (workers get the text the keeper runs with, never the broken
+  file). A good one is sent to the listener (host names, policies), then its
+  certificates (should that fail, the listener is put back as it was); then a
+  check runs so new certificates are obtained at once, then MTA-STS ids are
+  published. Listen addresses and ``user`` need a restart.
 - **SIGTERM/SIGINT** stop within 5 s (one that comes after the pid file is
   written but before the loop runs is held, then handled): the scheduler and the control socket
   stop taking work; workers in progress get ``STOP_GRACE`` seconds to finish
@@ -565,11 +569,16 @@ class Daemon:
                 return
             try:
                 text, new = await asyncio.to_thread(read_config, self.config.path)
+                from certkeeper.keeper import preflight
+
+                problems = await asyncio.to_thread(preflight.problems, new, self.config)
+                if problems:
+                    raise ConfigError(problems)
                 await asyncio.to_thread(self._reconfigure_listener, text)
             except ConfigError as exc:
                 log.error("configuration not reloaded, keeping the running one: %s", "; ".join(exc.lines))
                 return
-            except CertkeeperError as exc:
+            except (CertkeeperError, OSError) as exc:
                 log.error("configuration not reloaded, keeping the running one: %s", exc)
                 return
             if (new.control_socket, new.state_dir, new.user, new.group) != (
@@ -577,9 +586,19 @@ class Daemon:
                 log.warning("control_socket, state_dir, user or group changed; restart certkeeper to apply")
             if (new.http, new.metrics) != (self.config.http, self.config.metrics):
                 log.warning("[http] or [metrics] listen addresses changed; restart certkeeper to listen on them")
-            self.config, self.config_text = new, text
-            self.store = CertificateStore(new.state_dir)
-            await asyncio.to_thread(self.listener.serve_certificates, new, self.store)
+            old, old_text, old_store = self.config, self.config_text, self.store
+            store = CertificateStore(new.state_dir)
+            try:
+                await asyncio.to_thread(self.listener.serve_certificates, new, store)
+            except (CertkeeperError, OSError) as exc:  # back as it was: nothing switched
+                with contextlib.suppress(CertkeeperError, OSError):
+                    await asyncio.to_thread(self._reconfigure_listener, old_text)
+                    await asyncio.to_thread(self.listener.serve_certificates, old, old_store)
+                log.error("configuration not reloaded, keeping the running one: the listener: %s", exc)
+                return
+            self.config, self.config_text, self.store = new, text, store
+            # A listener started again later (it died) starts from this configuration.
+            self.listener.config, self.listener.config_text = new, text
             log.info("configuration reloaded: %d certificate(s)", len(new.certificates))
         await self.push_metrics()
         await self.check("configuration reloaded")

@@ -374,7 +374,7 @@ def test_the_keeper_killed_at_a_step_of_an_install_and_started_again(site, step)
     assert (site.on_disk(name) != old) == step.committed
     assert site.owed() == {}
     journals = list((site.config.state_dir / "journal").glob("*.json"))
-    leftovers = [p for p in site.tmp.rglob("*certkeeper-new")] + list(site.mail.etc.glob("*certkeeper-new"))
+    leftovers = list((site.tmp / "ssl").rglob("*certkeeper-new")) + list(site.mail.etc.glob("*certkeeper-new"))
     assert journals == [] and leftovers == []
 
 
@@ -413,7 +413,6 @@ def _sighup(site: Site, text: str, expect: str) -> str:
 def test_sighup_that_names_an_unloadable_file_changes_nothing(site, tmp_path):
     from certkeeper.core.mtasts import Policy, render_txt
 
-    site.wait_for_log("_mta-sts.example.com")
     deadline = time.monotonic() + 30
     expected_id = render_txt(Policy.from_config(site.config.mta_sts[0]).policy_id())
     while _published_id(site) != [expected_id]:
@@ -429,10 +428,10 @@ def test_sighup_that_names_an_unloadable_file_changes_nothing(site, tmp_path):
     nul = changed_policy.replace(f'cert = "{web.cert}"', f'cert = "{web.cert}\\u0000x"')
     assert nul != changed_policy
     try:
-        for text, why in ((bad_key, str(garbage)), (nul, "NUL")):
+        for text, why in ((bad_key, f"{garbage}: not a PEM private key ([[certificate]] {WEB}, served by the "
+                                     "listener)"), (nul, "contains a NUL byte")):
             line = _sighup(site, text, "configuration not reloaded")
             assert why in line, line
-            assert len([x for x in site.output().splitlines() if "configuration not reloaded" in x]) >= 1
             assert _policy(site) == POLICY  # the running policy: nothing switched
             assert site.served(WEB) == site.on_disk(WEB)
             assert _published_id(site) == [expected_id]
