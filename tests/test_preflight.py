@@ -104,7 +104,22 @@ command = ["{tmp_path}/no-alert"]
     text = config_text(tmp_path, extra=extra).replace(f'name = "{WEB}"\n', f'name = "{WEB}"\nhooks = ["web"]\n')
     text += f'[hooks.web]\ncommand = ["{tmp_path}/no-reload"]\nverify = []\n'
     config = parse(text, tmp_path / "c.toml")
-    assert preflight.problems(config) == [
-        f"{tmp_path}/c.toml: hooks.web.command: '{tmp_path}/no-reload' does not exist",
+    assert sorted(preflight.problems(config)) == [
         f"{tmp_path}/c.toml: [alerts] command: '{tmp_path}/no-alert' does not exist",
+        f"{tmp_path}/c.toml: hooks.web.command: '{tmp_path}/no-reload' does not exist",
     ]
+
+
+def test_check_names_an_unusable_file_too(tmp_path):
+    """``certkeeper check`` says before a SIGHUP what the SIGHUP would refuse."""
+    import subprocess
+    import sys
+
+    write_set(tmp_path, key=GARBAGE)
+    path = tmp_path / "c.toml"
+    path.write_text(config_text(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "certkeeper", "-c", str(path), "check"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"certkeeper: {tmp_path}/web.key: not a PEM private key "
+                                                f"([[certificate]] {WEB}, served by the listener)"]

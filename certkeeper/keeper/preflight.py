@@ -31,6 +31,7 @@ from pathlib import Path
 from certkeeper.core import certs
 from certkeeper.core.config import CertificateConfig, Config
 from certkeeper.core.errors import LocalError
+from certkeeper.keeper.hooks import command_problem
 
 _TSIG_CLAUSE = re.compile(r'secret\s+"([^"]+)"')  # as certkeeper.network.dns.rfc2136 reads it
 MAX_FILE = 1 << 20  # bytes read of any one file here
@@ -38,6 +39,11 @@ MAX_FILE = 1 << 20  # bytes read of any one file here
 
 def problems(config: Config, running: Config | None = None) -> list[str]:
     """One line per thing ``config`` names that cannot be used on this host; [] when all can."""
+    return file_problems(config, running) + _commands(config)
+
+
+def file_problems(config: Config, running: Config | None = None) -> list[str]:
+    """The files of ``problems`` (and the alert and reload programs, which ``check`` does not name otherwise)."""
     found: list[str] = []
     served = {(c.name, c.key, c.fullchain) for c in running.listener_certificates()} if running else set()
     for cert in config.listener_certificates():
@@ -71,7 +77,13 @@ def problems(config: Config, running: Config | None = None) -> list[str]:
                 sealing.fleet_key(fleet.secret_file)
             except LocalError as exc:
                 found.append(str(exc))
-    found += _commands(config)
+    named: list[tuple[str, Sequence[str]]] = [("[alerts] command", config.alerts.command),
+                                              ("[alerts] sendmail", config.alerts.sendmail),
+                                              ("[dns] reload_command", config.dns.reload_command)]
+    for where, argv in named:
+        problem = command_problem(argv) if argv else ""
+        if problem:
+            found.append(f"{config.path}: {where}: {problem}")
     return found
 
 
@@ -169,16 +181,8 @@ def _ca_file(path: Path, where: str) -> list[str]:
 def _commands(config: Config) -> list[str]:
     from certkeeper import sandbox
     from certkeeper.commands import check
-    from certkeeper.keeper.hooks import command_problem
 
     found, _ = check.hook_problems(config)
-    named: list[tuple[str, Sequence[str]]] = [("[alerts] command", config.alerts.command),
-                                              ("[alerts] sendmail", config.alerts.sendmail),
-                                              ("[dns] reload_command", config.dns.reload_command)]
-    for where, argv in named:
-        problem = command_problem(argv) if argv else ""
-        if problem:
-            found.append(f"{config.path}: {where}: {problem}")
     if sandbox.privileged():
         found += [f"{config.path}: {p}" for p in check._host_problems(config)]
     return found
