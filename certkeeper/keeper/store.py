@@ -128,8 +128,8 @@ class CertificateStore:
     def repair(self, cert: CertificateConfig) -> str:
         """Rebuild a missing or damaged chain or full-chain file from the other one (no CA needed).
 
-        Returns what was done, or "" when nothing could or needed to be. Services are
-        not reloaded: they keep what they loaded; the next renewal reloads them.
+        Returns what was done, or "" when nothing could or needed to be. Like any install, it
+        leaves the certificate's hooks owed (``pending_reload``): the run that repaired reloads them.
         """
         problem = self.check(cert)
         current = self.read(cert)
