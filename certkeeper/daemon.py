@@ -35,7 +35,12 @@ owns the process behaviour:
   exits without a result or stays silent longer than ``idle_timeout`` (one
   order + one DNS propagation wait + the slowest hook, plus a minute) ends the
   job as an error (a check is retried in 10 minutes); the process is killed if
-  still running and its challenges leave the listener.
+  still running and its challenges leave the listener. Whatever way a worker
+  ended, the listener is handed the sets on disk again; when it ended without a
+  result, the certificates whose hooks an install still owes (the store's reload
+  markers: the dead worker would have run them) get a renew worker of their own
+  at once, which runs and verifies those hooks as after a renewal (one such
+  follow-up per death; if it dies too, the next check tries again).
 - **DKIM steps** run at their exact time: each DKIM run (start-up, hourly,
   a date job) returns when the next step is due, and a date job is planned
   then; ``rotate-dkim`` asks the daemon (``schedule-dkim`` on the control
@@ -46,12 +51,16 @@ owns the process behaviour:
 - **Metrics** (``[metrics] listen``): rendered here from the state on disk and
   handed to the listener, which serves them (every ``METRICS_EVERY`` and after
   each job).
-- **SIGHUP** re-reads the configuration (one reload at a time): a bad one is
-  logged as one line and the running one kept (workers get the text the
-  keeper runs with, never the broken file); a good one is sent to the listener
-  (host names, policies), then its certificates; then a check runs so new
-  certificates are obtained at once, then MTA-STS ids are published. Listen
-  addresses and ``user`` need a restart.
+- **SIGHUP** re-reads the configuration (one reload at a time), all or nothing:
+  it must parse and everything it names must be usable here
+  (``keeper.preflight``: the listener's certificate and key files, account
+  keys, EAB, TSIG and fleet files, CA bundles, hook and alert commands, the
+  user); otherwise one line says why (naming the file) and the running one is
+  kept, unchanged (workers get the text the keeper runs with, never the broken
+  file). A good one is sent to the listener (host names, policies), then its
+  certificates (should that fail, the listener is put back as it was); then a
+  check runs so new certificates are obtained at once, then MTA-STS ids are
+  published. Listen addresses and ``user`` need a restart.
 - **SIGTERM/SIGINT** stop within 5 s (one that comes after the pid file is
   written but before the loop runs is held, then handled): the scheduler and the control socket
   stop taking work; workers in progress get ``STOP_GRACE`` seconds to finish
@@ -200,6 +209,11 @@ class Daemon:
     def bind(self) -> None:
         """Control socket and listener (errors reach the terminal), the state directory set for the roles."""
         layout.prepare(self.config, privsep.identity(self.config))
+        for cert in self.config.certificates:  # installs a crash interrupted: finished or discarded first
+            try:
+                self.store.recover(cert)
+            except (CertkeeperError, OSError) as exc:
+                log.error("%s: %s", cert.name, exc)
         path = self.config.control_socket
         self.control = control.ControlServer.bind(path, {"renew": self.command_renew, "status": self.command_status,
                                                      "schedule-dkim": self.command_schedule_dkim})
@@ -375,9 +389,12 @@ class Daemon:
 
     # -- work -----------------------------------------------------------------------
 
-    async def run_worker(self, job: str, args: dict[str, Any],
-                         emit: Callable[[str], None]) -> tuple[int, datetime | None]:
-        """One network worker for ``job``, answered by a keeper of this configuration, in a thread."""
+    async def run_worker(self, job: str, args: dict[str, Any], emit: Callable[[str], None],
+                         follow_up: bool = True) -> tuple[int, datetime | None]:
+        """One network worker for ``job``, answered by a keeper of this configuration, in a thread.
+
+        ``follow_up``: if it ends without a result, reload the services an install left behind
+        (``reload_services``)."""
         if self.stopping.is_set():
             raise LocalError(f"not starting a {job} worker: the daemon is stopping")
         if not self.listener.alive():
@@ -388,9 +405,11 @@ class Daemon:
         keeper = LocalKeeper(config, challenges, self.installed, self.store,
                              dry_run=job == "renew" and bool(args.get("dry_run")))
         self.workers.add(worker)
+        ended = False
         try:
             await asyncio.to_thread(worker.start)
             result = await asyncio.to_thread(worker.serve, keeper, emit, privsep.idle_timeout(config))
+            ended = True
             return result.code, result.soonest
         finally:
             worker.kill()
@@ -398,8 +417,11 @@ class Daemon:
             await asyncio.to_thread(challenges.clear)
             self._spawn(self.reconcile())  # whatever way the worker ended, serve what is on disk
             self._spawn(self.push_metrics())
+            if not ended and follow_up and not worker.cancelled and not keeper.dry_run:
+                self._spawn(self.reload_services())
 
-    async def renew(self, args: dict[str, Any], emit: Callable[[str], None]) -> tuple[int, datetime | None]:
+    async def renew(self, args: dict[str, Any], emit: Callable[[str], None],
+                    follow_up: bool = True) -> tuple[int, datetime | None]:
         """A renew worker, holding the daemon's lock of every certificate it may touch.
 
         Two renewals of one certificate never run at once: a request for some names
@@ -410,7 +432,25 @@ class Daemon:
         async with contextlib.AsyncExitStack() as held:
             for lock in locks:  # always in name order, so two requests cannot deadlock
                 await held.enter_async_context(lock)
-            return await self.run_worker("renew", args, emit)
+            return await self.run_worker("renew", args, emit, follow_up)
+
+    async def reload_services(self) -> None:
+        """A worker died: certificates an install left with hooks still owed (``CertificateStore.pending_reload``)
+        get a renew worker for just those names now, which finds them owed (``LocalKeeper.inspect``) and runs
+        and verifies their hooks as after a renewal; nothing is ordered unless it is due anyway."""
+        if self.stopping.is_set():
+            return
+        config, store = self.config, self.store
+        names = await asyncio.to_thread(lambda: [c.name for c in config.certificates if store.pending_reload(c)])
+        if not names:
+            return
+        log.warning("%s: a worker died before the services loaded the certificate on disk; reloading them",
+                    ", ".join(names))
+        try:
+            await self.renew({"names": names, "force": False}, _log_line, follow_up=False)
+        except Exception as exc:  # noqa: BLE001 - the next check finds them owed again
+            log.error("reloading the services of %s failed: %s; the next check tries again", ", ".join(names),
+                      " ".join(str(exc).split()))
 
     def installed(self, cert: CertificateConfig) -> None:
         """The keeper installed (or restored) a set, in a worker's thread: the listener serves it if it is its."""
@@ -529,11 +569,16 @@ class Daemon:
                 return
             try:
                 text, new = await asyncio.to_thread(read_config, self.config.path)
+                from certkeeper.keeper import preflight
+
+                problems = await asyncio.to_thread(preflight.problems, new, self.config)
+                if problems:
+                    raise ConfigError(problems)
                 await asyncio.to_thread(self._reconfigure_listener, text)
             except ConfigError as exc:
                 log.error("configuration not reloaded, keeping the running one: %s", "; ".join(exc.lines))
                 return
-            except CertkeeperError as exc:
+            except (CertkeeperError, OSError) as exc:
                 log.error("configuration not reloaded, keeping the running one: %s", exc)
                 return
             if (new.control_socket, new.state_dir, new.user, new.group) != (
@@ -541,9 +586,19 @@ class Daemon:
                 log.warning("control_socket, state_dir, user or group changed; restart certkeeper to apply")
             if (new.http, new.metrics) != (self.config.http, self.config.metrics):
                 log.warning("[http] or [metrics] listen addresses changed; restart certkeeper to listen on them")
-            self.config, self.config_text = new, text
-            self.store = CertificateStore(new.state_dir)
-            await asyncio.to_thread(self.listener.serve_certificates, new, self.store)
+            old, old_text, old_store = self.config, self.config_text, self.store
+            store = CertificateStore(new.state_dir)
+            try:
+                await asyncio.to_thread(self.listener.serve_certificates, new, store)
+            except (CertkeeperError, OSError) as exc:  # back as it was: nothing switched
+                with contextlib.suppress(CertkeeperError, OSError):
+                    await asyncio.to_thread(self._reconfigure_listener, old_text)
+                    await asyncio.to_thread(self.listener.serve_certificates, old, old_store)
+                log.error("configuration not reloaded, keeping the running one: the listener: %s", exc)
+                return
+            self.config, self.config_text, self.store = new, text, store
+            # A listener started again later (it died) starts from this configuration.
+            self.listener.config, self.listener.config_text = new, text
             log.info("configuration reloaded: %d certificate(s)", len(new.certificates))
         await self.push_metrics()
         await self.check("configuration reloaded")

@@ -7,7 +7,10 @@ What the file alone cannot say is checked here, on this host:
   command of this host's service manager); a hook a certificate uses without
   ``verify`` endpoints is a warning: its reloads go unchecked;
 - the unprivileged ``user``/``group`` exist and can reach this interpreter and
-  package (an error when run as root, which needs them; a warning otherwise).
+  package (an error when run as root, which needs them; a warning otherwise);
+- every file the daemon would read is usable (``keeper.preflight``, what a SIGHUP
+  checks before it switches): the listener's certificate and key pairs, account
+  keys, EAB, TSIG and fleet files, CA bundles; alert and reload programs exist.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from certkeeper.core.errors import ConfigError
 
 def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     from certkeeper import sandbox
+    from certkeeper.keeper import preflight
 
     errors, warnings = hook_problems(config)
+    errors += preflight.file_problems(config)
     problems = [f"{config.path}: {p}" for p in _host_problems(config)]
     if sandbox.privileged():
         errors += problems

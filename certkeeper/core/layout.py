@@ -7,7 +7,7 @@ SEPARATION). What each may write follows from who owns it:
 path under state_dir        owner     mode   what
 ==========================  ========  =====  =============================================
 ``.`` (state_dir)           keeper    0711   root's; the roles may pass through, not list it
-``journal/NAME.json``       keeper    0700   install journals (``keeper.store``)
+``journal/NAME.json``       keeper    0700   install journals (``keeper.store``); ``NAME.reload-pending``: hooks owed
 ``certificates/NAME.json``  network   0700   per-certificate state: backoff, ARI, attempts
 ``locks/NAME.lock``         network   0700   one renewal of a certificate at a time
 ``verify/NAME.json``        network   0700   the last verification of each endpoint

@@ -65,7 +65,8 @@ class DiskView:
     cert: bytes  # b"" when there is none
     chain: bytes
     previous: bytes  # the leaf of the set kept for a rollback
-    recovered: bool = False  # an interrupted install was just finished: its services must load the set
+    recovered: bool = False  # its services must load the set: an interrupted install was just finished,
+    # or an install's hooks have not all run since (the worker that would have run them died)
 
 
 class LocalKeeper:
@@ -95,7 +96,8 @@ class LocalKeeper:
             raise Refusal(f"no [[certificate]] named {name!r} in {self.config.path}") from None
 
     def inspect(self, name: str) -> DiskView:
-        """Finish an interrupted install, rebuild a lost chain file, then show the public files."""
+        """Finish an interrupted install, rebuild a lost chain file, then show the public files, and
+        whether the certificate's services still have to load them (``CertificateStore.pending_reload``)."""
         cert = self.certificate(name)
         if self.dry_run:
             current = self.store.read(cert)
@@ -105,8 +107,10 @@ class LocalKeeper:
             self.on_installed(cert)
         current = self.store.read(cert)
         previous = self.store.read_previous(cert)
+        with self._lock:
+            owed = bool(self.store.pending_reload(cert)) if current is not None else False
         return DiskView(current.cert if current else b"", current.chain if current else b"",
-                        previous.cert if previous else b"", recovered)
+                        previous.cert if previous else b"", recovered or owed)
 
     def plan(self, name: str, force: bool, now: datetime) -> renewal.Decision:
         """The planner's decision from the files on disk and the certificate's state."""
@@ -315,7 +319,12 @@ class LocalKeeper:
             raise Refusal(f"hook {name!r} is not used by any [[certificate]] or [[dkim]] table")
         for certificate in certificates:
             self.certificate(certificate)
-        return hooks.hook_for(self.config, name).reload(tuple(certificates))
+        result = hooks.hook_for(self.config, name).reload(tuple(certificates))
+        if result.ok:  # the services of these certificates loaded the sets on disk: the hook is no longer owed
+            with self._lock:
+                for certificate in certificates:
+                    self.store.reloaded(self.certificate(certificate), name)
+        return result
 
     def run_alert(self, program: str, data: bytes) -> bool:
         """Run ``[alerts] command``, ``[alerts] sendmail`` or, when SMTP failed, "sendmail-fallback"
@@ -642,7 +651,7 @@ def serve(sock: socket.socket, keeper: LocalKeeper, emit: Callable[[str], None],
     while True:
         try:
             request = protocol.receive(sock)
-        except EOFError:
+        except (EOFError, ConnectionError):
             raise LocalError(f"the {what} ended without a result") from None
         except TimeoutError:
             raise LocalError(f"the {what} sent nothing for {sock.gettimeout():g} s; stopped it") from None
@@ -659,7 +668,10 @@ def serve(sock: socket.socket, keeper: LocalKeeper, emit: Callable[[str], None],
             raise
         except CertkeeperError as exc:  # the work failed (a hook, a file): the worker decides what follows
             reply = protocol.Refused(str(exc))
-        protocol.send(sock, reply)
+        try:
+            protocol.send(sock, reply)
+        except ConnectionError:  # it died while the keeper did the work (which stands: it is on disk)
+            raise LocalError(f"the {what} ended without a result") from None
 
 
 def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],

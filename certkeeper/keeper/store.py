@@ -9,8 +9,9 @@ How a set is installed, crash-safe at every step:
 1. each new file is written to ``.FILE.certkeeper-new`` in the same directory:
    created with its final owner and mode before any data goes in, fsynced;
 2. the current files are hard-linked to ``FILE.prev`` (the previous set);
-3. a journal naming the four files is written to ``STATE/journal/NAME.json``
-   and fsynced: from here on the install counts as done;
+3. the certificate's hooks are marked as owed (``STATE/journal/NAME.reload-pending``,
+   see below), then a journal naming the four files is written to
+   ``STATE/journal/NAME.json`` and fsynced: from here on the install counts as done;
 4. each temp file is renamed over its final name, the directories fsynced;
 5. the journal is removed.
 
@@ -21,6 +22,16 @@ A journal that cannot be read, or names other files than this certificate's
 four and their temp files, is moved aside (``files.set_aside``) and treated as
 absent: only this certificate is affected (the planner renews a set whose key
 and certificate no longer match), and no file it names is touched.
+
+Services load what is on disk only when their hooks run, which happens after
+the install, in another process (the network worker asks for it) that may die
+first. So every install (a renewal, a recovery, a repair, a rollback) leaves a
+*reload marker* naming the certificate's hooks, written before the journal, and
+each hook that then runs successfully for the certificate is struck off
+(``reloaded``); the marker goes when none is left. ``pending_reload`` says which
+hooks are still owed: the keeper reports the set as one whose services must
+load it (``LocalKeeper.inspect``), and the next run reloads them. A marker left
+by an install that a crash discarded only costs one reload of the same set.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from certkeeper.core.files import fsync_dir, set_aside, set_aside_copies, temp_p
 log = logging.getLogger(__name__)
 
 PREV_SUFFIX = ".prev"
+RELOAD_SUFFIX = ".reload-pending"  # STATE/journal/NAME.reload-pending: hooks owed for the set on disk
 ROLES = ("key", "cert", "chain", "fullchain")
 
 
@@ -116,8 +128,8 @@ class CertificateStore:
     def repair(self, cert: CertificateConfig) -> str:
         """Rebuild a missing or damaged chain or full-chain file from the other one (no CA needed).
 
-        Returns what was done, or "" when nothing could or needed to be. Services are
-        not reloaded: they keep what they loaded; the next renewal reloads them.
+        Returns what was done, or "" when nothing could or needed to be. Like any install, it
+        leaves the certificate's hooks owed (``pending_reload``): the run that repaired reloads them.
         """
         problem = self.check(cert)
         current = self.read(cert)
@@ -146,6 +158,7 @@ class CertificateStore:
         if keep_previous:
             for role in ROLES:
                 _link_previous(paths[role])
+        self._mark_reload(cert)
         journal = self._journal(cert)
         write_json_atomic(journal, {role: [str(temps[role]), str(paths[role])] for role in ROLES})
         self._finish(journal)
@@ -183,6 +196,38 @@ class CertificateStore:
         for cert in certificates:
             self.recover(cert)
 
+    def pending_reload(self, cert: CertificateConfig) -> tuple[str, ...]:
+        """The hooks of ``cert`` that have not run since a set was installed (see the module comment).
+
+        A marker naming none of the certificate's hooks now (they were removed from the configuration)
+        is removed; one that cannot be read counts as owing every hook."""
+        marker = self._reload_marker(cert)
+        try:
+            fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as file:
+                owed = json.loads(file.read(65536))
+            if not isinstance(owed, list):
+                raise ValueError("not a list")
+        except FileNotFoundError:
+            return ()
+        except (OSError, ValueError):
+            owed = list(cert.hooks)
+        pending = tuple(h for h in cert.hooks if h in owed)
+        if not pending:
+            self._clear_reload(cert)
+        return pending
+
+    def reloaded(self, cert: CertificateConfig, hook: str) -> None:
+        """``hook`` ran successfully for ``cert``: it is no longer owed for the set on disk."""
+        pending = self.pending_reload(cert)
+        if hook not in pending:
+            return
+        left = [h for h in pending if h != hook]
+        if left:
+            write_json_atomic(self._reload_marker(cert), left)
+        else:
+            self._clear_reload(cert)
+
     def set_aside_journals(self, cert: CertificateConfig) -> list[Path]:
         """Install journals of ``cert`` that were set aside as unreadable."""
         return set_aside_copies(self._journal(cert))
@@ -191,6 +236,21 @@ class CertificateStore:
 
     def _journal(self, cert: CertificateConfig) -> Path:
         return self.journal_dir / f"{cert.name}.json"
+
+    def _reload_marker(self, cert: CertificateConfig) -> Path:
+        return self.journal_dir / f"{cert.name}{RELOAD_SUFFIX}"
+
+    def _mark_reload(self, cert: CertificateConfig) -> None:
+        if cert.hooks:
+            write_json_atomic(self._reload_marker(cert), list(cert.hooks))
+
+    def _clear_reload(self, cert: CertificateConfig) -> None:
+        marker = self._reload_marker(cert)
+        try:
+            marker.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(marker.parent)
 
     def _finish(self, journal: Path) -> None:
         try:

@@ -198,11 +198,13 @@ class Renewer:
         else:
             outcomes = {}
         renewed = [c for c in due if outcomes[c.name].status == "renewed"]
-        # An install a crash interrupted was finished by the keeper (store.recover): what is on disk
-        # changed, so its hooks run and verify it as after a renewal.
+        # An install a crash interrupted was finished by the keeper (store.recover), or an install's hooks
+        # never ran (the worker that would have run them died): what is on disk is not what the services
+        # loaded, so its hooks run and verify it as after a renewal.
         recovered = [c for c in selected if c.name in self._recovered and c not in renewed]
         for cert in recovered:
-            progress(f"{cert.name}: an interrupted install was finished; reloading its services")
+            progress(f"{cert.name}: its services have not loaded the certificate on disk (an install was "
+                     "interrupted); reloading them")
         failures = self._reload(renewed + recovered, progress)
         self._recovered.difference_update(c.name for c in recovered)
         for cert in selected:
