@@ -325,7 +325,7 @@ class ListenerChallenges(ChallengeTable):
         self.link = link
         self._start = start
 
-    def add(self, token: str, key_authorization: str) -> None:
+    def add(self, token: str, key_authorization: str, name: str = "") -> None:
         super().add(token, key_authorization)
         if self._start is not None:
             self._start()
