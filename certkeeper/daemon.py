@@ -40,6 +40,9 @@ owns the process behaviour:
   a date job) returns when the next step is due, and a date job is planned
   then; ``rotate-dkim`` asks the daemon (``schedule-dkim`` on the control
   socket) to plan from the state it just wrote.
+- **[fleet]**: one long-running fleet-watch worker (``Daemon.fleet_watch``):
+  other hosts' HTTP-01 tokens for this host's names go to the listener, and a
+  rotator that died (its lease expired) makes the DKIM job run here at once.
 - **Control socket**: ``renew [--force] [NAME...]`` runs a worker, with progress
   lines streamed back; ``status`` is read here (no worker, no network). The
   keeper holds one lock per certificate name around each renew worker.

@@ -303,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         log.error("%s job: internal error: %s: %s", start.job, type(exc).__name__, message)
         _say(sock, f"certkeeper: internal error: {type(exc).__name__}: {message}")
-    protocol.send(sock, protocol.Exit(code, soonest.isoformat() if soonest else ""))
+    try:
+        protocol.send(sock, protocol.Exit(code, soonest.isoformat() if soonest else ""))
+    except OSError:  # the keeper is gone already (a CLI whose output pipe closed): nobody to tell
+        log.debug("%s job: the keeper went away before the exit", start.job)
     return code
 
 

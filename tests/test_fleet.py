@@ -463,7 +463,7 @@ def test_an_mta_sts_id_is_published_only_for_a_policy_every_live_host_serves(mak
     """Half-way through a config roll-out the hosts serve different policies: neither id is published, and the
     TLSRPT record of that domain waits with it; once both serve the same policy, both may publish its id."""
     mx1 = mta_sts_host(make_host, "mx1", ["mx1.example.test", "mx2.example.test"])
-    mx2 = mta_sts_host(make_host, "mx2", ["mx1.example.test"])
+    mx2 = mta_sts_host(make_host, "mx2", ["mx1.example.test", "mx2.example.test", "mx3.example.test"])
     assert fleet.agreed_policies(mx1.config, lambda _: None, T0) == ("example.test",)  # nobody else seen yet
     lines: list[str] = []
     assert fleet.agreed_policies(mx2.config, lines.append, T0) == ()
@@ -478,6 +478,36 @@ def test_an_mta_sts_id_is_published_only_for_a_policy_every_live_host_serves(mak
     assert fleet.agreed_policies(mx1.config, lambda _: None, T0) == ("example.test",)
     # A host not seen within live_within does not hold anyone back.
     assert fleet.agreed_policies(mx2.config, lambda _: None, T0 + 2 * DAY) == ("example.test",)
+
+
+def test_an_mta_sts_id_waits_until_its_mx_covers_every_live_hosts_mx_name(make_host) -> None:
+    """A policy that leaves out a live host's MX name would make senders in enforce mode refuse that host."""
+    mx1 = mta_sts_host(make_host, "mx1", ["mx1.example.test", "mx2.example.test"])
+    mx3 = mta_sts_host(make_host, "mx3", ["mx1.example.test", "mx2.example.test"])  # mx3 forgot itself
+    assert mx1.config.fleet.mx == ("mx1.example.test",)  # [fleet] mx: by default the host's name
+    assert fleet.agreed_policies(mx1.config, lambda _: None, T0) == ("example.test",)
+    lines: list[str] = []
+    assert fleet.agreed_policies(mx3.config, lines.append, T0) == ()
+    assert lines == ["_mta-sts.example.test: not published: its mx does not cover mx3.example.test "
+                     "(mx3.example.test), an MX host of the fleet; list every host's MX name in [[mta_sts]] mx on "
+                     "every host"]
+    assert fleet.agreed_policies(mx1.config, lambda _: None, T0) == ()  # mx3 is live and not covered
+    # One wildcard pattern covering every host, on both: published.
+    wild = [Host(h.name, h.dir, dataclasses.replace(mta_sts_host(make_host, f"{h.name}w", ["*.example.test"]).config,
+                                                    fleet=h.config.fleet)) for h in (mx1, mx3)]
+    for h in wild:  # each writes its new id: the first still sees the other's old one
+        fleet.agreed_policies(h.config, lambda _: None, T0)
+    assert [fleet.agreed_policies(h.config, lambda _: None, T0) for h in wild] == [("example.test",)] * 2
+
+
+def test_fleet_mx_is_this_hosts_list_of_mx_names() -> None:
+    base = ('[fleet]\nbackend = "etcd"\nendpoints = ["http://127.0.0.1:2379"]\nhost = "mx1.example.test"\n'
+            'secret_file = "/k"\n')
+    assert parse(base + 'mx = ["MX1.example.test.", "smtp.example.test"]\n').fleet.mx == (
+        "mx1.example.test", "smtp.example.test")
+    with pytest.raises(ConfigError) as err:
+        parse(base + 'mx = ["not a name"]\n')
+    assert any("fleet.mx[1]: 'not a name' is not" in line for line in err.value.lines), err.value.lines
 
 
 def test_the_worker_is_handed_the_etcd_client_files_but_never_the_fleet_secret(tmp_path: Path) -> None:

@@ -7,8 +7,11 @@ coordination; certkeeper adds no lock of its own:
 - **one rotator**: a host campaigns by creating ``PREFIX/leader`` in a
   transaction that succeeds only while the key does not exist
   (``create_revision == 0``), attached to a lease of ``lease_ttl`` seconds that
-  it keeps alive while it works. If it dies the lease expires and the key with
-  it: the next host to run takes over.
+  it keeps alive while it works, and resigns at the end (the delete and
+  ``PREFIX/released`` in one transaction). If it dies the lease expires and
+  the key with it: every daemon's fleet-watch worker (``watch``) sees a delete
+  that is no resignation and has its daemon run the DKIM job at once, so the
+  rotation is taken over within the lease TTL, not at the next hourly run.
 - **the rotation state** of each [[dkim]] domain is ``PREFIX/dkim/DOMAIN/state``
   (the JSON of ``rotation.DomainState``). The rotator writes it in transactions
   that compare its mod revision with the one read *and* the leader key's with
@@ -28,6 +31,13 @@ coordination; certkeeper adds no lock of its own:
 - ``rotate-dkim --now`` on several hosts at once is one rotation: the request
   is a transaction on the state's revision, and a request that finds a pending
   key joins it.
+
+- **HTTP-01 for a name several hosts serve** (``mta-sts.DOMAIN`` behind
+  round-robin DNS): the renew worker's ``SharedChallenges`` puts each token in
+  ``PREFIX/http01/TOKEN`` on a lease of the order's timeout; every other
+  daemon's fleet-watch worker hands it to its keeper, which has its listener
+  answer it for a name that host serves (the listener never talks to etcd),
+  and acknowledges it; the CA is told to validate once every watching host has.
 
 When etcd cannot be reached nothing changes on this host: it keeps signing with
 the keys it has, and no rotation happens until etcd is back.
@@ -712,9 +722,10 @@ def rotate_now(config: Config, item: DkimConfig, now: datetime, emergency: bool,
 
 def agreed_policies(config: Config, progress: Progress, now: datetime) -> tuple[str, ...]:
     """The MTA-STS and TLSRPT domains this host may publish for: each host writes the ids of the policies it
-    serves to ``PREFIX/mta-sts/HOST``; a domain whose policy another live host serves differently (a config
-    rolled out to some hosts only) is held back, so senders never see an id flip between hosts' policies.
-    None while etcd cannot be reached: the records stay as they are."""
+    serves and its MX names (``[fleet] mx``) to ``PREFIX/mta-sts/HOST``; a domain whose policy another live host
+    serves differently (a config rolled out to some hosts only) is held back, so senders never see an id flip
+    between hosts' policies, and so is a policy whose mx does not cover every live host's MX names (senders in
+    enforce mode would refuse that host). None while etcd cannot be reached: the records stay as they are."""
     from certkeeper.core import mtasts_state
     from certkeeper.core.mtasts import Policy
     from certkeeper.network.mtasts_publish import tlsrpt_domains
@@ -724,7 +735,7 @@ def agreed_policies(config: Config, progress: Progress, now: datetime) -> tuple[
     ids.update({m.domain: Policy.from_config(m).policy_id() for m in config.mta_sts})
     try:
         with Etcd(config.fleet) as etcd:
-            mine = {"host": host, "at": now.isoformat(), "ids": ids}
+            mine = {"host": host, "at": now.isoformat(), "ids": ids, "mx": list(config.fleet.mx)}
             etcd.put(etcd.key("mta-sts", host), json.dumps(mine, sort_keys=True).encode())
             others = []
             for _, value in etcd.get_prefix(etcd.key("mta-sts")):
@@ -739,6 +750,17 @@ def agreed_policies(config: Config, progress: Progress, now: datetime) -> tuple[
         progress(f"fleet: {exc}; MTA-STS and TLSRPT records are left as they are until etcd is back")
         return ()
     held: set[str] = set()
+    fleet_mx = {host: list(config.fleet.mx)}  # every live host's MX names: each policy's mx must cover them
+    fleet_mx.update({str(o["host"]): [str(n) for n in o.get("mx") or []] for o in others})
+    for m in config.mta_sts:
+        if m.mode == "none":
+            continue
+        outside = sorted(f"{n} ({h})" for h, names in fleet_mx.items() for n in names
+                         if not any(_covers(pattern, n) for pattern in m.mx))
+        if outside:  # senders in enforce mode would refuse to deliver to that host: keep the id as it is
+            progress(f"_mta-sts.{m.domain}: not published: its mx does not cover {', '.join(outside)}, an MX host "
+                     "of the fleet; list every host's MX name in [[mta_sts]] mx on every host")
+            held.add(m.domain)
     for domain, policy_id in sorted(ids.items()):
         differ = sorted(f"{o['host']} serves id={o['ids'][domain] or 'none'}" for o in others
                         if isinstance(o.get("ids"), dict) and domain in o["ids"] and o["ids"][domain] != policy_id)
@@ -747,6 +769,14 @@ def agreed_policies(config: Config, progress: Progress, now: datetime) -> tuple[
                      f"{'; '.join(differ)}; make [[mta_sts]] the same on every host")
             held.add(domain)
     return tuple(d for d in sorted(set(ids) | set(tlsrpt_domains(config))) if d not in held)
+
+
+def _covers(pattern: str, name: str) -> bool:
+    """RFC 8461 4.1: an mx pattern matches the name, or with "*." any name one label below its rest."""
+    pattern, name = pattern.lower().rstrip("."), name.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return "." in name and name.split(".", 1)[1] == pattern[2:]
+    return pattern == name
 
 
 # ---------------------------------------------------------------------------
