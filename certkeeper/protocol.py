@@ -65,7 +65,7 @@ class Secret:
 @message
 @dataclass(frozen=True)
 class Start:
-    job: str  # renew | publish | hourly | verify | rotate | dns-check
+    job: str  # renew | publish | hourly | verify | rotate | dns-check | adopt | fleet-watch
     args: str  # JSON object: the job's arguments
     config_path: str
     config_text: str  # the configuration the keeper runs with

@@ -627,3 +627,27 @@ def test_a_rotator_that_dies_is_taken_over_at_once_one_that_resigns_is_not(bind,
     w2.wait(lambda: w2.takeovers == ["mx1.example.test"], mx1.config.fleet.lease_ttl + 5, "the takeover")
     assert time.monotonic() - started <= mx1.config.fleet.lease_ttl + 5
     assert any("the rotator mx1.example.test is gone" in x for x in w2.lines), w2.lines
+
+
+def test_without_etcd_an_order_goes_on_with_this_hosts_listener_alone(tmp_path: Path) -> None:
+    secret = tmp_path / "fleet.secret"
+    secret.write_bytes(os.urandom(48))
+    secret.chmod(0o600)
+    from tests.fixtures.peers import free_port
+
+    config = parse(f'state_dir = "{tmp_path / "state"}"\n[fleet]\nbackend = "etcd"\n'
+                   f'endpoints = ["http://127.0.0.1:{free_port()}"]\nhost = "mx1.example.test"\n'
+                   f'secret_file = "{secret}"\n', tmp_path / "certkeeper.toml")
+    local = LocalKeeper(config).challenges
+    shared = fleet.SharedChallenges(config, local)
+    try:
+        started = time.monotonic()
+        shared.add("tok1", "tok1.thumb", name="mta-sts.example.test")
+        shared.add("tok2", "tok2.thumb", name="mta-sts.example.test")  # etcd is not tried again in this job
+        assert time.monotonic() - started < 3 * fleet.REQUEST_TIMEOUT
+        assert local.get("tok1") == "tok1.thumb" and local.get("tok2") == "tok2.thumb"
+        shared.remove("tok1")
+        assert local.get("tok1") is None
+    finally:
+        shared.close()
+    assert len(local) == 0

@@ -843,7 +843,7 @@ class SharedChallenges(ChallengeTable):
         self.local.remove(token)
 
     def close(self) -> None:
-        for token in list(self._leases):
+        for token in self.tokens():
             self.remove(token)
         if self._etcd is not None:
             self._etcd.close()
