@@ -45,6 +45,9 @@ owns the process behaviour:
   a date job) returns when the next step is due, and a date job is planned
   then; ``rotate-dkim`` asks the daemon (``schedule-dkim`` on the control
   socket) to plan from the state it just wrote.
+- **[fleet]**: one long-running fleet-watch worker (``Daemon.fleet_watch``):
+  other hosts' HTTP-01 tokens for this host's names go to the listener, and a
+  rotator that died (its lease expired) makes the DKIM job run here at once.
 - **Control socket**: ``renew [--force] [NAME...]`` runs a worker, with progress
   lines streamed back; ``status`` is read here (no worker, no network). The
   keeper holds one lock per certificate name around each renew worker.
@@ -106,6 +109,7 @@ STOP_GRACE = 2.5  # seconds workers in progress get at SIGTERM (the whole stop s
 HOURLY = timedelta(hours=1)
 METRICS_EVERY = timedelta(seconds=15)  # how stale /metrics may be at most
 RECONCILE_EVERY = timedelta(minutes=1)  # how soon a dead listener is started again
+FLEET_WATCH_RETRY = 10.0  # seconds before a fleet-watch worker that ended is started again
 
 _HELD: list[int] = []  # signals that came between hold_signals() and the loop's handlers
 
@@ -202,6 +206,9 @@ class Daemon:
         self.name_locks: dict[str, asyncio.Lock] = {}
         self.job_locks: dict[str, asyncio.Lock] = {}  # one run of each background job at a time
         self.control: control.ControlServer | None = None
+        self.watcher: privsep.WorkerProcess | None = None  # [fleet]: the long-running fleet-watch worker
+        self.watch_again = asyncio.Event()  # SIGHUP: the fleet-watch worker starts again with the new config
+        self.watching = False  # the fleet-watch loop runs
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- life cycle ----------------------------------------------------------------
@@ -249,6 +256,7 @@ class Daemon:
         log.info("started (pid %d): %d certificate(s), control socket %s", os.getpid(),
                  len(self.config.certificates), self.config.control_socket)
         self._spawn(self.startup())
+        self._spawn(self.fleet_watch())
         await self.stopping.wait()
         await self.stop()
         return 0
@@ -263,6 +271,7 @@ class Daemon:
         """No new work; workers get ``STOP_GRACE`` with the listener still up (HTTP-01), then go."""
         log.info("stopping")
         self.scheduler.shutdown(wait=False)
+        self._end_watcher()
         if self.control is not None:
             await self.control.stop()
         running = [w for w in self.workers if w.proc is not None]
@@ -386,6 +395,59 @@ class Daemon:
             return
         self.scheduler.add_job(self.check, DateTrigger(when), args=[why], id="soonest", replace_existing=True)
         log.info("next renewal check at %s (%s)", when.strftime("%Y-%m-%d %H:%M:%S UTC"), why)
+
+    # -- [fleet] -----------------------------------------------------------------------
+
+    async def fleet_watch(self) -> None:
+        """[fleet]: one long-running fleet-watch worker (``network.fleet.watch``, unprivileged like every
+        worker): it hands the other hosts' HTTP-01 tokens for this host's names to this keeper, whose listener
+        answers them, and asks for the DKIM job at once when a rotator's lease expires without it resigning,
+        so a rotation a dead host left is taken over within the lease TTL. Started again if it ends."""
+        self.watching = True
+        try:
+            await self._fleet_watch()
+        finally:
+            self.watching = False
+
+    async def _fleet_watch(self) -> None:
+        while not self.stopping.is_set() and self.config.fleet.enabled:
+            config, text = self.config, self.config_text
+            worker = privsep.WorkerProcess(config, text, "fleet-watch", {}, self.foreground, self.verbosity)
+            challenges = privsep.ListenerChallenges(self.listener)
+            keeper = LocalKeeper(config, challenges, self.installed, self.store, on_takeover=self._takeover)
+            self.watcher = worker
+            self.watch_again.clear()
+            try:
+                await asyncio.to_thread(worker.start)
+                await asyncio.to_thread(worker.serve, keeper, _log_line, privsep.idle_timeout(config))
+            except Exception as exc:  # noqa: BLE001 - logged; started again
+                if not worker.cancelled:
+                    log.error("fleet watch: %s", " ".join(str(exc).split()))
+            finally:
+                worker.cancelled = True
+                worker.kill()
+                self.watcher = None
+                await asyncio.to_thread(challenges.clear)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping_or_reloaded(), FLEET_WATCH_RETRY)
+
+    async def _stopping_or_reloaded(self) -> None:
+        done, pending = await asyncio.wait([asyncio.ensure_future(self.stopping.wait()),
+                                            asyncio.ensure_future(self.watch_again.wait())],
+                                           return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+
+    def _end_watcher(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancelled = True
+            self.watcher.kill()
+
+    def _takeover(self, leader: str) -> None:
+        """In the fleet-watch worker's thread: a rotator died; this host's DKIM job runs now (after one in
+        progress: runs of a job never overlap) and, if it wins the election, finishes the rotation."""
+        log.info("fleet: %s stopped without resigning; running the DKIM job now", leader)
+        asyncio.run_coroutine_threadsafe(self.background("hourly"), self.loop)
 
     # -- work -----------------------------------------------------------------------
 
@@ -599,6 +661,11 @@ class Daemon:
             self.config, self.config_text, self.store = new, text, store
             # A listener started again later (it died) starts from this configuration.
             self.listener.config, self.listener.config_text = new, text
+            if new.fleet.enabled or self.watcher is not None:  # the watcher follows the new [fleet]
+                self._end_watcher()
+                self.watch_again.set()
+                if not self.watching:
+                    self._spawn(self.fleet_watch())
             log.info("configuration reloaded: %d certificate(s)", len(new.certificates))
         await self.push_metrics()
         await self.check("configuration reloaded")

@@ -281,19 +281,23 @@ def account_key(config: Config, authority: str = "") -> bytes:
     0600) at its first use."""
     acme = config.authority(authority or config.default_authority)
     path = acme.account_key
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise LocalError(f"{path}: cannot read the ACME account key: {exc.strerror}") from None
-    from certkeeper.core import certs
+    with _ACCOUNT_KEY_LOCK:  # two workers starting at once (a job and the fleet-watch worker) make one key
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise LocalError(f"{path}: cannot read the ACME account key: {exc.strerror}") from None
+        from certkeeper.core import certs
 
-    pem = certs.generate_key(acme.account_key_type)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomic(path, pem, 0o600)
+        pem = certs.generate_key(acme.account_key_type)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(path, pem, 0o600)
     log.info("created ACME account key %s (%s)", path, acme.account_key_type)
     return pem
+
+
+_ACCOUNT_KEY_LOCK = threading.Lock()
 
 
 def handed_secrets(config: Config) -> dict[str, bytes]:
@@ -447,7 +451,7 @@ class ListenerChallenges(ChallengeTable):
         self.link = link
         self._start = start
 
-    def add(self, token: str, key_authorization: str) -> None:
+    def add(self, token: str, key_authorization: str, name: str = "") -> None:
         super().add(token, key_authorization)
         if self._start is not None:
             self._start()

@@ -65,7 +65,7 @@ class Secret:
 @message
 @dataclass(frozen=True)
 class Start:
-    job: str  # renew | publish | hourly | verify | rotate | dns-check
+    job: str  # renew | publish | hourly | verify | rotate | dns-check | adopt | fleet-watch
     args: str  # JSON object: the job's arguments
     config_path: str
     config_text: str  # the configuration the keeper runs with
@@ -241,6 +241,23 @@ class Unchallenge:
     token: str
 
 
+@message
+@dataclass(frozen=True)
+class SharedChallenge:
+    """[fleet]: another host's HTTP-01 token (the fleet-watch worker), answered here only for a name this
+    host serves (answered by Ok)."""
+    token: str
+    key_authorization: str
+    name: str
+
+
+@message
+@dataclass(frozen=True)
+class Takeover:
+    """[fleet]: the rotator's lease expired without it resigning: the daemon runs the DKIM job now (Ok)."""
+    leader: str
+
+
 # Notifications (no reply).
 
 
@@ -248,6 +265,13 @@ class Unchallenge:
 @dataclass(frozen=True)
 class Line:
     text: str
+
+
+@message
+@dataclass(frozen=True)
+class Alive:
+    """A long-running worker (fleet-watch) is well; no reply (the keeper's idle timeout starts again)."""
+    pass
 
 
 @message

@@ -65,14 +65,28 @@ def _guard(what: str, work: Callable[[], object]) -> None:
 
 
 def job_renew(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:
-    from certkeeper.network.alerts import Alerter
-    from certkeeper.network.runner import Renewer, format_outcome
-
     line = _liner(keeper)
     dry_run = str(args.get("directory") or "") if args.get("dry_run") else ""
     if args.get("dry_run") and not dry_run:
         line("certkeeper: renew --dry-run needs [acme] staging or --directory URL")
         return 1, None
+    shared = None
+    if config.fleet.enabled:  # HTTP-01 tokens through etcd too: the CA may ask any host of a round-robin name
+        from certkeeper.network import fleet
+
+        shared = keeper.challenges = fleet.SharedChallenges(config, keeper.challenges)
+    try:
+        return _renew(config, args, keeper, line, dry_run)
+    finally:
+        if shared is not None:
+            shared.close()
+
+
+def _renew(config: Config, args: dict[str, Any], keeper: PipeKeeper, line: Callable[[str], None],
+           dry_run: str) -> tuple[int, datetime | None]:
+    from certkeeper.network.alerts import Alerter
+    from certkeeper.network.runner import Renewer, format_outcome
+
     renewer = Renewer(config, keeper=keeper, dry_run=dry_run)
     reason = args.get("revoke")
     if reason:  # `certkeeper revoke NAME`: revoke, then renew at once with a fresh key
@@ -231,8 +245,20 @@ def job_dns_check(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> t
     return (0 if not bad else 1), None
 
 
+def job_fleet_watch(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tuple[int, datetime | None]:
+    """[fleet], the daemon's long-running worker: the other hosts' HTTP-01 tokens for this host's listener, and
+    the DKIM job at once when a rotator dies (``fleet.watch``); it runs until the daemon stops it."""
+    from certkeeper.network import fleet
+
+    if not config.fleet.enabled:
+        return 0, None
+    fleet.watch(config, keeper, _liner(keeper), lambda: keeper.notify(protocol.Alive()))
+    return 0, None
+
+
 JOBS: dict[str, Job] = {"renew": job_renew, "publish": job_publish, "hourly": job_hourly, "rotate": job_rotate,
-                        "adopt": job_adopt, "verify": job_verify, "dns-check": job_dns_check}
+                        "adopt": job_adopt, "verify": job_verify, "dns-check": job_dns_check,
+                        "fleet-watch": job_fleet_watch}
 
 
 def _liner(keeper: PipeKeeper) -> Callable[[str], None]:

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -462,7 +463,7 @@ def test_an_mta_sts_id_is_published_only_for_a_policy_every_live_host_serves(mak
     """Half-way through a config roll-out the hosts serve different policies: neither id is published, and the
     TLSRPT record of that domain waits with it; once both serve the same policy, both may publish its id."""
     mx1 = mta_sts_host(make_host, "mx1", ["mx1.example.test", "mx2.example.test"])
-    mx2 = mta_sts_host(make_host, "mx2", ["mx1.example.test"])
+    mx2 = mta_sts_host(make_host, "mx2", ["mx1.example.test", "mx2.example.test", "mx3.example.test"])
     assert fleet.agreed_policies(mx1.config, lambda _: None, T0) == ("example.test",)  # nobody else seen yet
     lines: list[str] = []
     assert fleet.agreed_policies(mx2.config, lines.append, T0) == ()
@@ -477,6 +478,36 @@ def test_an_mta_sts_id_is_published_only_for_a_policy_every_live_host_serves(mak
     assert fleet.agreed_policies(mx1.config, lambda _: None, T0) == ("example.test",)
     # A host not seen within live_within does not hold anyone back.
     assert fleet.agreed_policies(mx2.config, lambda _: None, T0 + 2 * DAY) == ("example.test",)
+
+
+def test_an_mta_sts_id_waits_until_its_mx_covers_every_live_hosts_mx_name(make_host) -> None:
+    """A policy that leaves out a live host's MX name would make senders in enforce mode refuse that host."""
+    mx1 = mta_sts_host(make_host, "mx1", ["mx1.example.test", "mx2.example.test"])
+    mx3 = mta_sts_host(make_host, "mx3", ["mx1.example.test", "mx2.example.test"])  # mx3 forgot itself
+    assert mx1.config.fleet.mx == ("mx1.example.test",)  # [fleet] mx: by default the host's name
+    assert fleet.agreed_policies(mx1.config, lambda _: None, T0) == ("example.test",)
+    lines: list[str] = []
+    assert fleet.agreed_policies(mx3.config, lines.append, T0) == ()
+    assert lines == ["_mta-sts.example.test: not published: its mx does not cover mx3.example.test "
+                     "(mx3.example.test), an MX host of the fleet; list every host's MX name in [[mta_sts]] mx on "
+                     "every host"]
+    assert fleet.agreed_policies(mx1.config, lambda _: None, T0) == ()  # mx3 is live and not covered
+    # One wildcard pattern covering every host, on both: published.
+    wild = [Host(h.name, h.dir, dataclasses.replace(mta_sts_host(make_host, f"{h.name}w", ["*.example.test"]).config,
+                                                    fleet=h.config.fleet)) for h in (mx1, mx3)]
+    for h in wild:  # each writes its new id: the first still sees the other's old one
+        fleet.agreed_policies(h.config, lambda _: None, T0)
+    assert [fleet.agreed_policies(h.config, lambda _: None, T0) for h in wild] == [("example.test",)] * 2
+
+
+def test_fleet_mx_is_this_hosts_list_of_mx_names() -> None:
+    base = ('[fleet]\nbackend = "etcd"\nendpoints = ["http://127.0.0.1:2379"]\nhost = "mx1.example.test"\n'
+            'secret_file = "/k"\n')
+    assert parse(base + 'mx = ["MX1.example.test.", "smtp.example.test"]\n').fleet.mx == (
+        "mx1.example.test", "smtp.example.test")
+    with pytest.raises(ConfigError) as err:
+        parse(base + 'mx = ["not a name"]\n')
+    assert any("fleet.mx[1]: 'not a name' is not" in line for line in err.value.lines), err.value.lines
 
 
 def test_the_worker_is_handed_the_etcd_client_files_but_never_the_fleet_secret(tmp_path: Path) -> None:
@@ -494,3 +525,129 @@ def test_the_worker_is_handed_the_etcd_client_files_but_never_the_fleet_secret(t
     for name in ("ca.pem", "client.pem", "client.key", "password"):
         assert handed[str(files[name])] == f"content of {name}\n".encode()
     assert str(files["fleet.key"]) not in handed
+
+
+# -- the fleet-watch worker: shared HTTP-01 tokens, a dead rotator taken over at once ----------------
+
+
+@dataclass
+class Watching:
+    host: Host
+    keeper: LocalKeeper
+    takeovers: list[str]
+    lines: list[str]
+    stop: threading.Event
+    thread: threading.Thread
+
+    def wait(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert self.thread.is_alive(), "the watcher ended"
+            assert time.monotonic() < deadline, f"{what} not within {timeout} s: {self.lines}"
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def watching():
+    """``start(host)``: the host's fleet-watch loop in a thread, with an in-process keeper; stopped at the end."""
+    started: list[Watching] = []
+
+    def start(host: Host) -> Watching:
+        takeovers: list[str] = []
+        lines: list[str] = []
+        keeper = LocalKeeper(host.config, on_takeover=takeovers.append)
+        stop = threading.Event()
+        thread = threading.Thread(target=fleet.watch, args=(host.config, keeper, lines.append, lambda: None, stop),
+                                  daemon=True)
+        w = Watching(host, keeper, takeovers, lines, stop, thread)
+        thread.start()
+        started.append(w)
+        with fleet.Etcd(host.config.fleet) as etcd:  # registered: orders wait for its acknowledgement
+            w.wait(lambda: etcd.get(etcd.key(fleet.WATCHERS, host.config.fleet.host))[0] is not None, 15,
+                   "registration")
+        return w
+
+    yield start
+    for w in started:
+        w.stop.set()
+    for w in started:
+        w.thread.join(20)
+        assert not w.thread.is_alive()
+
+
+def test_an_http01_token_reaches_the_other_hosts_listener_table_before_the_ca_is_told(make_host, watching) -> None:
+    mx1 = mta_sts_host(make_host, "mx1", ["mx1.example.test", "mx2.example.test"])
+    mx2 = mta_sts_host(make_host, "mx2", ["mx1.example.test", "mx2.example.test"])
+    other = make_host("mx3")  # no [[mta_sts]], no certificate for the name: it acknowledges, never answers
+    w2, w3 = watching(mx2), watching(other)
+    local = LocalKeeper(mx1.config).challenges
+    shared = fleet.SharedChallenges(mx1.config, local)
+    try:
+        shared.add("tok-A_1", "tok-A_1.thumb", name="mta-sts.example.test")
+        # add returned: every watching host has seen it, and mx2's listener table has it already.
+        assert w2.keeper.challenges.get("tok-A_1") == "tok-A_1.thumb"
+        assert local.get("tok-A_1") == "tok-A_1.thumb" and w3.keeper.challenges.get("tok-A_1") is None
+        assert any("answering HTTP-01 for mta-sts.example.test (an order of mx1.example.test)" in x
+                   for x in w2.lines)
+        shared.add("tok-B", "tok-B.thumb", name="mail.elsewhere.test")  # not a name mx2 serves
+        assert w2.keeper.challenges.get("tok-B") is None
+        shared.remove("tok-A_1")
+        w2.wait(lambda: w2.keeper.challenges.get("tok-A_1") is None, 10, "withdrawal")
+        assert local.get("tok-A_1") is None
+    finally:
+        shared.close()
+    assert not [v for v in etcd_values(mx1) if "thumb" in v]  # every token's key went with its lease
+
+
+def test_the_keeper_answers_another_hosts_token_only_for_its_own_names(make_host) -> None:
+    mx2 = mta_sts_host(make_host, "mx2", ["mx2.example.test"])
+    keeper = LocalKeeper(mx2.config)
+    keeper.shared_challenge("t1", "t1.x", "MTA-STS.example.test.")
+    assert keeper.challenges.get("t1") == "t1.x"
+    for token, ka, name in [("t2", "t2.x", "www.example.test"), ("t3", "other.x", "mta-sts.example.test"),
+                            ("t/4", "t/4.x", "mta-sts.example.test")]:
+        with pytest.raises(Refusal):
+            keeper.shared_challenge(token, ka, name)
+    with pytest.raises(Refusal):
+        LocalKeeper(dataclasses.replace(mx2.config, fleet=FleetConfig())).shared_challenge("t1", "t1.x",
+                                                                                         "mta-sts.example.test")
+    for message in (protocol.SharedChallenge("t", "t.x", "n"), protocol.Takeover("mx1"), protocol.Alive()):
+        assert protocol.parse(protocol.render(message)[protocol.HEADER.size:]) == message
+
+
+def test_a_rotator_that_dies_is_taken_over_at_once_one_that_resigns_is_not(bind, make_host, watching) -> None:
+    mx1, mx2 = make_host("mx1"), make_host("mx2")
+    w2 = watching(mx2)
+    assert mx1.run(T0)[0].errors == ()  # a whole run: the rotator resigns at its end
+    time.sleep(mx1.config.fleet.lease_ttl + 1)
+    assert w2.takeovers == []
+    started = time.monotonic()
+    done = crash_run(mx1, T0 + 100 * DAY, "generate")  # the next rotation: mx1 dies half-way
+    assert done.returncode == -9, done.stderr
+    w2.wait(lambda: w2.takeovers == ["mx1.example.test"], mx1.config.fleet.lease_ttl + 5, "the takeover")
+    assert time.monotonic() - started <= mx1.config.fleet.lease_ttl + 5
+    assert any("the rotator mx1.example.test is gone" in x for x in w2.lines), w2.lines
+
+
+def test_without_etcd_an_order_goes_on_with_this_hosts_listener_alone(tmp_path: Path) -> None:
+    secret = tmp_path / "fleet.secret"
+    secret.write_bytes(os.urandom(48))
+    secret.chmod(0o600)
+    from tests.fixtures.peers import free_port
+
+    config = parse(f'state_dir = "{tmp_path / "state"}"\n[fleet]\nbackend = "etcd"\n'
+                   f'endpoints = ["http://127.0.0.1:{free_port()}"]\nhost = "mx1.example.test"\n'
+                   f'secret_file = "{secret}"\n', tmp_path / "certkeeper.toml")
+    local = LocalKeeper(config).challenges
+    shared = fleet.SharedChallenges(config, local)
+    try:
+        started = time.monotonic()
+        shared.add("tok1", "tok1.thumb", name="mta-sts.example.test")
+        shared.add("tok2", "tok2.thumb", name="mta-sts.example.test")  # etcd is not tried again in this job
+        assert time.monotonic() - started < 3 * fleet.REQUEST_TIMEOUT
+        assert local.get("tok1") == "tok1.thumb" and local.get("tok2") == "tok2.thumb"
+        shared.remove("tok1")
+        assert local.get("tok1") is None
+    finally:
+        shared.close()
+    assert len(local) == 0

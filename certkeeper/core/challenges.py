@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import re
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from certkeeper.core.config import Config
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")  # RFC 8555 8.3: base64url, no padding
 
@@ -19,7 +23,8 @@ class ChallengeTable:
         self._lock = threading.Lock()
         self._answers: dict[str, str] = {}
 
-    def add(self, token: str, key_authorization: str) -> None:
+    def add(self, token: str, key_authorization: str, name: str = "") -> None:
+        """``name``: the identifier the token is for (a fleet shares it with the other hosts)."""
         if not _TOKEN.match(token):
             raise ValueError(f"not an ACME token: {token[:40]!r}")
         with self._lock:
@@ -44,3 +49,11 @@ class ChallengeTable:
     def __len__(self) -> int:
         with self._lock:
             return len(self._answers)
+
+
+def served_names(config: Config) -> frozenset[str]:
+    """The names this host may answer another fleet host's HTTP-01 token for: its [[certificate]]s' names
+    and each [[mta_sts]] domain's policy host (behind round-robin DNS, the CA may ask any of the hosts)."""
+    names = {d.lower() for c in config.certificates for d in c.domains}
+    names |= {f"mta-sts.{m.domain}".lower() for m in config.mta_sts}
+    return frozenset(names)

@@ -280,6 +280,7 @@ class FleetConfig:
     secret_file: Path | None = None  # the fleet's shared key: seals DKIM private keys in etcd
     lease_ttl: int = 15  # seconds: the rotator's lease; another host takes over this soon after it dies
     live_within: timedelta = timedelta(hours=3)  # a host whose heartbeat is older is not waited for
+    mx: tuple[str, ...] = ()  # this host's MX name(s), reported to the fleet; default (host,)
 
     @property
     def enabled(self) -> bool:
@@ -1086,7 +1087,7 @@ class _Reader:
     def fleet(self, data: dict[str, Any], certificates: tuple[CertificateConfig, ...]) -> FleetConfig:
         w = "fleet"
         self.table(data, w, {"backend", "endpoints", "prefix", "ca", "cert", "key", "username", "password_file",
-                             "host", "secret_file", "lease_ttl", "live_within"})
+                             "host", "secret_file", "lease_ttl", "live_within", "mx"})
         backend = self.choice(data, w, "backend", ("etcd",), "etcd")
         if "backend" not in data:
             self.error(f"{w}.backend", 'is required ("etcd")')
@@ -1126,6 +1127,9 @@ class _Reader:
             config = replace(config, host=certificates[0].name.lower().rstrip("."))
         else:
             self.error(f"{w}.host", "is required when there is no [[certificate]] (this host's name)")
+        mx = [self.domain(f"{w}.mx[{i + 1}]", name) for i, name in enumerate(self.strings(data, w, "mx"))]
+        default = (config.host,) if config.host else ()
+        config = replace(config, mx=tuple(n for n in mx if n) if "mx" in data else default)
         return config
 
     def cross_check(self, certificates: tuple[CertificateConfig, ...], hooks: dict[str, HookConfig],

@@ -74,7 +74,8 @@ class LocalKeeper:
 
     def __init__(self, config: Config, challenges: ChallengeTable | None = None,
                  on_installed: Callable[[CertificateConfig], None] | None = None,
-                 store: CertificateStore | None = None, dry_run: bool = False) -> None:
+                 store: CertificateStore | None = None, dry_run: bool = False,
+                 on_takeover: Callable[[str], None] | None = None) -> None:
         """``dry_run``: ``renew --dry-run``: an issued chain is checked and never installed; no set is
         written or rolled back, no hook, signer or alert program runs, no DKIM key is made or deleted
         (each such request is a ``Refusal``); challenge records may still be published."""
@@ -82,6 +83,7 @@ class LocalKeeper:
         self.dry_run = dry_run
         self.challenges = challenges if challenges is not None else ChallengeTable()
         self.on_installed = on_installed
+        self.on_takeover = on_takeover  # [fleet]: the daemon runs its DKIM job when a rotator died
         self.store = store if store is not None else CertificateStore(config.state_dir)
         self._pending: dict[str, bytes] = {}  # certificate name → the key its last CSR was made for
         self._reinstalled: set[str] = set()  # names whose kept set was installed again in this run
@@ -524,6 +526,31 @@ class LocalKeeper:
     def zone_remove(self, name: str, rtype: str) -> None:
         self._zonefile().remove(name, rtype)
 
+    # -- [fleet]: the fleet-watch worker --------------------------------------------------
+
+    def shared_challenge(self, token: str, key_authorization: str, name: str) -> None:
+        """Another fleet host's HTTP-01 token: this host's listener answers it too, only for a name this host
+        serves (a [[certificate]]'s or an [[mta_sts]] policy host's) and only as RFC 8555 8.1 builds it."""
+        from certkeeper.core.challenges import served_names
+
+        if not self.config.fleet.enabled:
+            raise Refusal("no [fleet] table: tokens of other hosts are not answered")
+        if name.lower().rstrip(".") not in served_names(self.config):
+            raise Refusal(f"HTTP-01 for {name[:80]!r}: not a name of this host's configuration")
+        if not key_authorization.startswith(token + ".") or len(key_authorization) > 512:
+            raise Refusal("HTTP-01: the key authorization is not TOKEN.THUMBPRINT")
+        try:
+            self.challenges.add(token, key_authorization, name=name)
+        except ValueError as exc:
+            raise Refusal(str(exc)) from None
+
+    def takeover(self, leader: str) -> None:
+        """The rotator's lease expired without it resigning: the daemon runs its DKIM job at once."""
+        if not self.config.fleet.enabled:
+            raise Refusal("no [fleet] table")
+        if self.on_takeover is not None:
+            self.on_takeover(leader[:200])
+
     def _zonefile(self) -> ZonefileBackend:
         if self.config.dns.backend != "zonefile":
             raise Refusal("[dns] backend is not zonefile")
@@ -658,6 +685,8 @@ def serve(sock: socket.socket, keeper: LocalKeeper, emit: Callable[[str], None],
         if isinstance(request, protocol.Line):
             emit(request.text[:MAX_LINE])  # a worker cannot flood the log with one message
             continue
+        if isinstance(request, protocol.Alive):
+            continue
         if isinstance(request, protocol.Exit):
             return WorkerResult(request.code, datetime.fromisoformat(request.next) if request.next else None)
         try:
@@ -741,5 +770,11 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
             return p.Ok()
         case p.Unchallenge(token=token):
             keeper.challenges.remove(token)
+            return p.Ok()
+        case p.SharedChallenge(token=token, key_authorization=key_authorization, name=name):
+            keeper.shared_challenge(token, key_authorization, name)
+            return p.Ok()
+        case p.Takeover(leader=leader):
+            keeper.takeover(leader)
             return p.Ok()
     raise Refusal(f"{type(request).__name__} is not a request the keeper answers")

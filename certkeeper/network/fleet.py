@@ -7,8 +7,11 @@ coordination; certkeeper adds no lock of its own:
 - **one rotator**: a host campaigns by creating ``PREFIX/leader`` in a
   transaction that succeeds only while the key does not exist
   (``create_revision == 0``), attached to a lease of ``lease_ttl`` seconds that
-  it keeps alive while it works. If it dies the lease expires and the key with
-  it: the next host to run takes over.
+  it keeps alive while it works, and resigns at the end (the delete and
+  ``PREFIX/released`` in one transaction). If it dies the lease expires and
+  the key with it: every daemon's fleet-watch worker (``watch``) sees a delete
+  that is no resignation and has its daemon run the DKIM job at once, so the
+  rotation is taken over within the lease TTL, not at the next hourly run.
 - **the rotation state** of each [[dkim]] domain is ``PREFIX/dkim/DOMAIN/state``
   (the JSON of ``rotation.DomainState``). The rotator writes it in transactions
   that compare its mod revision with the one read *and* the leader key's with
@@ -29,6 +32,13 @@ coordination; certkeeper adds no lock of its own:
   is a transaction on the state's revision, and a request that finds a pending
   key joins it.
 
+- **HTTP-01 for a name several hosts serve** (``mta-sts.DOMAIN`` behind
+  round-robin DNS): the renew worker's ``SharedChallenges`` puts each token in
+  ``PREFIX/http01/TOKEN`` on a lease of the order's timeout; every other
+  daemon's fleet-watch worker hands it to its keeper, which has its listener
+  answer it for a name that host serves (the listener never talks to etcd),
+  and acknowledges it; the CA is told to validate once every watching host has.
+
 When etcd cannot be reached nothing changes on this host: it keeps signing with
 the keys it has, and no rotation happens until etcd is back.
 
@@ -40,9 +50,12 @@ to etcd itself).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import queue
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -51,6 +64,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from certkeeper.core import dkim, secrets
+from certkeeper.core.challenges import ChallengeTable, served_names
 from certkeeper.core.config import Config, DkimConfig, FleetConfig
 from certkeeper.core.errors import CertkeeperError, LocalError
 from certkeeper.core.files import write_atomic
@@ -66,6 +80,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 REQUEST_TIMEOUT = 5.0  # seconds for one etcd request
 MAX_CAS_TRIES = 10  # a request for a rotation retried when another writer won the transaction
+RELEASED = "released"  # PREFIX/released: the host of the last rotator that resigned (not died)
+HTTP01 = "http01"  # PREFIX/http01/TOKEN: an HTTP-01 token every host's listener answers
+HTTP01_ACKS = "http01-ack"  # PREFIX/http01-ack/TOKEN/HOST: HOST's fleet-watch worker has seen the token
+WATCHERS = "watchers"  # PREFIX/watchers/HOST: HOST's fleet-watch worker runs (on a lease it keeps alive)
+ACK_WAIT = 10.0  # seconds an order waits for the other hosts' listeners to have its token
+ALIVE_EVERY = 30.0  # seconds: how often the fleet-watch worker tells the keeper it is well
+WATCH_RETRY = (1.0, 60.0)  # seconds the fleet-watch worker waits before it reconnects: first, at most
 STATUS_FILE = "fleet/status.json"
 SIGNING_FILE = "fleet/signing.json"  # which selectors this host's signer uses, per domain
 
@@ -157,6 +178,12 @@ class Etcd:
             self._keepalive.cancel()
         if self.election is not None:
             try:  # resign: the next host need not wait for the lease to expire
+                # PREFIX/released, in the same revision as the delete, tells the watchers this rotator
+                # resigned (nothing to take over), where a lease that expires means it died.
+                t, leader = self.client.transactions, self.key("leader")
+                await self.client.transaction(
+                    compare=[t.mod(leader) == self.election.revision],
+                    success=[t.delete(leader), t.put(self.key(RELEASED), self.fleet.host.encode())], failure=[])
                 await self.client.revoke_lease(self.election.lease_id)
             except Exception as exc:  # noqa: BLE001 - it expires anyway
                 log.debug("fleet: revoking the lease: %s", exc)
@@ -174,8 +201,16 @@ class Etcd:
         got = self._call(self.client.get_prefix(key + b"/"))
         return [(kv.key, kv.value) for kv in got]
 
-    def put(self, key: bytes, value: bytes) -> None:
-        self._call(self.client.put(key, value))
+    def put(self, key: bytes, value: bytes, lease: int | None = None) -> None:
+        self._call(self.client.put(key, value, lease=lease))
+
+    def grant(self, ttl: int) -> int:
+        """A lease of ``ttl`` seconds; its id."""
+        return int(self._call(self.client.lease(ttl)).id)
+
+    def revoke(self, lease: int) -> None:
+        """End the lease (and delete every key on it)."""
+        self._call(self.client.revoke_lease(lease))
 
     def delete(self, key: bytes) -> None:
         self._call(self.client.delete(key))
@@ -687,9 +722,10 @@ def rotate_now(config: Config, item: DkimConfig, now: datetime, emergency: bool,
 
 def agreed_policies(config: Config, progress: Progress, now: datetime) -> tuple[str, ...]:
     """The MTA-STS and TLSRPT domains this host may publish for: each host writes the ids of the policies it
-    serves to ``PREFIX/mta-sts/HOST``; a domain whose policy another live host serves differently (a config
-    rolled out to some hosts only) is held back, so senders never see an id flip between hosts' policies.
-    None while etcd cannot be reached: the records stay as they are."""
+    serves and its MX names (``[fleet] mx``) to ``PREFIX/mta-sts/HOST``; a domain whose policy another live host
+    serves differently (a config rolled out to some hosts only) is held back, so senders never see an id flip
+    between hosts' policies, and so is a policy whose mx does not cover every live host's MX names (senders in
+    enforce mode would refuse that host). None while etcd cannot be reached: the records stay as they are."""
     from certkeeper.core import mtasts_state
     from certkeeper.core.mtasts import Policy
     from certkeeper.network.mtasts_publish import tlsrpt_domains
@@ -699,7 +735,7 @@ def agreed_policies(config: Config, progress: Progress, now: datetime) -> tuple[
     ids.update({m.domain: Policy.from_config(m).policy_id() for m in config.mta_sts})
     try:
         with Etcd(config.fleet) as etcd:
-            mine = {"host": host, "at": now.isoformat(), "ids": ids}
+            mine = {"host": host, "at": now.isoformat(), "ids": ids, "mx": list(config.fleet.mx)}
             etcd.put(etcd.key("mta-sts", host), json.dumps(mine, sort_keys=True).encode())
             others = []
             for _, value in etcd.get_prefix(etcd.key("mta-sts")):
@@ -714,6 +750,17 @@ def agreed_policies(config: Config, progress: Progress, now: datetime) -> tuple[
         progress(f"fleet: {exc}; MTA-STS and TLSRPT records are left as they are until etcd is back")
         return ()
     held: set[str] = set()
+    fleet_mx = {host: list(config.fleet.mx)}  # every live host's MX names: each policy's mx must cover them
+    fleet_mx.update({str(o["host"]): [str(n) for n in o.get("mx") or []] for o in others})
+    for m in config.mta_sts:
+        if m.mode == "none":
+            continue
+        outside = sorted(f"{n} ({h})" for h, names in fleet_mx.items() for n in names
+                         if not any(_covers(pattern, n) for pattern in m.mx))
+        if outside:  # senders in enforce mode would refuse to deliver to that host: keep the id as it is
+            progress(f"_mta-sts.{m.domain}: not published: its mx does not cover {', '.join(outside)}, an MX host "
+                     "of the fleet; list every host's MX name in [[mta_sts]] mx on every host")
+            held.add(m.domain)
     for domain, policy_id in sorted(ids.items()):
         differ = sorted(f"{o['host']} serves id={o['ids'][domain] or 'none'}" for o in others
                         if isinstance(o.get("ids"), dict) and domain in o["ids"] and o["ids"][domain] != policy_id)
@@ -722,6 +769,244 @@ def agreed_policies(config: Config, progress: Progress, now: datetime) -> tuple[
                      f"{'; '.join(differ)}; make [[mta_sts]] the same on every host")
             held.add(domain)
     return tuple(d for d in sorted(set(ids) | set(tlsrpt_domains(config))) if d not in held)
+
+
+def _covers(pattern: str, name: str) -> bool:
+    """RFC 8461 4.1: an mx pattern matches the name, or with "*." any name one label below its rest."""
+    pattern, name = pattern.lower().rstrip("."), name.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return "." in name and name.split(".", 1)[1] == pattern[2:]
+    return pattern == name
+
+
+# ---------------------------------------------------------------------------
+# HTTP-01 for a name several hosts serve, and the takeover of a rotator that died: the fleet-watch job.
+
+
+class SharedChallenges(ChallengeTable):
+    """The renew worker's challenge table in a fleet. Each HTTP-01 token goes to this host's keeper (its
+    listener answers it) as on one host, and to ``PREFIX/http01/TOKEN`` (name, key authorization, host) on a
+    lease of the order's timeout, so that the CA may ask any host behind a round-robin name: every other host's
+    fleet-watch worker hands the token to its keeper, which has its listener answer it (for a name that host
+    serves). ``add`` returns once each watching host has acknowledged the token (at most ``ACK_WAIT``), so the
+    CA is told to validate only then. When etcd cannot be reached the order goes on with this host's
+    listener alone; one host's failing CA or etcd never stops another host's orders. ``close()`` at the end."""
+
+    def __init__(self, config: Config, local: ChallengeTable) -> None:
+        super().__init__()
+        self.config = config
+        self.local = local
+        self.ttl = int(max(config.authority(n).order_timeout for n in config.authorities)) + 60
+        self._etcd: Etcd | None = None
+        self._unreachable = False
+        self._leases: dict[str, int] = {}
+        self._connecting = threading.Lock()
+
+    def _connected(self) -> Etcd | None:
+        with self._connecting:
+            if self._etcd is None and not self._unreachable:
+                try:
+                    self._etcd = Etcd(self.config.fleet)
+                except FleetError as exc:
+                    self._unreachable = True
+                    log.warning("fleet: %s; HTTP-01 tokens are answered by this host only", exc)
+            return self._etcd
+
+    def add(self, token: str, key_authorization: str, name: str = "") -> None:
+        self.local.add(token, key_authorization, name=name)
+        super().add(token, key_authorization, name=name)
+        etcd = self._connected()
+        if etcd is None:
+            return
+        host = self.config.fleet.host
+        value = json.dumps({"name": name, "key_authorization": key_authorization, "host": host}, sort_keys=True)
+        try:
+            lease = etcd.grant(self.ttl)
+            self._leases[token] = lease
+            etcd.put(etcd.key(HTTP01, token), value.encode(), lease=lease)
+            missing = wait_for_acks(etcd, token, host, ACK_WAIT)
+        except FleetError as exc:
+            log.warning("fleet: HTTP-01 for %s: the token is answered by this host only: %s", name, exc)
+            return
+        if missing:
+            log.warning("fleet: HTTP-01 for %s: %s did not acknowledge the token within %g s", name,
+                        ", ".join(missing), ACK_WAIT)
+
+    def remove(self, token: str) -> None:
+        super().remove(token)
+        lease = self._leases.pop(token, None)
+        if lease is not None and self._etcd is not None:
+            try:
+                self._etcd.revoke(lease)  # the token's key and every host's acknowledgement go with it
+            except FleetError as exc:
+                log.warning("fleet: withdrawing an HTTP-01 token: %s (its lease ends it)", exc)
+        self.local.remove(token)
+
+    def close(self) -> None:
+        for token in self.tokens():
+            self.remove(token)
+        if self._etcd is not None:
+            self._etcd.close()
+            self._etcd = None
+
+
+def wait_for_acks(etcd: Etcd, token: str, host: str, timeout: float) -> list[str]:
+    """Wait until every other host whose fleet-watch worker runs has seen ``token``; the hosts that did not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        watching = {k.rsplit(b"/", 1)[-1].decode(errors="replace") for k, _ in etcd.get_prefix(etcd.key(WATCHERS))}
+        acked = {k.rsplit(b"/", 1)[-1].decode(errors="replace")
+                 for k, _ in etcd.get_prefix(etcd.key(HTTP01_ACKS, token))}
+        missing = sorted(watching - acked - {host})
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(0.05)
+
+
+def watch(config: Config, keeper: Keeper, progress: Progress, alive: Callable[[], None],
+          stop: threading.Event | None = None) -> None:
+    """The daemon's fleet-watch worker: until ``stop`` (or its process is killed), answer the other hosts'
+    HTTP-01 tokens for the names this host serves, and have the daemon run its DKIM job as soon as a rotator's
+    lease expires without it resigning (it died: the rotation is taken over within the lease TTL, not at the
+    next hourly run). etcd unreachable: tried again, with a growing pause; ``alive`` is called meanwhile."""
+    stop = stop or threading.Event()
+    pause = WATCH_RETRY[0]
+    while not stop.is_set():
+        try:
+            with Etcd(config.fleet) as etcd:
+                pause = WATCH_RETRY[0]
+                _Watcher(config, etcd, keeper, progress, alive, stop).run()
+        except FleetError as exc:
+            log.warning("fleet watch: %s; again in %g s", exc, pause)
+        deadline = time.monotonic() + pause
+        while not stop.is_set() and time.monotonic() < deadline:
+            stop.wait(min(ALIVE_EVERY, max(deadline - time.monotonic(), 0.0)))
+            alive()
+        pause = min(pause * 2, WATCH_RETRY[1])
+
+
+class _Watcher:
+    def __init__(self, config: Config, etcd: Etcd, keeper: Keeper, progress: Progress, alive: Callable[[], None],
+                 stop: threading.Event) -> None:
+        self.config, self.etcd, self.keeper, self.progress, self.alive, self.stop = \
+            config, etcd, keeper, progress, alive, stop
+        self.host = config.fleet.host
+        self.names = served_names(config)
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.answered: set[str] = set()  # tokens this host's listener answers for another host
+        self.tasks: list[asyncio.Task[None]] = []
+        self.watches: list[Any] = []
+        self.lease = 0
+
+    def run(self) -> None:
+        try:
+            initial = self.etcd._call(self._start())
+            for kv in initial:
+                self._token(kv.key, kv.value, kv.lease)
+            said = time.monotonic()
+            while not self.stop.is_set():
+                if time.monotonic() - said >= ALIVE_EVERY:
+                    self.alive()
+                    said = time.monotonic()
+                try:
+                    event = self.events.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if isinstance(event, BaseException):
+                    raise FleetError(f"etcd: the watch ended: {type(event).__name__}: {event}"[:240])
+                self._event(event)
+        finally:
+            for token in sorted(self.answered):
+                self.keeper.challenges.remove(token)
+            self.answered.clear()
+            with contextlib.suppress(FleetError):
+                self.etcd._call(self._end(), REQUEST_TIMEOUT)
+
+    async def _end(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for w in self.watches:
+            with contextlib.suppress(Exception):
+                await w.cancel()
+        if self.lease:  # the other hosts' orders stop waiting for this host at once
+            with contextlib.suppress(Exception):
+                await self.etcd.client.revoke_lease(self.lease)
+
+    async def _start(self) -> Any:
+        client, ttl = self.etcd.client, self.config.fleet.lease_ttl
+        lease = await client.lease(ttl)
+        self.lease = lease.id
+        await client.put(self.etcd.key(WATCHERS, self.host), self.host.encode(), lease=lease.id)
+        tokens = await client.get_prefix(self.etcd.key(HTTP01) + b"/")
+        after = int(tokens.header.revision) + 1  # nothing between this read and the watches is missed
+        self.watches = [await client.watch_prefix(self.etcd.key(HTTP01) + b"/", start_revision=after),
+                        await client.watch(self.etcd.key("leader"), start_revision=after, prev_kv=True)]
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._pump(w)) for w in self.watches]
+        self.tasks.append(loop.create_task(self._keep(lease.id, ttl)))
+        return list(tokens)
+
+    async def _pump(self, watch: Any) -> None:
+        try:
+            async for event in watch:
+                self.events.put(event)
+        except Exception as exc:  # noqa: BLE001 - the member went away: the watcher reconnects
+            self.events.put(exc)
+            return
+        self.events.put(FleetError("the watch was cancelled"))
+
+    async def _keep(self, lease: int, ttl: int) -> None:
+        while True:
+            await asyncio.sleep(max(ttl / 3, 0.5))
+            try:
+                reply = await asyncio.wait_for(self.etcd.client.refresh_lease(lease), REQUEST_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - reconnect
+                self.events.put(exc)
+                return
+            if reply is None or reply.TTL <= 0:
+                self.events.put(FleetError("the fleet-watch lease expired"))
+                return
+
+    def _event(self, event: Any) -> None:
+        key = bytes(event.kv.key)
+        if key == self.etcd.key("leader"):
+            if event.kind != "DELETE":
+                return
+            _, released = self.etcd.get(self.etcd.key(RELEASED))
+            if released == event.kv.mod_revision:
+                return  # the rotator resigned after its run: nothing to take over
+            leader = bytes(event.prev_kv.value).decode(errors="replace") if event.prev_kv is not None else "?"
+            self.progress(f"fleet: the rotator {leader} is gone (its lease expired); running the DKIM job here "
+                          "to take its work over")
+            self.keeper.takeover(leader)
+        elif event.kind == "PUT":
+            self._token(key, event.kv.value, event.kv.lease)
+        else:
+            token = key.rsplit(b"/", 1)[-1].decode(errors="replace")
+            if token in self.answered:
+                self.answered.discard(token)
+                self.keeper.challenges.remove(token)
+
+    def _token(self, key: bytes, value: bytes, lease: int) -> None:
+        token = bytes(key).rsplit(b"/", 1)[-1].decode(errors="replace")
+        try:
+            data = json.loads(value)
+            name, key_authorization, host = str(data["name"]), str(data["key_authorization"]), str(data["host"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("fleet: %s: not an HTTP-01 token; ignored", bytes(key).decode(errors="replace"))
+            return
+        if host == self.host:
+            return  # this host's own order: its listener has the token already
+        served = name.lower().rstrip(".") in self.names
+        if served:
+            self.keeper.shared_challenge(token, key_authorization, name)
+            self.answered.add(token)
+            self.progress(f"fleet: answering HTTP-01 for {name} (an order of {host})")
+        try:  # on the token's lease: the acknowledgement goes with the token
+            self.etcd.put(self.etcd.key(HTTP01_ACKS, token, self.host), b"served" if served else b"not served",
+                          lease=lease or None)
+        except FleetError as exc:
+            log.warning("fleet: acknowledging an HTTP-01 token: %s", exc)
 
 
 # ---------------------------------------------------------------------------

@@ -312,7 +312,8 @@ class Issuer:
                             continue
                         challb = _http01(authzr)
                         response, validation = challb.response_and_validation(client.net.key)
-                        self.challenges.add(challb.chall.encode("token"), validation)
+                        self.challenges.add(challb.chall.encode("token"), validation,
+                                            name=str(authzr.body.identifier.value))
                         tokens.append(challb.chall.encode("token"))
                         client.answer_challenge(challb, response)
             with _acme_errors(f"answering the {'DNS' if dns01 else 'HTTP'}-01 challenge"):

@@ -54,6 +54,8 @@ class Keeper(Protocol):
     def install_dkim_key(self, domain: str, selector: str, algorithm: str, sealed: str) -> tuple[str, bool]: ...
     def zone_publish(self, name: str, rtype: str, ttl: int, values: Sequence[str]) -> None: ...
     def zone_remove(self, name: str, rtype: str) -> None: ...
+    def shared_challenge(self, token: str, key_authorization: str, name: str) -> None: ...
+    def takeover(self, leader: str) -> None: ...
 
 
 class PipeKeeper:
@@ -144,6 +146,12 @@ class PipeKeeper:
     def zone_remove(self, name: str, rtype: str) -> None:
         self.call(protocol.ZoneRemove(name, rtype), protocol.Ok)
 
+    def shared_challenge(self, token: str, key_authorization: str, name: str) -> None:
+        self.call(protocol.SharedChallenge(token, key_authorization, name), protocol.Ok)
+
+    def takeover(self, leader: str) -> None:
+        self.call(protocol.Takeover(leader), protocol.Ok)
+
 
 class RelayedChallenges(ChallengeTable):
     """The worker's challenge table: each token also goes to the keeper, which has the listener answer it."""
@@ -152,7 +160,7 @@ class RelayedChallenges(ChallengeTable):
         super().__init__()
         self._keeper = keeper
 
-    def add(self, token: str, key_authorization: str) -> None:
+    def add(self, token: str, key_authorization: str, name: str = "") -> None:
         super().add(token, key_authorization)  # validates the token
         self._keeper.call(protocol.Challenge(token, key_authorization), protocol.Ok)
 
