@@ -62,7 +62,6 @@ command = ["kill", "-HUP", "{server.process.popen.pid}"]  # rspamd -f: its main 
 domain = "example.test"
 key_dir = "{tmp_path / 'keys'}"
 key_owner = ""
-key_group = ""
 signer = "rspamd"
 signer_config = "{operators}"
 """)
