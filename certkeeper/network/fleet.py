@@ -380,7 +380,7 @@ def sync(config: Config, etcd: Etcd, keeper: Keeper, now: datetime, progress: Pr
             continue
         keys = [(i.domain, k.selector, k.algorithm) for i in group for k in wanted[i.domain]]
         try:  # checked, probed, rolled back on failure, as on one host; tried again at the next run
-            rotation.switch_verified(config, group[0], keys, keeper, progress)
+            rotation.switch_verified(config, group[0], keys, keeper, progress, signing.get(group[0].domain, []))
         except rotation.SignerSwitchFailed as exc:
             report.failed.append(f"{group[0].domain}: {exc}")
             continue

@@ -197,7 +197,7 @@ def _activate(run: _Run, state: DomainState, action: Action) -> DomainState:
     _ensure_visible(run, key)
     new_state = activated(state, action.selector, run.now)
     try:
-        _switch_signer(run, new_state)
+        _switch_signer(run, new_state, state)
     except SignerSwitchFailed as exc:
         # Not advanced: the key stays pending, the old one active; the switch waits for the backoff.
         save_state(run.config, state.switch_failed(str(exc), run.now))
@@ -217,7 +217,7 @@ def _retire(run: _Run, state: DomainState, action: Action) -> DomainState:
     new_state = state.with_key(replace(key, state="retiring", retired=run.now))
     if key.state == "active":
         try:
-            _switch_signer(run, new_state)
+            _switch_signer(run, new_state, state)
         except SignerSwitchFailed as exc:
             save_state(run.config, state.switch_failed(str(exc), run.now))
             raise
@@ -271,7 +271,7 @@ def _ensure_visible(run: _Run, key: KeyState) -> None:
     wait_until_visible(run.config, rrset, run.progress)
 
 
-def _switch_signer(run: _Run, new_state: DomainState) -> None:
+def _switch_signer(run: _Run, new_state: DomainState, old_state: DomainState) -> None:
     """Write the signer file with every key that signs after this step; always run the hook
     (a crash may have come between an earlier write and its hook). Checked before, probed after,
     rolled back on failure (``switch_verified``)."""
@@ -283,7 +283,7 @@ def _switch_signer(run: _Run, new_state: DomainState) -> None:
             keys += signing_keys(load_state(run.config, other.domain))
     with _lock(run.config, ".signers"):
         switch_verified(run.config, item, [(k.domain, k.selector, k.algorithm) for k in keys], run.keeper,
-                        run.progress)
+                        run.progress, [k.selector for k in signing_keys(old_state)])
 
 
 class SignerSwitchFailed(ServiceError):
@@ -294,7 +294,7 @@ SWITCH_ALERT = "dkim-signer:{domain}"  # the alert episode of a domain's signer 
 
 
 def switch_verified(config: Config, item: DkimConfig, keys: Sequence[tuple[str, str, str]], keeper: Keeper,
-                    progress: Progress) -> None:
+                    progress: Progress, previous: Sequence[str] = ()) -> None:
     """Switch ``item``'s signer to ``keys`` (domain, selector, algorithm) and verify it.
 
     The keeper checks first (the signer's user reads each key, the service's own config test) and
@@ -302,7 +302,8 @@ def switch_verified(config: Config, item: DkimConfig, keys: Sequence[tuple[str, 
     hook fails. Then the probe (``signer_probe.verify``): the service answers and signs a message
     with the new selectors, verified against the authoritative DNS. A failed probe rolls back here
     (the keeper restores the files and runs the hook again, the service is checked up). Any failure
-    alerts once per episode and raises ``SignerSwitchFailed``; a later success sends the recovery."""
+    alerts once per episode and raises ``SignerSwitchFailed``; a later success sends the recovery.
+    ``previous``: the domain's selectors that signed before (named in the alert)."""
     from certkeeper.network import signer_probe
     from certkeeper.network.alerts import Alerter
 
@@ -313,7 +314,7 @@ def switch_verified(config: Config, item: DkimConfig, keys: Sequence[tuple[str, 
         keeper.switch_signer(item.domain, keys, progress)
     except CertkeeperError as exc:  # checks failed (nothing written) or the hook failed (the keeper rolled back)
         up = _service_up(item, signer_probe)
-        _failed(config, item, keeper, alert_key, what, f"{exc}", up, progress)
+        _failed(config, item, keeper, alert_key, what, f"{exc}", up, previous, progress)
     try:
         signer_probe.verify(config, item, selectors, progress)
     except CertkeeperError as exc:
@@ -322,7 +323,8 @@ def switch_verified(config: Config, item: DkimConfig, keys: Sequence[tuple[str, 
         except CertkeeperError as again:
             restored = f"the rollback failed: {again}"
         up = _service_up(item, signer_probe)
-        _failed(config, item, keeper, alert_key, what, f"dkim {item.domain}: {exc}; {restored}", up, progress)
+        _failed(config, item, keeper, alert_key, what, f"dkim {item.domain}: {exc}; {restored}", up, previous,
+                progress)
     keeper.confirm_signer(item.domain)
     Alerter(config, keeper=keeper).recovered(alert_key, what, f"The signer signs with {', '.join(selectors)}.")
 
@@ -335,13 +337,13 @@ def _service_up(item: DkimConfig, signer_probe: Any) -> str:
 
 
 def _failed(config: Config, item: DkimConfig, keeper: Keeper, alert_key: str, what: str, error: str, up: str,
-            progress: Progress) -> NoReturn:
+            previous: Sequence[str], progress: Progress) -> NoReturn:
     from certkeeper.network.alerts import Alerter
 
     message = f"{error}" + (f"; {up}" if up else "")
     log.error("%s", message)
     progress(f"{item.domain}: {message}")
-    signing = ", ".join(sorted(signers.keys_named(item))) if item.signer != "none" else ""
+    signing = ", ".join(sorted(previous))
     detail = (f"The signer keeps its previous configuration ({signing or 'as it was'}); the new selector is not "
               "active and the switch is tried again later.")
     Alerter(config, keeper=keeper).failed(alert_key, what, message, detail)
@@ -531,7 +533,7 @@ def adopt(config: Config, item: DkimConfig, selector: str, now: datetime, progre
         state = adopted(state, item, selector, algorithm, str(target), values[0], now, signs=private is not None)
         key = state.key(selector)
         if key.state == "active":
-            _switch_signer(_Run(config, item, now, progress, keeper), state)
+            _switch_signer(_Run(config, item, now, progress, keeper), state, load_state(config, item.domain))
         save_state(config, state)
     if key.state == "active":
         progress(f"{item.domain}: adopted selector {selector} ({algorithm}): active, the signer uses it; "

@@ -38,6 +38,7 @@ import urllib.request
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 from certkeeper.core.config import Config, DkimConfig
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 UP_TIMEOUT = 30.0  # seconds for the service's port to answer after its hook
 PROBE_TIMEOUT = 60.0  # seconds for the signed copy (the MTA's relay to the sink, or rspamd's answer)
 POLL = 0.2
+QUIT_WAIT = 30.0  # seconds the sink waits for the MTA to end its session after the copy
 SENDER = "certkeeper-probe"  # the probe's local part at the [[dkim]] domain
 
 
@@ -116,14 +118,21 @@ def signed_copy(item: DkimConfig, message: bytes, token: str, timeout: float = P
 def _smtp_relayed(item: DkimConfig, host: str, port: int, message: bytes, token: str, timeout: float) -> bytes:
     from aiosmtpd.controller import Controller
 
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's session lines are not ours to log
     received: list[bytes] = []
+    open_sessions: dict[int, Any] = {}  # sessions that delivered, until the MTA says QUIT
 
     class Sink:
-        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:  # noqa: N802
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
             data = getattr(envelope, "original_content", None) or getattr(envelope, "content", b"")
             if isinstance(data, bytes) and token.encode() in data:
                 received.append(data)
+            open_sessions[id(session)] = server
             return "250 OK"  # an older probe's copy still queued is taken and dropped
+
+        async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+            open_sessions.pop(id(session), None)
+            return "221 Bye"
 
     sink_host, _, sink_port = item.probe_sink.rpartition(":")
     sink = Controller(Sink(), hostname=sink_host.strip("[]"), port=int(sink_port), ready_timeout=10)
@@ -140,6 +149,16 @@ def _smtp_relayed(item: DkimConfig, host: str, port: int, message: bytes, token:
         deadline = time.monotonic() + timeout
         while not received and time.monotonic() < deadline:
             time.sleep(POLL / 2)
+        # The MTA keeps an idle session for its next message to this relay and notices only then that
+        # it is gone (OpenSMTPD: a temporary failure, retried minutes later): the sink stays until the
+        # MTA says QUIT, then hangs up on whatever is left.
+        deadline = time.monotonic() + QUIT_WAIT
+        while open_sessions and time.monotonic() < deadline:
+            time.sleep(POLL / 2)
+        for server in list(open_sessions.values()):
+            transport = getattr(server, "transport", None)
+            if transport is not None:
+                sink.loop.call_soon_threadsafe(transport.close)
     finally:
         sink.stop()
     if not received:
