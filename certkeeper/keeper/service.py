@@ -467,6 +467,8 @@ class LocalKeeper:
             signers.restore(snap, progress)
             journal.unlink()
             fsync_dir(journal.parent)
+        if all(text is None for text in snap.values()):
+            return "there was no previous signer configuration to go back to: the new files stay"
         name = signers.hook_name(item)
         if not name:
             return "the previous signer files are back"

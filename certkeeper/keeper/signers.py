@@ -510,18 +510,19 @@ def snapshot(config: Config, item: DkimConfig, keys: Sequence[SigningKey]) -> di
 
 
 def restore(snap: dict[str, str | None], progress: Callable[[str], None]) -> bool:
-    """Put the files of ``snapshot`` back as they were (a file that did not exist is removed); whether
-    one changed."""
+    """Put the files of ``snapshot`` back as they were; whether one changed.
+
+    A file that did not exist before the switch is left as it is: there is no previous signer
+    configuration to go back to, and removing a fragment smtpd.conf includes would stop smtpd."""
     changed = False
     for name, text in snap.items():
         path = Path(name)
+        if text is None:
+            progress(f"{path} did not exist before the switch; it stays (nothing to go back to)")
+            continue
         if _read(path) == text:
             continue
-        if text is None:
-            path.unlink(missing_ok=True)
-            progress(f"removed {path} (it did not exist before the switch)")
-        else:
-            write_atomic(path, text.encode(), 0o644)
-            progress(f"restored {path} as it was before the switch")
+        write_atomic(path, text.encode(), 0o644)
+        progress(f"restored {path} as it was before the switch")
         changed = True
     return changed

@@ -310,21 +310,22 @@ def switch_verified(config: Config, item: DkimConfig, keys: Sequence[tuple[str, 
     alert_key = SWITCH_ALERT.format(domain=item.domain)
     what = f"DKIM signer switch for {item.domain}"
     selectors = sorted(s for d, s, _ in keys if d == item.domain)
-    try:
-        keeper.switch_signer(item.domain, keys, progress)
-    except CertkeeperError as exc:  # checks failed (nothing written) or the hook failed (the keeper rolled back)
-        up = _service_up(item, signer_probe)
-        _failed(config, item, keeper, alert_key, what, f"{exc}", up, previous, progress)
-    try:
-        signer_probe.verify(config, item, selectors, progress)
-    except CertkeeperError as exc:
+    with signer_probe.ProbeSink(item) as sink:  # open before the hook restarts the MTA (see ProbeSink)
         try:
-            restored = keeper.restore_signer(item.domain, progress)
-        except CertkeeperError as again:
-            restored = f"the rollback failed: {again}"
-        up = _service_up(item, signer_probe)
-        _failed(config, item, keeper, alert_key, what, f"dkim {item.domain}: {exc}; {restored}", up, previous,
-                progress)
+            keeper.switch_signer(item.domain, keys, progress)
+        except CertkeeperError as exc:  # checks failed (nothing written) or the hook failed (the keeper rolled back)
+            up = _service_up(item, signer_probe)
+            _failed(config, item, keeper, alert_key, what, f"{exc}", up, previous, progress)
+        try:
+            signer_probe.verify(config, item, selectors, progress, sink=sink)
+        except CertkeeperError as exc:
+            try:
+                restored = keeper.restore_signer(item.domain, progress)
+            except CertkeeperError as again:
+                restored = f"the rollback failed: {again}"
+            up = _service_up(item, signer_probe)
+            _failed(config, item, keeper, alert_key, what, f"dkim {item.domain}: {exc}; {restored}", up, previous,
+                    progress)
     keeper.confirm_signer(item.domain)
     Alerter(config, keeper=keeper).recovered(alert_key, what, f"The signer signs with {', '.join(selectors)}.")
 

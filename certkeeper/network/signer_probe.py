@@ -107,64 +107,92 @@ def probe_message(item: DkimConfig, token: str, selectors: Collection[str]) -> b
     return ("\r\n".join(lines) + "\r\n").encode()
 
 
-def signed_copy(item: DkimConfig, message: bytes, token: str, timeout: float = PROBE_TIMEOUT) -> bytes:
+def signed_copy(item: DkimConfig, message: bytes, token: str, timeout: float = PROBE_TIMEOUT,
+                sink: ProbeSink | None = None) -> bytes:
     """The message as the signer returns it: the MTA's delivered copy, or rspamd's signature on it."""
     scheme, host, port = endpoint(item)
     if scheme == "rspamd":
         return _rspamd_signed(item, host, port, message, timeout)
-    return _smtp_relayed(item, host, port, message, token, timeout)
+    if sink is None:
+        with ProbeSink(item) as own:
+            return own.relayed(host, port, message, token, timeout)
+    return sink.relayed(host, port, message, token, timeout)
 
 
-def _smtp_relayed(item: DkimConfig, host: str, port: int, message: bytes, token: str, timeout: float) -> bytes:
-    from aiosmtpd.controller import Controller
+class ProbeSink:
+    """The loopback SMTP sink on ``probe_sink`` (aiosmtpd), open for the whole switch for an
+    ``smtp://`` probe (a no-op otherwise): opened before the hook restarts the MTA, so an MTA that
+    starts by relaying an earlier probe still queued finds it there (a refused connection would make
+    it hold the route for minutes), and kept until the MTA ends its session (it reuses an idle
+    session and notices a closed one only at its next message: a temporary failure, retried later)."""
 
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's session lines are not ours to log
-    received: list[bytes] = []
-    open_sessions: dict[int, Any] = {}  # sessions that delivered, until the MTA says QUIT
+    def __init__(self, item: DkimConfig) -> None:
+        self.item = item
+        self.received: dict[str, bytes] = {}  # token → the copy
+        self.open_sessions: dict[int, Any] = {}  # sessions that delivered, until the MTA says QUIT
+        self.controller: Any = None
 
-    class Sink:
-        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-            data = getattr(envelope, "original_content", None) or getattr(envelope, "content", b"")
-            if isinstance(data, bytes) and token.encode() in data:
-                received.append(data)
-            open_sessions[id(session)] = server
-            return "250 OK"  # an older probe's copy still queued is taken and dropped
+    def __enter__(self) -> ProbeSink:
+        if endpoint(self.item)[0] != "smtp":
+            return self
+        from aiosmtpd.controller import Controller
 
-        async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-            open_sessions.pop(id(session), None)
-            return "221 Bye"
+        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's session lines are not ours to log
+        sink = self
 
-    sink_host, _, sink_port = item.probe_sink.rpartition(":")
-    sink = Controller(Sink(), hostname=sink_host.strip("[]"), port=int(sink_port), ready_timeout=10)
-    try:
-        sink.start()
-    except (OSError, RuntimeError, TimeoutError) as exc:
-        raise ProbeError(f"cannot open the probe sink on {item.probe_sink}: {' '.join(str(exc).split())}") from None
-    try:
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+                data: Any = getattr(envelope, "original_content", None) or getattr(envelope, "content", b"")
+                match = re.search(rb"ckprobe-[0-9a-f]{16}", data) if isinstance(data, bytes) else None
+                if match:
+                    sink.received[match.group().decode()] = bytes(data)
+                sink.open_sessions[id(session)] = server
+                return "250 OK"  # an older probe's copy still queued is taken and dropped
+
+            async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+                sink.open_sessions.pop(id(session), None)
+                return "221 Bye"
+
+        host, _, port = self.item.probe_sink.rpartition(":")
+        self.controller = Controller(Handler(), hostname=host.strip("[]"), port=int(port), ready_timeout=10)
+        try:
+            self.controller.start()
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            self.controller = None
+            raise ProbeError(f"cannot open the probe sink on {self.item.probe_sink}: "
+                             f"{' '.join(str(exc).split())}") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.controller is None:
+            return
+        deadline = time.monotonic() + QUIT_WAIT
+        while self.open_sessions and time.monotonic() < deadline:
+            time.sleep(POLL / 2)
+        for server in list(self.open_sessions.values()):  # the MTA did not say QUIT in time: hang up
+            transport = getattr(server, "transport", None)
+            if transport is not None:
+                self.controller.loop.call_soon_threadsafe(transport.close)
+        self.controller.stop()
+        self.controller = None
+
+    def relayed(self, host: str, port: int, message: bytes, token: str, timeout: float) -> bytes:
+        """Submit ``message`` to the MTA at host:port; the copy it relays here (ProbeError when none comes)."""
+        item = self.item
         try:
             with smtplib.SMTP(host, port, timeout=timeout) as client:
                 client.sendmail(f"{SENDER}@{item.domain}", [item.probe_recipient], message)
         except (OSError, smtplib.SMTPException) as exc:
             raise ProbeError(f"{item.probe} did not take the probe message: {' '.join(str(exc).split())}") from None
         deadline = time.monotonic() + timeout
-        while not received and time.monotonic() < deadline:
+        while token not in self.received and time.monotonic() < deadline:
             time.sleep(POLL / 2)
-        # The MTA keeps an idle session for its next message to this relay and notices only then that
-        # it is gone (OpenSMTPD: a temporary failure, retried minutes later): the sink stays until the
-        # MTA says QUIT, then hangs up on whatever is left.
-        deadline = time.monotonic() + QUIT_WAIT
-        while open_sessions and time.monotonic() < deadline:
-            time.sleep(POLL / 2)
-        for server in list(open_sessions.values()):
-            transport = getattr(server, "transport", None)
-            if transport is not None:
-                sink.loop.call_soon_threadsafe(transport.close)
-    finally:
-        sink.stop()
-    if not received:
-        raise ProbeError(f"the probe message sent to {item.probe} did not reach {item.probe_sink} within "
-                         f"{timeout:g}s (smtpd.conf needs the rule relaying {item.probe_recipient} there: README)")
-    return received[0].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        copy = self.received.get(token)
+        if copy is None:
+            raise ProbeError(f"the probe message sent to {item.probe} did not reach {item.probe_sink} within "
+                             f"{timeout:g}s (smtpd.conf needs the rule relaying {item.probe_recipient} there: "
+                             "README)")
+        return copy.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def _rspamd_signed(item: DkimConfig, host: str, port: int, message: bytes, timeout: float) -> bytes:
@@ -242,7 +270,7 @@ def signature_problem(config: Config, domain: str, message: bytes, selectors: Co
 
 
 def verify(config: Config, item: DkimConfig, selectors: Collection[str], progress: Callable[[str], None],
-           timeout: float = PROBE_TIMEOUT) -> bool:
+           timeout: float = PROBE_TIMEOUT, sink: ProbeSink | None = None) -> bool:
     """Raise ``ProbeError`` unless the service is up and signs a probe message with ``selectors``
     (verified against the authoritative DNS). False when no probe is configured (nothing checked)."""
     if not item.probe:
@@ -254,7 +282,7 @@ def verify(config: Config, item: DkimConfig, selectors: Collection[str], progres
     if problem:
         raise ProbeError(f"after the switch {problem}")
     token = f"ckprobe-{os.urandom(8).hex()}"
-    copy = signed_copy(item, probe_message(item, token, selectors), token, timeout)
+    copy = signed_copy(item, probe_message(item, token, selectors), token, timeout, sink)
     problem = signature_problem(config, item.domain, copy, selectors)
     if problem:
         raise ProbeError(f"the probe message through {item.probe}: {problem}")
