@@ -166,6 +166,18 @@ class SwitchSigner:
 
 @message
 @dataclass(frozen=True)
+class RestoreSigner:  # a switch failed its probe: the previous signer files back, the hook again (→ Restored)
+    domain: str
+
+
+@message
+@dataclass(frozen=True)
+class ConfirmSigner:  # a switch was verified: the previous files kept for a rollback are dropped (→ Ok)
+    domain: str
+
+
+@message
+@dataclass(frozen=True)
 class EnforceDkimKeys:
     domain: str
 
@@ -380,6 +392,12 @@ class SealedKey:
 @dataclass(frozen=True)
 class Names:
     names: tuple[str, ...]
+
+
+@message
+@dataclass(frozen=True)
+class Restored:
+    what: str  # one line: what the rollback did
 
 
 # ---------------------------------------------------------------------------

@@ -30,7 +30,6 @@ command = ["sh", "-c", "echo reload >> {tmp_path / 'hook.log'}"]
 domain = "example.test"
 key_dir = "{tmp_path / 'keys'}"
 key_owner = ""
-key_group = ""
 signer = "rspamd"
 signer_config = "{conf}"
 signer_hook = "signer"
@@ -87,5 +86,7 @@ def test_adopting_a_selector_without_a_record_or_twice_is_one_line_and_exit_1(bi
     assert len(err) == 1 and err[0].startswith("certkeeper: dkim example.test: nosuch._domainkey.example.test TXT "
                                                "holds no single DKIM key record to adopt")
     assert cli.main(["rotate-dkim", "-c", str(config.path), "--adopt", "default"], out=io.StringIO()) == 0
+    # The switch says what it could not check: no rspamd.conf reads this test's dkim_signing.conf.
+    assert "the rspamd configuration is not tested before the switch" in capsys.readouterr().err
     assert cli.main(["rotate-dkim", "-c", str(config.path), "--adopt", "default"], out=io.StringIO()) == 1
     assert capsys.readouterr().err.strip() == "certkeeper: dkim example.test: selector default is already certkeeper's"

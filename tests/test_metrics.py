@@ -112,7 +112,6 @@ domain = "example.test"
 algorithms = ["ed25519"]
 key_dir = "{tmp_path / 'keys'}"
 key_owner = ""
-key_group = ""
 signer_config = "{tmp_path / 'signer.conf'}"
 signer_hook = "signer"
 """)

@@ -359,7 +359,6 @@ signer = "filter-dkimsign"
 signer_config = "{conf}"
 signer_hook = "signer"
 key_owner = ""
-key_group = ""
 algorithms = ["ed25519"]
 """
     config = parse(text, tmp_path / "certkeeper.toml")

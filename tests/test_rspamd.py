@@ -62,7 +62,6 @@ command = ["kill", "-HUP", "{server.process.popen.pid}"]  # rspamd -f: its main 
 domain = "example.test"
 key_dir = "{tmp_path / 'keys'}"
 key_owner = ""
-key_group = ""
 signer = "rspamd"
 signer_config = "{operators}"
 """)
@@ -86,3 +85,49 @@ signer_config = "{operators}"
         "dkim_paths.map", "dkim_selectors.map"]
     assert f"example.test {tmp_path / 'keys'}/example.test.{b}.key" in (confdir / "dkim_paths.map").read_text()
     assert signers.rspamd_maps(operators) == (confdir / "dkim_selectors.map", confdir / "dkim_paths.map")
+
+
+def test_rspamd_switch_is_probed_and_a_broken_config_is_never_loaded(bind, rspamd_factory, tmp_path):
+    """``probe = "rspamd://..."``: the switch is verified by a message rspamd signs (/checkv2), the key
+    record looked up at the authoritative server. A dkim_signing.conf broken since rspamd started fails
+    ``rspamadm configtest`` (run on /etc/rspamd/rspamd.conf with LOCAL_CONFDIR = the test's directory,
+    as signer_config is in its local.d): nothing is written, rspamd is not reloaded and keeps signing
+    with the old selector, the new key stays pending, the alert goes out."""
+    confdir = tmp_path / "rspamd"
+    (confdir / "local.d").mkdir(parents=True)
+    operators = confdir / "local.d" / "dkim_signing.conf"
+    operators.write_text(GUIDE_CONF.format(d=confdir))
+    server = rspamd_factory(confdir)
+    server.start()
+    assert server.process is not None
+    config = bind.config(f"""
+[alerts]
+command = ["sh", "-c", "cat >> {tmp_path / 'alerts.log'}"]
+[hooks.rspamd]
+command = ["kill", "-HUP", "{server.process.popen.pid}"]
+[[dkim]]
+domain = "example.test"
+key_dir = "{tmp_path / 'keys'}"
+key_owner = ""
+signer = "rspamd"
+signer_config = "{operators}"
+probe = "rspamd://127.0.0.1:{server.normal_port}"
+""")
+    lines: list[str] = []
+    assert rotation.run_due(config, T0, lines.append).errors == ()
+    a = active(config)
+    assert any(f"is signed with {a} and verifies against the authoritative DNS" in line for line in lines), lines
+
+    operators.write_text(GUIDE_CONF.format(d=confdir) + "domain {\n")  # an edit since rspamd started
+    assert rotation.run_due(config, T0 + 88 * DAY, print).errors == ()
+    (error,) = rotation.run_due(config, T0 + 90 * DAY, print).errors
+    assert "rspamadm configtest: exit 1" in error and "the service is up" in error
+    assert active(config) == a
+    states = {k.selector: k.state for k in rotation.load_state(config, "example.test").keys}
+    (b,) = [s for s, st in states.items() if st == "pending"]
+    assert (confdir / "dkim_selectors.map").read_text().splitlines()[-1] == f"example.test {a}"
+    assert verified(bind, server.wait_signing(MESSAGE, a))  # still signing with the old selector
+    alert = (tmp_path / "alerts.log").read_text()
+    assert "DKIM signer switch for example.test failed" in alert and "rspamadm configtest" in alert
+    (row,) = [r for r in rotation.status_rows(config) if r["selector"] == b]
+    assert "rspamadm configtest" in row["switch_error"]

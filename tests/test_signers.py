@@ -348,3 +348,63 @@ def test_check_before_switch_names_every_problem(open_dir):
     signers.enforce_key_files(item, [key.key_file], lambda line: None)
     assert signers.check_before_switch(config, item, [key], smtpd_conf=conf) == []
     assert not item.signer_config.exists()  # type: ignore[union-attr]  # checks write nothing
+
+
+# -- the keeper's switch: files kept until confirmed, restored when the hook fails --------------------
+
+
+def _keeper_with_keys(tmp: Path, hook_command: str) -> tuple[LocalKeeper, Path, Path]:
+    """A LocalKeeper for an rspamd signer (no signer_user: no readability check) with two keys."""
+    (tmp / "signer.conf").write_text(DKIM_SIGNING_CONF.format(tmp=tmp))
+    config = ck_config.parse(f"""
+state_dir = "{tmp / 'state'}"
+[hooks.signer]
+command = ["sh", "-c", "{hook_command}"]
+[[dkim]]
+domain = "example.com"
+key_dir = "{tmp / 'keys'}"
+key_owner = ""
+key_group = ""
+signer_user = ""
+signer_config = "{tmp / 'signer.conf'}"
+signer_hook = "signer"
+""", tmp / "certkeeper.toml")
+    keeper = LocalKeeper(config)
+    for selector in ("a", "b"):
+        keeper.dkim_key("example.com", selector, "rsa2048", create=True)
+    return keeper, tmp / "dkim_selectors.map", tmp / "state" / "journal"
+
+
+def test_a_failing_hook_puts_the_previous_signer_files_back_and_runs_the_hook_again(tmp_path):
+    from certkeeper.keeper.service import SignerNotSwitched
+
+    marker = tmp_path / "fail-next"
+    keeper, selectors, journal = _keeper_with_keys(
+        tmp_path, f"echo ran >> {tmp_path / 'hook.log'}; if [ -e {marker} ]; then rm {marker}; exit 3; fi")
+    keeper.switch_signer("example.com", [("example.com", "a", "rsa2048")], print)
+    assert list(journal.glob("signer-*.json"))  # kept until the worker confirms the switch
+    keeper.confirm_signer("example.com")
+    assert not list(journal.glob("signer-*.json"))
+    before = selectors.read_text()
+    marker.touch()
+    with pytest.raises(SignerNotSwitched) as err:
+        keeper.switch_signer("example.com", [("example.com", "b", "rsa2048")], print)
+    assert "exit 3" in str(err.value)
+    assert "the previous signer files are back and hook signer ran again" in str(err.value)
+    assert selectors.read_text() == before and (tmp_path / "hook.log").read_text().count("ran") == 3
+    assert not list(journal.glob("signer-*.json"))
+
+
+def test_an_unconfirmed_switch_keeps_the_oldest_files_for_the_rollback(tmp_path):
+    keeper, selectors, journal = _keeper_with_keys(tmp_path, f"echo ran >> {tmp_path / 'hook.log'}")
+    assert keeper.restore_signer("example.com", print) == "no switch to roll back"
+    keeper.switch_signer("example.com", [("example.com", "a", "rsa2048")], print)
+    keeper.confirm_signer("example.com")
+    signing_a = selectors.read_text()
+    keeper.switch_signer("example.com", [("example.com", "b", "rsa2048")], print)  # then a crash: no confirm
+    keeper.switch_signer("example.com", [("example.com", "b", "rsa2048")], print)  # the step runs again
+    assert "example.com b" in selectors.read_text()
+    assert keeper.restore_signer("example.com", print) == ("the previous signer files are back and hook "
+                                                           "signer ran again")
+    assert selectors.read_text() == signing_a  # a's maps, not those the first try of b wrote
+    assert not list(journal.glob("signer-*.json"))

@@ -305,7 +305,6 @@ algorithms = ["ed25519"]
 publish_ahead = "{ahead}s"
 key_dir = "{tmp_path / 'keys'}"
 key_owner = ""
-key_group = ""
 key_mode = "0440"
 signer = "rspamd"
 signer_config = "{tmp_path / 'signer.conf'}"

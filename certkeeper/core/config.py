@@ -248,6 +248,14 @@ class DkimConfig:
     signer_user: str = "_rspamd"
     signer_group: str = "_rspamd"
     reveal_retired: bool = False
+    # The service's own configuration test before a switch: smtpd.conf (smtpd -n) for filter-dkimsign,
+    # rspamd.conf (rspamadm configtest) for rspamd; None: the system's default when it reads signer_config.
+    signer_service_config: Path | None = None
+    # After a switch: a message through this endpoint must come back signed with the new selector
+    # ("smtp://HOST:PORT" or "rspamd://HOST:PORT"; "": the switch is not probed).
+    probe: str = ""
+    probe_sink: str = "127.0.0.1:10500"  # where the worker receives the MTA's copy (smtp:// probes)
+    probe_recipient: str = "dkim-probe@certkeeper.invalid"  # the smtpd.conf rule relays it to probe_sink
 
 
 @dataclass(frozen=True)
@@ -997,7 +1005,8 @@ class _Reader:
             self.table(item, w, {
                 "domain", "algorithms", "selector_format", "rotate_every", "publish_ahead", "retire_after",
                 "remove_after", "key_dir", "key_owner", "key_group", "key_mode", "signer", "signer_config",
-                "signer_hook", "reveal_retired", "signer_user", "signer_group",
+                "signer_hook", "reveal_retired", "signer_user", "signer_group", "signer_service_config", "probe",
+                "probe_sink", "probe_recipient",
             })
             domain = self.domain(f"{w}.domain", self.string(item, w, "domain"))
             if domain is None:
@@ -1038,6 +1047,17 @@ class _Reader:
                     self.error(f"{w}.signer_config", f"filter-dkimsign signs with one key and selector, so "
                                f"{str(signer_config or 'the default fragment')!r} cannot serve both {other!r} "
                                f"and {domain!r}; give each domain its own signer_config, or use rspamd")
+            probe = self.string(item, w, "probe")
+            problem = probe_problem(probe)
+            if problem:
+                self.error(f"{w}.probe", f"{probe!r} {problem}")
+            probe_sink = self.string(item, w, "probe_sink", "127.0.0.1:10500")
+            problem = address_problem(probe_sink)
+            if problem:
+                self.error(f"{w}.probe_sink", f"{probe_sink!r} {problem}")
+            probe_recipient = self.string(item, w, "probe_recipient", "dkim-probe@certkeeper.invalid")
+            if not re.fullmatch(r"[^@\s<>\"]+@[^@\s<>\"]+", probe_recipient):
+                self.error(f"{w}.probe_recipient", f"{probe_recipient!r} is not a mail address")
             yield DkimConfig(
                 domain=domain,
                 algorithms=algorithms,
@@ -1056,6 +1076,10 @@ class _Reader:
                 reveal_retired=self.boolean(item, w, "reveal_retired", False),
                 signer_user=signer_user,
                 signer_group=signer_group,
+                signer_service_config=self.path(item, w, "signer_service_config", None),
+                probe=probe,
+                probe_sink=probe_sink,
+                probe_recipient=probe_recipient,
             )
 
     def alerts(self, data: dict[str, Any]) -> AlertsConfig:
@@ -1213,6 +1237,26 @@ def endpoint_problem(url: str) -> str:
             loopback = parts.hostname == "localhost"
         if not loopback:
             return "is plain http: use https:// (http:// only for a cluster on loopback)"
+    return ""
+
+
+PROBE_SCHEMES = ("smtp", "rspamd")  # [[dkim]] probe: an MTA's SMTP listener, rspamd's normal worker (HTTP)
+
+
+def probe_problem(url: str) -> str:
+    """Why ``url`` is not a [[dkim]] probe (``smtp://HOST:PORT`` or ``rspamd://HOST:PORT``), or ""."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme not in PROBE_SCHEMES or not parts.hostname or parts.path not in ("", "/") or parts.query \
+            or parts.fragment or parts.username:
+        return "is not smtp://HOST:PORT or rspamd://HOST:PORT"
+    try:
+        port = parts.port
+    except ValueError:
+        return "has a bad port"
+    if port is None:
+        return "needs a port (e.g. smtp://127.0.0.1:25, rspamd://127.0.0.1:11333)"
     return ""
 
 

@@ -69,10 +69,18 @@ class KeyState:
         return cls(**values)
 
 
+# After a failed signer switch (its checks, its hook or its probe), the switch is tried again this long
+# after the 1st, 2nd, 3rd, later failure in a row (each try restarts the signer).
+SWITCH_BACKOFF = (timedelta(minutes=15), timedelta(hours=1), timedelta(hours=4), timedelta(days=1))
+
+
 @dataclass(frozen=True)
 class DomainState:
     domain: str
     keys: tuple[KeyState, ...] = ()
+    switch_failures: int = 0  # failed signer switches in a row (0: the last one worked)
+    switch_error: str = ""  # why the last one failed
+    switch_retry: datetime | None = None  # no switch before this (the backoff)
 
     @property
     def selectors(self) -> frozenset[str]:
@@ -93,11 +101,28 @@ class DomainState:
         return max(found, key=lambda k: k.created) if found else None
 
     def to_json(self) -> dict[str, Any]:
-        return {"domain": self.domain, "keys": [k.to_json() for k in self.keys]}
+        data: dict[str, Any] = {"domain": self.domain, "keys": [k.to_json() for k in self.keys]}
+        if self.switch_failures:
+            data["switch"] = {"failures": self.switch_failures, "error": self.switch_error,
+                              "retry": self.switch_retry.isoformat() if self.switch_retry else None}
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DomainState:
-        return cls(domain=data["domain"], keys=tuple(KeyState.from_json(k) for k in data.get("keys", [])))
+        switch = data.get("switch") or {}
+        retry = switch.get("retry")
+        return cls(domain=data["domain"], keys=tuple(KeyState.from_json(k) for k in data.get("keys", [])),
+                   switch_failures=int(switch.get("failures", 0)), switch_error=str(switch.get("error", "")),
+                   switch_retry=datetime.fromisoformat(retry) if retry else None)
+
+    def switch_failed(self, error: str, now: datetime) -> DomainState:
+        """One more failed signer switch: the next try waits ``SWITCH_BACKOFF``."""
+        failures = self.switch_failures + 1
+        delay = SWITCH_BACKOFF[min(failures, len(SWITCH_BACKOFF)) - 1]
+        return replace(self, switch_failures=failures, switch_error=error, switch_retry=now + delay)
+
+    def switch_worked(self) -> DomainState:
+        return replace(self, switch_failures=0, switch_error="", switch_retry=None)
 
 
 def state_path(config: Config, domain: str) -> Path:
@@ -120,6 +145,8 @@ def load_state(config: Config, domain: str) -> DomainState:
             if not isinstance(key.created, datetime) or any(
                     when is not None and (not isinstance(when, datetime) or when.tzinfo is None) for when in times):
                 raise TypeError(f"key {key.selector}: a time that is missing or has no time zone")
+        if state.switch_retry is not None and state.switch_retry.tzinfo is None:
+            raise TypeError("the switch retry time has no time zone")
         return state
     except FileNotFoundError:
         return DomainState(domain)
@@ -179,6 +206,10 @@ def schedule(state: DomainState, item: DkimConfig) -> list[tuple[datetime, Actio
             steps.append((after(key.retired, item.retire_after), Action("revoke", key.algorithm, key.selector)))
         elif key.state == "revoked" and key.revoked:
             steps.append((after(key.revoked, item.remove_after), Action("remove", key.algorithm, key.selector)))
+    if state.switch_retry is not None:  # a failed signer switch: steps that switch wait for the backoff
+        retry = state.switch_retry
+        steps = [(max(at, retry), action) if action.kind in ("activate", "retire") else (at, action)
+                 for at, action in steps]
     return sorted(steps, key=lambda step: step[0])
 
 
@@ -263,6 +294,10 @@ def status_rows(config: Config) -> list[dict[str, Any]]:
                 "created": _iso(key.created), "activated": _iso(key.activated), "retired": _iso(key.retired),
                 "revoked": _iso(key.revoked), "next_action": action, "next_action_at": _iso(at),
             })
+            if key.state == "pending" and state.switch_failures and action == "activate":
+                # The switch to it failed (and was rolled back): the old selector still signs.
+                rows[-1]["switch_error"] = (f"{state.switch_error} ({state.switch_failures} failed switch"
+                                            f"{'es' if state.switch_failures > 1 else ''} in a row)")
         for algorithm in item.algorithms:
             if not any(k.algorithm == algorithm for k in keys):
                 rows.append({"domain": item.domain, "selector": None, "algorithm": algorithm, "state": "none",

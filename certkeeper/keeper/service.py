@@ -19,6 +19,8 @@ it (``certkeeper.protocol`` messages), until the worker's ``Exit``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import re
@@ -57,6 +59,10 @@ _SELECTOR = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-
 
 class Refusal(LocalError):
     """A request the configuration does not allow: the run that sent it fails closed."""
+
+
+class SignerNotSwitched(LocalError):
+    """A DKIM signer switch failed its checks or its hook: the signer keeps its previous files."""
 
 
 @dataclass(frozen=True)
@@ -399,20 +405,94 @@ class LocalKeeper:
                       progress: Callable[[str], None]) -> None:
         """Write the signer file of ``domain`` with ``keys`` (domain, selector, algorithm) and run its hook.
 
-        Every key must be a key file of a [[dkim]] domain that shares this signer file."""
+        Every key must be a key file of a [[dkim]] domain that shares this signer file. First the
+        checks (``signers.check_before_switch``: the signer's user can read each key, the service's
+        own configuration test passes): a failed check writes nothing (``SignerNotSwitched``). The
+        files as they were are kept (``STATE/journal/signer-*.json``) until ``confirm_signer`` or
+        ``restore_signer``; a hook that fails puts them back at once and runs the hook again."""
         self._refuse_in_dry_run("switch signers")
         item = self.dkim_item(domain)
+        chosen = self._signing_keys(item, keys)
+        problems = signers.check_before_switch(self.config, item, chosen, progress=progress)
+        if problems:
+            raise SignerNotSwitched(f"dkim {domain}: the signer was not switched (it keeps its keys): "
+                                    + "; ".join(problems))
+        journal = self._signer_journal(item)
+        with self._lock:
+            if not journal.exists():  # one left by an unconfirmed switch (a crash) holds the older files
+                snap = signers.snapshot(self.config, item, chosen)
+                write_atomic(journal, json.dumps({"domain": domain, "files": snap}).encode(), 0o600)
+        try:
+            signers.apply(self.config, item, chosen, progress, force_hook=True)
+        except CertkeeperError as exc:
+            again = self._restore(item, progress)
+            raise SignerNotSwitched(f"dkim {domain}: the signer was not switched: {exc}; {again}") from None
+
+    def restore_signer(self, domain: str, progress: Callable[[str], None]) -> str:
+        """Roll an unconfirmed switch back: the signer files as they were, the hook run again.
+        Returns what happened, one line (LocalError when the hook fails again)."""
+        self._refuse_in_dry_run("switch signers")
+        item = self.dkim_item(domain)
+        result = self._restore(item, progress)
+        if result.startswith("the hook failed"):
+            raise LocalError(f"dkim {domain}: {result}")
+        return result
+
+    def confirm_signer(self, domain: str) -> None:
+        """The switch was verified: the files kept for a rollback are dropped."""
+        self._refuse_in_dry_run("switch signers")
+        journal = self._signer_journal(self.dkim_item(domain))
+        with self._lock:
+            if journal.exists():
+                journal.unlink()
+                fsync_dir(journal.parent)
+
+    def _signing_keys(self, item: DkimConfig, keys: Sequence[tuple[str, str, str]]) -> list[signers.SigningKey]:
         path = signers.config_path(item)
         chosen: list[signers.SigningKey] = []
         for key_domain, selector, algorithm in keys:
             other = self.dkim_item(key_domain)
             if other.signer != item.signer or signers.config_path(other) != path:
-                raise Refusal(f"dkim {domain}: {key_domain} does not share its signer file")
+                raise Refusal(f"dkim {item.domain}: {key_domain} does not share its signer file")
             key_path = self.dkim_key_path(key_domain, selector)
             if existing_dkim_key(key_path, algorithm) is None:
                 raise Refusal(f"dkim {key_domain}: no key file for selector {selector!r}")
             chosen.append(signers.SigningKey(key_domain, selector, algorithm, key_path))
-        signers.apply(self.config, item, chosen, progress, force_hook=True)
+        return chosen
+
+    def _signer_journal(self, item: DkimConfig) -> Path:
+        """Where the signer files as they were before an unconfirmed switch are kept (one per signer file)."""
+        digest = hashlib.sha256(str(signers.config_path(item)).encode()).hexdigest()[:16]
+        return self.store.journal_dir / f"signer-{digest}.json"
+
+    def _restore(self, item: DkimConfig, progress: Callable[[str], None]) -> str:
+        journal = self._signer_journal(item)
+        with self._lock:
+            try:
+                data = json.loads(journal.read_text())
+                snap = {str(k): (None if v is None else str(v)) for k, v in dict(data["files"]).items()}
+            except FileNotFoundError:
+                return "no switch to roll back"
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise LocalError(f"{journal}: unreadable ({exc}); restore the signer files by hand") from None
+            allowed = {str(p) for p in signers.rendered(self.config, item, [])}
+            if not set(snap) <= allowed:
+                raise LocalError(f"{journal}: names files that are not the signer's ({', '.join(sorted(snap))}); "
+                                 "restore the signer files by hand")
+            signers.restore(snap, progress)
+            journal.unlink()
+            fsync_dir(journal.parent)
+        if all(text is None for text in snap.values()):
+            return "there was no previous signer configuration to go back to: the new files stay"
+        name = signers.hook_name(item)
+        if not name:
+            return "the previous signer files are back"
+        try:
+            signers.run_hook(self.config, name, progress)
+        except CertkeeperError as exc:
+            return f"the hook failed again after the previous signer files were put back: {exc}"
+        log.info("dkim %s: the previous signer files are back, hook %s ran", item.domain, name)
+        return f"the previous signer files are back and hook {name} ran again"
 
     def enforce_dkim_keys(self, domain: str, progress: Callable[[str], None]) -> None:
         """Put the configured owner, group and mode back on every key file of the domain (every run)."""
@@ -739,6 +819,11 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
             return p.Names(keeper.dkim_selectors(domain))
         case p.SwitchSigner(domain=domain, keys=keys):
             keeper.switch_signer(domain, [(k.domain, k.selector, k.algorithm) for k in keys], emit)
+            return p.Ok()
+        case p.RestoreSigner(domain=domain):
+            return p.Restored(keeper.restore_signer(domain, emit))
+        case p.ConfirmSigner(domain=domain):
+            keeper.confirm_signer(domain)
             return p.Ok()
         case p.EnforceDkimKeys(domain=domain):
             keeper.enforce_dkim_keys(domain, emit)

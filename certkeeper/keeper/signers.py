@@ -421,18 +421,56 @@ def _config_test(argv: list[str], what: str) -> str:
     return f"{what}: exit {result.returncode}: {output}"
 
 
+def service_test(item: DkimConfig, smtpd_conf: Path | None = None, rspamd_conf: Path | None = None,
+                 rspamd_variables: dict[str, str] | None = None) -> tuple[Path | None, dict[str, str], str]:
+    """(the service's configuration to test, rspamadm variables, why it is not tested).
+
+    ``signer_service_config`` (or the arguments) is always tested. Without it the system's default
+    is tested when it exists and reads certkeeper's file: smtpd.conf (/etc/mail/smtpd.conf, then
+    /etc/smtpd.conf) must include the fragment; rspamd.conf (/etc/rspamd/rspamd.conf) is tested with
+    LOCAL_CONFDIR = the directory above signer_config's ``local.d``/``override.d``. Otherwise the
+    path is None and the reason says which key to set."""
+    path = config_path(item)
+    if item.signer == "filter-dkimsign":
+        given = smtpd_conf or item.signer_service_config
+        if given is not None:
+            return given, {}, ""
+        default = next((p for p in SMTPD_CONFIGS if p.exists()), None)
+        if default is None:
+            return None, {}, f"no {' or '.join(map(str, SMTPD_CONFIGS))}"
+        text = _read(default) or ""
+        if path is None or not re.search(r'^\s*include\s+"' + re.escape(str(path)) + '"', text, re.MULTILINE):
+            return None, {}, f"{default} does not include {path}"
+        return default, {}, ""
+    variables = dict(rspamd_variables or {})
+    if path is not None and path.parent.name in ("local.d", "override.d"):
+        variables.setdefault("LOCAL_CONFDIR", str(path.parent.parent))
+    given = rspamd_conf or item.signer_service_config
+    if given is not None:
+        return given, variables, ""
+    if not RSPAMD_CONFIG.exists():
+        return None, {}, f"no {RSPAMD_CONFIG}"
+    if "LOCAL_CONFDIR" not in variables:
+        return None, {}, f"{path} is not in a local.d or override.d directory that {RSPAMD_CONFIG} reads"
+    return RSPAMD_CONFIG, variables, ""
+
+
 def check_before_switch(config: Config, item: DkimConfig, keys: Sequence[SigningKey],
                         smtpd_conf: Path | None = None, rspamd_conf: Path | None = None,
-                        rspamd_variables: dict[str, str] | None = None) -> list[str]:
+                        rspamd_variables: dict[str, str] | None = None,
+                        progress: Callable[[str], None] | None = None) -> list[str]:
     """Problems that would break signing if ``keys`` became the signing keys now; [] when none.
 
     Each key file must be readable by signer_user/signer_group (checked as them), and the signer's
-    configuration with the new files must pass the service's own test. Nothing is written.
+    configuration with the new files must pass the service's own test (``service_test`` says which
+    file; a test it cannot place is skipped with a warning through ``progress``). Nothing is written.
     """
     if item.signer == "none":
         return []
     problems = []
-    if item.signer_user:
+    if item.signer_user and os.geteuid() != 0:
+        _note(progress, f"dkim {item.domain}: not root: the key cannot be opened as {item.signer_user} to check it")
+    elif item.signer_user:
         for key in keys:
             if key.domain == item.domain:
                 problem = readable_as(key.key_file, item.signer_user, item.signer_group,
@@ -443,9 +481,48 @@ def check_before_switch(config: Config, item: DkimConfig, keys: Sequence[Signing
         files = rendered(config, item, keys)
     except LocalError as exc:
         return [*problems, str(exc)]
+    target, variables, why = service_test(item, smtpd_conf, rspamd_conf, rspamd_variables)
+    if target is None:
+        _note(progress, f"dkim {item.domain}: the {item.signer} configuration is not tested before the switch "
+                        f"({why}); set signer_service_config")
+        return problems
     if item.signer == "filter-dkimsign":
         (fragment, text), = files.items()
-        problem = smtpd_config_test(fragment, text, smtpd_conf)
+        problem = smtpd_config_test(fragment, text, target)
     else:
-        problem = rspamd_config_test(rspamd_conf, rspamd_variables)
+        problem = rspamd_config_test(target, variables)
     return [*problems, problem] if problem else problems
+
+
+def _note(progress: Callable[[str], None] | None, text: str) -> None:
+    log.warning("%s", text)
+    if progress is not None:
+        progress(text)
+
+
+# ---------------------------------------------------------------------------
+# The previous configuration, kept by the keeper until a switch is confirmed or rolled back.
+
+
+def snapshot(config: Config, item: DkimConfig, keys: Sequence[SigningKey]) -> dict[str, str | None]:
+    """The signer files ``rendered`` would write, with their content now (None: the file does not exist)."""
+    return {str(path): _read(path) for path in rendered(config, item, keys)}
+
+
+def restore(snap: dict[str, str | None], progress: Callable[[str], None]) -> bool:
+    """Put the files of ``snapshot`` back as they were; whether one changed.
+
+    A file that did not exist before the switch is left as it is: there is no previous signer
+    configuration to go back to, and removing a fragment smtpd.conf includes would stop smtpd."""
+    changed = False
+    for name, text in snap.items():
+        path = Path(name)
+        if text is None:
+            progress(f"{path} did not exist before the switch; it stays (nothing to go back to)")
+            continue
+        if _read(path) == text:
+            continue
+        write_atomic(path, text.encode(), 0o644)
+        progress(f"restored {path} as it was before the switch")
+        changed = True
+    return changed

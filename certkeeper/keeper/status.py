@@ -401,6 +401,8 @@ def _generic_lines(title: str, columns: tuple[tuple[str, str], ...], rows: list[
         fresh = [path for path in row.get("set_aside") or [] if path not in seen]
         seen.update(fresh)
         details.append(([f"error: {row['error']}"] if row.get("error") else [])
+                       + ([f"signer switch failed, rolled back: {row['switch_error']}"]
+                          if row.get("switch_error") else [])
                        + [f"set aside as unreadable (read, then remove): {path}" for path in fresh])
     return table(title, [h for h, _ in columns] + ["NEXT ACTION"], cells, details)
 

@@ -345,6 +345,7 @@ class HostReport:
     heartbeat: datetime
     keys: dict[str, list[str]] = field(default_factory=dict)  # domain → selectors held (the state's key)
     signing: dict[str, list[str]] = field(default_factory=dict)  # domain → selectors the signer uses
+    failed: list[str] = field(default_factory=list)  # signer switches that failed in this run (not in etcd)
 
     def to_json(self) -> dict[str, Any]:
         return {"host": self.host, "heartbeat": self.heartbeat.isoformat(), "keys": self.keys,
@@ -413,7 +414,11 @@ def sync(config: Config, etcd: Etcd, keeper: Keeper, now: datetime, progress: Pr
                      "server yet; the signer keeps its keys")
             continue
         keys = [(i.domain, k.selector, k.algorithm) for i in group for k in wanted[i.domain]]
-        keeper.switch_signer(group[0].domain, keys, progress)
+        try:  # checked, probed, rolled back on failure, as on one host; tried again at the next run
+            rotation.switch_verified(config, group[0], keys, keeper, progress, signing.get(group[0].domain, []))
+        except rotation.SignerSwitchFailed as exc:
+            report.failed.append(f"{group[0].domain}: {exc}")
+            continue
         signing.update(chosen)
         _save_signing(config, signing)
         for domain, selectors in chosen.items():
@@ -678,6 +683,9 @@ def run_due(config: Config, now: datetime, progress: Progress, keeper: Keeper) -
                         wake.append(at)
                 me = sync(config, etcd, keeper, now, progress)  # the rotator's own signer follows at once
             write_status(config, etcd, leader, now)
+            if me.failed:
+                errors += me.failed
+                wake.append(now + rotation.RETRY_AFTER)
     except FleetError as exc:
         log.error("fleet: %s; this host keeps signing with the keys it has, no rotation until etcd is back", exc)
         errors.append(str(exc))
@@ -710,10 +718,12 @@ def rotate_now(config: Config, item: DkimConfig, now: datetime, emergency: bool,
         leader = etcd.campaign(config.fleet.host)
         if etcd.leader:
             rotate_domain(config, item, etcd, keeper, now, progress, me)
-            sync(config, etcd, keeper, now, progress)
+            me = sync(config, etcd, keeper, now, progress)
         else:
             progress(f"{item.domain}: the rotator {leader} carries the rotation out")
         write_status(config, etcd, leader, now)
+    if me.failed:  # this host's signer switch failed and was rolled back: rotate-dkim exits 1
+        raise rotation.SignerSwitchFailed("; ".join(me.failed))
 
 
 # ---------------------------------------------------------------------------

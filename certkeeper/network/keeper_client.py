@@ -46,6 +46,8 @@ class Keeper(Protocol):
     def dkim_selectors(self, domain: str) -> tuple[str, ...]: ...
     def switch_signer(self, domain: str, keys: Sequence[tuple[str, str, str]],
                       progress: Callable[[str], None]) -> None: ...
+    def restore_signer(self, domain: str, progress: Callable[[str], None]) -> str: ...
+    def confirm_signer(self, domain: str) -> None: ...
     def enforce_dkim_keys(self, domain: str, progress: Callable[[str], None]) -> None: ...
     def adopt_dkim_key(self, domain: str, selector: str, record: str, progress: Callable[[str], None]) -> str: ...
     def dispose_dkim_key(self, domain: str, selector: str, algorithm: str,
@@ -122,6 +124,12 @@ class PipeKeeper:
                       progress: Callable[[str], None]) -> None:
         refs = tuple(protocol.SignerKey(d, s, a) for d, s, a in keys)
         self.call(protocol.SwitchSigner(domain, refs), protocol.Ok)  # the keeper's lines reach the log
+
+    def restore_signer(self, domain: str, progress: Callable[[str], None]) -> str:
+        return self.call(protocol.RestoreSigner(domain), protocol.Restored).what
+
+    def confirm_signer(self, domain: str) -> None:
+        self.call(protocol.ConfirmSigner(domain), protocol.Ok)
 
     def enforce_dkim_keys(self, domain: str, progress: Callable[[str], None]) -> None:
         self.call(protocol.EnforceDkimKeys(domain), protocol.Ok)

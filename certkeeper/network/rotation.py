@@ -37,10 +37,11 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any, NoReturn
 
 from certkeeper.core import dkim
 from certkeeper.core.config import Config, DkimConfig
@@ -62,7 +63,7 @@ from certkeeper.core.dkimstate import (  # noqa: F401 - the state and the planne
     state_path,
     status_rows,
 )
-from certkeeper.core.errors import CertkeeperError, ConfigError, DNSError, LocalError
+from certkeeper.core.errors import CertkeeperError, ConfigError, DNSError, LocalError, ServiceError
 from certkeeper.keeper import signers
 from certkeeper.network.dns import Backend, RecordSet, backend_for
 from certkeeper.network.dns.propagation import name_in_use, visible_everywhere, wait_until_absent, wait_until_visible
@@ -195,7 +196,13 @@ def _activate(run: _Run, state: DomainState, action: Action) -> DomainState:
         return state
     _ensure_visible(run, key)
     new_state = activated(state, action.selector, run.now)
-    _switch_signer(run, new_state)
+    try:
+        _switch_signer(run, new_state, state)
+    except SignerSwitchFailed as exc:
+        # Not advanced: the key stays pending, the old one active; the switch waits for the backoff.
+        save_state(run.config, state.switch_failed(str(exc), run.now))
+        raise
+    new_state = new_state.switch_worked()
     _crash_point("activate")
     save_state(run.config, new_state)
     run.say(f"selector {action.selector} is active: the signer uses it now")
@@ -209,7 +216,12 @@ def _retire(run: _Run, state: DomainState, action: Action) -> DomainState:
     key = state.key(action.selector)
     new_state = state.with_key(replace(key, state="retiring", retired=run.now))
     if key.state == "active":
-        _switch_signer(run, new_state)
+        try:
+            _switch_signer(run, new_state, state)
+        except SignerSwitchFailed as exc:
+            save_state(run.config, state.switch_failed(str(exc), run.now))
+            raise
+        new_state = new_state.switch_worked()
     save_state(run.config, new_state)
     run.say(f"selector {key.selector} is retiring: {key.algorithm} is no longer in algorithms")
     return new_state
@@ -259,9 +271,10 @@ def _ensure_visible(run: _Run, key: KeyState) -> None:
     wait_until_visible(run.config, rrset, run.progress)
 
 
-def _switch_signer(run: _Run, new_state: DomainState) -> None:
+def _switch_signer(run: _Run, new_state: DomainState, old_state: DomainState) -> None:
     """Write the signer file with every key that signs after this step; always run the hook
-    (a crash may have come between an earlier write and its hook)."""
+    (a crash may have come between an earlier write and its hook). Checked before, probed after,
+    rolled back on failure (``switch_verified``)."""
     item = run.item
     keys = signing_keys(new_state)
     path = signers.config_path(item)
@@ -269,7 +282,73 @@ def _switch_signer(run: _Run, new_state: DomainState) -> None:
         if other.domain != item.domain and other.signer == item.signer and signers.config_path(other) == path:
             keys += signing_keys(load_state(run.config, other.domain))
     with _lock(run.config, ".signers"):
-        run.keeper.switch_signer(item.domain, [(k.domain, k.selector, k.algorithm) for k in keys], run.progress)
+        switch_verified(run.config, item, [(k.domain, k.selector, k.algorithm) for k in keys], run.keeper,
+                        run.progress, [k.selector for k in signing_keys(old_state)])
+
+
+class SignerSwitchFailed(ServiceError):
+    """A signer switch failed (its checks, its hook or its probe) and was rolled back."""
+
+
+SWITCH_ALERT = "dkim-signer:{domain}"  # the alert episode of a domain's signer switches
+
+
+def switch_verified(config: Config, item: DkimConfig, keys: Sequence[tuple[str, str, str]], keeper: Keeper,
+                    progress: Progress, previous: Sequence[str] = ()) -> None:
+    """Switch ``item``'s signer to ``keys`` (domain, selector, algorithm) and verify it.
+
+    The keeper checks first (the signer's user reads each key, the service's own config test) and
+    writes nothing when a check fails; it runs the hook and puts the old files back itself when the
+    hook fails. Then the probe (``signer_probe.verify``): the service answers and signs a message
+    with the new selectors, verified against the authoritative DNS. A failed probe rolls back here
+    (the keeper restores the files and runs the hook again, the service is checked up). Any failure
+    alerts once per episode and raises ``SignerSwitchFailed``; a later success sends the recovery.
+    ``previous``: the domain's selectors that signed before (named in the alert)."""
+    from certkeeper.network import signer_probe
+    from certkeeper.network.alerts import Alerter
+
+    alert_key = SWITCH_ALERT.format(domain=item.domain)
+    what = f"DKIM signer switch for {item.domain}"
+    selectors = sorted(s for d, s, _ in keys if d == item.domain)
+    with signer_probe.ProbeSink(item) as sink:  # open before the hook restarts the MTA (see ProbeSink)
+        try:
+            keeper.switch_signer(item.domain, keys, progress)
+        except CertkeeperError as exc:  # checks failed (nothing written) or the hook failed (the keeper rolled back)
+            up = _service_up(item, signer_probe)
+            _failed(config, item, keeper, alert_key, what, f"{exc}", up, previous, progress)
+        try:
+            signer_probe.verify(config, item, selectors, progress, sink=sink)
+        except CertkeeperError as exc:
+            try:
+                restored = keeper.restore_signer(item.domain, progress)
+            except CertkeeperError as again:
+                restored = f"the rollback failed: {again}"
+            up = _service_up(item, signer_probe)
+            _failed(config, item, keeper, alert_key, what, f"dkim {item.domain}: {exc}; {restored}", up, previous,
+                    progress)
+    keeper.confirm_signer(item.domain)
+    Alerter(config, keeper=keeper).recovered(alert_key, what, f"The signer signs with {', '.join(selectors)}.")
+
+
+def _service_up(item: DkimConfig, signer_probe: Any) -> str:
+    if not item.probe:
+        return ""
+    problem = signer_probe.wait_up(item)
+    return f"the service is DOWN: {problem}" if problem else f"the service is up ({item.probe} answers)"
+
+
+def _failed(config: Config, item: DkimConfig, keeper: Keeper, alert_key: str, what: str, error: str, up: str,
+            previous: Sequence[str], progress: Progress) -> NoReturn:
+    from certkeeper.network.alerts import Alerter
+
+    message = f"{error}" + (f"; {up}" if up else "")
+    log.error("%s", message)
+    progress(f"{item.domain}: {message}")
+    signing = ", ".join(sorted(previous))
+    detail = (f"The signer keeps its previous configuration ({signing or 'as it was'}); the new selector is not "
+              "active and the switch is tried again later.")
+    Alerter(config, keeper=keeper).failed(alert_key, what, message, detail)
+    raise SignerSwitchFailed(message)
 
 
 def _dispose_private_key(run: _Run, key: KeyState) -> None:
@@ -357,7 +436,8 @@ def run_due(config: Config, now: datetime, progress: Progress, keeper: Keeper | 
             except (CertkeeperError, OSError) as exc:
                 log.error("dkim %s: %s", item.domain, exc)
                 errors.append(f"{item.domain}: {exc}")
-                wake.append(now + RETRY_AFTER)
+                retry = load_state(config, item.domain).switch_retry if isinstance(exc, SignerSwitchFailed) else None
+                wake.append(retry if retry is not None and retry > now else now + RETRY_AFTER)
                 continue
         next_at = plan(state, item, now).next_at
         if next_at is not None:
@@ -397,6 +477,8 @@ def rotate_now(config: Config, item: DkimConfig, now: datetime, emergency: bool,
             raise LocalError(f"another certkeeper process is working on {item.domain} "
                              f"({config.state_dir / 'dkim' / item.domain}.lock); try again later")
         before = load_state(config, item.domain)
+        if before.switch_retry is not None:  # the operator asks now: a failed switch is tried again at once
+            before = replace(before, switch_retry=None)
         keeper = keeper or _local_keeper(config)
         state = request_rotation(before, item, now, emergency, taken_selectors(config, item, before, now, keeper))
         if state != before:
@@ -452,7 +534,7 @@ def adopt(config: Config, item: DkimConfig, selector: str, now: datetime, progre
         state = adopted(state, item, selector, algorithm, str(target), values[0], now, signs=private is not None)
         key = state.key(selector)
         if key.state == "active":
-            _switch_signer(_Run(config, item, now, progress, keeper), state)
+            _switch_signer(_Run(config, item, now, progress, keeper), state, load_state(config, item.domain))
         save_state(config, state)
     if key.state == "active":
         progress(f"{item.domain}: adopted selector {selector} ({algorithm}): active, the signer uses it; "
