@@ -24,6 +24,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(GUARD), str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 GUARD_LOG = Path(tempfile.mkdtemp(prefix="loopback-guard-")) / "refused.log"
 os.environ["LOOPBACK_GUARD_LOG"] = str(GUARD_LOG)
+# The fleet tests run a fleet worker's etcd client (gRPC, with its threads) and a keeper in this one
+# process; in the product they are separate processes. gRPC's fork handlers would make every child
+# the keeper starts while those threads run (a `cat` run as the signer's user) die of SIGBUS.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 # The unprivileged roles (another user when the suite runs as root) log refusals here too.
 GUARD_LOG.parent.chmod(0o755)
 GUARD_LOG.touch(mode=0o666)

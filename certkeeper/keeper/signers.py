@@ -339,10 +339,10 @@ CONFIG_TEST_TIMEOUT = 60.0  # seconds for smtpd -n / rspamadm configtest
 def readable_as(path: Path, user: str, group: str, user_groups: bool = False) -> str:
     """Why ``user`` (with ``group``) cannot read ``path``, or "": checked as that user.
 
-    A child process takes the user's ids (setgroups, setgid, setuid) and opens the
-    file, so directory search permissions count as they will for the signer.
-    ``user_groups`` adds the user's supplementary groups (rspamd calls initgroups);
-    smtpd runs a filter with its one group only.
+    ``cat`` is run with the user's ids (the kernel sets them between fork and exec, so this
+    is safe in the daemon's threaded keeper) and reads the file, so directory search
+    permissions count as they will for the signer. ``user_groups`` adds the user's
+    supplementary groups (rspamd calls initgroups); smtpd runs a filter with its one group only.
     """
     try:
         account = pwd.getpwnam(user)
@@ -352,28 +352,17 @@ def readable_as(path: Path, user: str, group: str, user_groups: bool = False) ->
         gid = grp.getgrnam(group).gr_gid if group else account.pw_gid
     except KeyError:
         return f"signer_group {group!r} is no group on this host"
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into the caller's code
-        code = 0
-        try:
-            if user_groups:
-                os.initgroups(user, gid)
-            else:
-                os.setgroups([gid])
-            os.setgid(gid)
-            os.setuid(account.pw_uid)
-            with open(path, "rb") as f:
-                f.read(1)
-        except OSError as exc:
-            code = exc.errno or 255
-        except BaseException:
-            code = 255
-        os._exit(min(code, 255))
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code == 0:
+    groups = sorted(set(os.getgrouplist(user, gid))) if user_groups else [gid]
+    try:
+        done = subprocess.run(["cat", "--", str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, user=account.pw_uid, group=gid, extra_groups=groups,
+                              cwd="/", timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{path}: the check as {user} could not run: {exc}"
+    if done.returncode == 0:
         return ""
-    reason = os.strerror(code) if 0 < code < 255 else f"the check as {user} failed"
+    said = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    reason = said[-1].rsplit(": ", 1)[-1] if said else f"the check as {user} failed"
     return f"{path}: {user}:{group or account.pw_gid} cannot read it: {reason}"
 
 
