@@ -138,6 +138,30 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_check_warns_for_a_dkim_signer_without_probe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The switch cannot be verified end to end: a warning line, the exit status unchanged."""
+    conf = tmp_path / "certkeeper.toml"
+    tables = (f'[[dkim]]\ndomain = "a.example"\nkey_dir = "{tmp_path}/a"\nsigner = "rspamd"\n'
+              f'[[dkim]]\ndomain = "b.example"\nkey_dir = "{tmp_path}/b"\nsigner = "filter-dkimsign"\n'
+              f'signer_config = "{tmp_path}/dkimsign.conf"\n'
+              f'[[dkim]]\ndomain = "c.example"\nkey_dir = "{tmp_path}/c"\nsigner = "none"\n')
+    conf.write_text(f'state_dir = "{tmp_path}/state"\n[hooks.rspamd]\ncommand = ["true"]\n'
+                    f'[hooks.smtpd]\ncommand = ["true"]\n{tables}')
+    out = io.StringIO()
+    assert cli.main(["--config", str(conf), "check"], out=out) == 0
+    assert out.getvalue() == f"{conf}: configuration OK\n"
+    assert capsys.readouterr().err.splitlines() == [
+        f"certkeeper: warning: {conf}: dkim[1].probe: none for a.example: a switch to a new key is not checked "
+        'to sign with it (add probe = "rspamd://127.0.0.1:11333")',
+        f"certkeeper: warning: {conf}: dkim[2].probe: none for b.example: a switch to a new key is not checked "
+        'to sign with it (add probe = "smtp://127.0.0.1:25")',
+    ]
+    conf.write_text(conf.read_text().replace('signer = "rspamd"\n', 'signer = "rspamd"\nprobe = "rspamd://127.0.0.1:11333"\n')
+                    .replace('signer = "filter-dkimsign"\n', 'signer = "filter-dkimsign"\nprobe = "smtp://127.0.0.1:25"\n'))
+    assert cli.main(["--config", str(conf), "check"], out=io.StringIO()) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "certkeeper", "-c", str(tmp_path / "nope.toml"), "check"],
                             capture_output=True, text=True, cwd=ROOT)

@@ -6,6 +6,8 @@ What the file alone cannot say is checked here, on this host:
   table) has a command that exists and is executable (for a built-in hook: the
   command of this host's service manager); a hook a certificate uses without
   ``verify`` endpoints is a warning: its reloads go unchecked;
+- a ``[[dkim]]`` table with a signer but no ``probe`` is a warning: its key
+  switches are not checked end to end (a signed message);
 - the unprivileged ``user``/``group`` exist and can reach this interpreter and
   package (an error when run as root, which needs them; a warning otherwise);
 - every file the daemon would read is usable (``keeper.preflight``, what a SIGHUP
@@ -28,6 +30,7 @@ def main(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     from certkeeper.keeper import preflight
 
     errors, warnings = hook_problems(config)
+    warnings += dkim_warnings(config)
     errors += preflight.file_problems(config)
     problems = [f"{config.path}: {p}" for p in _host_problems(config)]
     if sandbox.privileged():
@@ -51,6 +54,16 @@ def _host_problems(config: Config) -> list[str]:
         return list(exc.lines)
     problem = privsep.reachable(ident if sandbox.privileged() else None)
     return [problem] if problem else []
+
+
+PROBE_EXAMPLES = {"filter-dkimsign": "smtp://127.0.0.1:25", "rspamd": "rspamd://127.0.0.1:11333"}
+
+
+def dkim_warnings(config: Config) -> list[str]:
+    """One line per ``[[dkim]]`` table whose signer switches cannot be verified end to end (no ``probe``)."""
+    return [f"{config.path}: dkim[{n}].probe: none for {item.domain}: a switch to a new key is not checked to "
+            f"sign with it (add probe = \"{PROBE_EXAMPLES.get(item.signer, 'smtp://127.0.0.1:25')}\")"
+            for n, item in enumerate(config.dkim, 1) if item.signer != "none" and not item.probe]
 
 
 def hook_problems(config: Config, manager: str | None = None) -> tuple[list[str], list[str]]:
