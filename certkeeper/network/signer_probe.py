@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 UP_TIMEOUT = 30.0  # seconds for the service's port to answer after its hook
 PROBE_TIMEOUT = 60.0  # seconds for the signed copy (the MTA's relay to the sink, or rspamd's answer)
+RSPAMD_SETTLE = 10.0  # seconds rspamd's answers may still come from workers of before its reload
 POLL = 0.2
 QUIT_WAIT = 30.0  # seconds the sink waits for the MTA to end its session after the copy
 SENDER = "certkeeper-probe"  # the probe's local part at the [[dkim]] domain
@@ -281,9 +282,16 @@ def verify(config: Config, item: DkimConfig, selectors: Collection[str], progres
     problem = wait_up(item)
     if problem:
         raise ProbeError(f"after the switch {problem}")
-    token = f"ckprobe-{os.urandom(8).hex()}"
-    copy = signed_copy(item, probe_message(item, token, selectors), token, timeout, sink)
-    problem = signature_problem(config, item.domain, copy, selectors)
+    # rspamd answers from its old workers for a moment after a reload: asked again, briefly, before
+    # a wrong selector counts. An MTA's delivered copy is what it signed: asked once.
+    settle = time.monotonic() + (min(RSPAMD_SETTLE, timeout) if endpoint(item)[0] == "rspamd" else 0.0)
+    while True:
+        token = f"ckprobe-{os.urandom(8).hex()}"
+        copy = signed_copy(item, probe_message(item, token, selectors), token, timeout, sink)
+        problem = signature_problem(config, item.domain, copy, selectors)
+        if not problem or time.monotonic() + 1.0 > settle:
+            break
+        time.sleep(1.0)
     if problem:
         raise ProbeError(f"the probe message through {item.probe}: {problem}")
     progress(f"{item.domain}: a probe message through {item.probe} is signed with {', '.join(sorted(selectors))} "
