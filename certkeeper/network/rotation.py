@@ -119,7 +119,7 @@ class _Run:
     done: set[Action] = field(default_factory=set)
 
     def say(self, message: str) -> None:
-        log.info("dkim %s: %s", self.item.domain, message)
+        """One progress line: the worker's keeper logs it (the daemon) or prints it (the CLI), once."""
         self.progress(f"{self.item.domain}: {message}")
 
 
