@@ -465,7 +465,7 @@ class Daemon:
         worker = privsep.WorkerProcess(config, text, job, args, self.foreground, self.verbosity)
         challenges = privsep.ListenerChallenges(self.listener)
         keeper = LocalKeeper(config, challenges, self.installed, self.store,
-                             dry_run=job == "renew" and bool(args.get("dry_run")))
+                             dry_run=job == "renew" and bool(args.get("dry_run")), on_policies=self._rebuild_policies)
         self.workers.add(worker)
         ended = False
         try:
@@ -670,6 +670,11 @@ class Daemon:
         await self.push_metrics()
         await self.check("configuration reloaded")
         await self.background("publish")
+
+    def _rebuild_policies(self) -> None:
+        """[fleet], in a publish worker's thread, once it saved the fleet's MX names: the listener serves the
+        policies they make before the worker checks them (the running configuration, the state files as now)."""
+        self._reconfigure_listener(self.config_text)
 
     def _reconfigure_listener(self, text: str) -> None:
         protocol.expect(self.listener.request(protocol.Reconfigure(text)), protocol.Ok)

@@ -270,6 +270,14 @@ class Takeover:
     leader: str
 
 
+@message
+@dataclass(frozen=True)
+class RefreshPolicies:
+    """[fleet]: the publish job saved the fleet's MX names (STATE/mta-sts/fleet-mx): the listener rebuilds the
+    MTA-STS policies it serves before the job checks them (Ok)."""
+    pass
+
+
 # Notifications (no reply).
 
 

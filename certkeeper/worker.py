@@ -29,7 +29,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -48,6 +48,8 @@ SYSTEM_READ = ("/etc/ld.so.cache", "/lib", "/lib64", "/usr/lib", "/usr/lib64", "
                "/etc/services", "/etc/protocols", "/etc/localtime", "/usr/share/zoneinfo", "/etc/ssl",
                "/usr/lib/ssl", "/usr/share/ca-certificates", "/etc/ca-certificates", "/etc/pki",
                "/etc/passwd", "/etc/group", "/dev/null", "/dev/urandom")
+
+FLEET_PUBLISH_EVERY = timedelta(hours=1)  # [fleet]: the publish job runs again then (well within live_within)
 
 Job = Callable[[Config, dict[str, Any], PipeKeeper], tuple[int, datetime | None]]
 
@@ -115,7 +117,7 @@ def job_publish(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tup
     if config.fleet.enabled:  # several MX hosts: an id only for a policy every live host serves
         from certkeeper.network import fleet
 
-        agreed = fleet.agreed_policies(config, line, datetime.now(UTC))
+        agreed = fleet.agreed_policies(config, line, datetime.now(UTC), keeper)
         domains = tuple(d for d in (domains if domains is not None else agreed) if d in agreed)
     outcomes: list[mtasts_publish.Outcome] = []
     if args.get("cli"):
@@ -131,6 +133,8 @@ def job_publish(config: Config, args: dict[str, Any], keeper: PipeKeeper) -> tup
     _guard("MTA-STS publishing", lambda: outcomes.extend(mtasts_publish.publish_all(config, line, domains=domains,
                                                                                    keeper=keeper)))
     times = [t for t in (mtasts_state.next_due(config),) if t is not None]
+    if config.fleet.enabled:  # the fleet's hosts and MX names change: report and follow them every hour
+        times.append(datetime.now(UTC) + min(FLEET_PUBLISH_EVERY, config.fleet.live_within / 2))
     if not outcomes and (config.mta_sts or config.tlsrpt.rua) or any(o.status == "failed" for o in outcomes):
         # a DNS server or the policy fetch failed: try again when status says (STATE/mta-sts/DOMAIN.retry)
         times.append(datetime.now(UTC) + mtasts_publish.RETRY_AFTER)

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aetcd
 import pytest
@@ -498,6 +500,185 @@ def test_an_mta_sts_id_waits_until_its_mx_covers_every_live_hosts_mx_name(make_h
     for h in wild:  # each writes its new id: the first still sees the other's old one
         fleet.agreed_policies(h.config, lambda _: None, T0)
     assert [fleet.agreed_policies(h.config, lambda _: None, T0) for h in wild] == [("example.test",)] * 2
+
+
+# -- one MTA-STS policy: the union of the fleet's MX names -------------------------------------------
+
+
+@dataclass
+class PolicyHost:
+    """A host whose listener code (``listener.process.Listener``, as the listener process runs it) serves the
+    policy from its configuration and state files, and is rebuilt when the keeper is asked to."""
+    host: Host
+    listener: Any
+    sockets: tuple[socket.socket, socket.socket]
+
+    @property
+    def config(self) -> Config:
+        return self.host.config
+
+    def served(self) -> str:
+        return self.listener.web.handlers.site.policies["mta-sts.example.test"].decode()
+
+    def rebuild(self) -> None:  # what the daemon's keeper does (daemon._rebuild_policies: Reconfigure)
+        assert self.listener.answer(protocol.Reconfigure(self.config.path.read_text())) == protocol.Ok()
+
+    def agree(self, when: datetime, lines: list[str] | None = None) -> tuple[str, ...]:
+        """The publish job's fleet step, its keeper requests going over a socketpair to a served LocalKeeper."""
+        from certkeeper.keeper.service import serve
+        from certkeeper.network.keeper_client import PipeKeeper
+
+        mine, theirs = socket.socketpair()
+        keeper = LocalKeeper(self.config, on_policies=self.rebuild)
+        server = threading.Thread(target=serve, args=(theirs, keeper, lambda _: None, lambda: when), daemon=True)
+        server.start()
+        try:
+            agreed = fleet.agreed_policies(self.config, (lines if lines is not None else []).append, when,
+                                           PipeKeeper(self.config, mine))
+            protocol.send(mine, protocol.Exit(0, ""))
+            server.join(10)
+            assert not server.is_alive()
+            return agreed
+        finally:
+            mine.close()
+            theirs.close()
+
+    def publish(self, domains: tuple[str, ...], when: datetime) -> list[Any]:
+        from certkeeper.network import mtasts_publish
+
+        return mtasts_publish.publish_all(self.config, lambda _: None, when, lambda c, d: self.served(),
+                                          domains=domains, keeper=LocalKeeper(self.config))
+
+
+@pytest.fixture
+def policy_host(make_host):
+    made: list[PolicyHost] = []
+
+    def make(name: str, fleet_mx: list[str], mta_sts_mx: list[str] | None = None) -> PolicyHost:
+        from certkeeper.listener.process import Listener
+
+        quoted = ", ".join(f'"{m}"' for m in fleet_mx)
+        table = '[[mta_sts]]\ndomain = "example.test"\nmode = "enforce"\n'
+        if mta_sts_mx is not None:
+            table += "mx = [" + ", ".join(f'"{m}"' for m in mta_sts_mx) + "]\n"
+        host = make_host(name, extra=f'mx = [{quoted}]\n[[certificate]]\nname = "mta-sts.example.test"\n'
+                                     f'cert = "/c.pem"\nkey = "/k.pem"\n{table}')
+        pair = socket.socketpair()
+        made.append(PolicyHost(host, Listener(host.config, pair[0]), pair))
+        return made[-1]
+
+    yield make
+    for h in made:
+        for sock in h.sockets:
+            sock.close()
+
+
+def mx_lines(policy: str) -> list[str]:
+    return [line[len("mx: "):] for line in policy.split("\r\n") if line.startswith("mx: ")]
+
+
+def test_without_mx_every_host_serves_the_union_of_the_fleets_mx_names_and_one_id_is_published(
+        bind, policy_host) -> None:
+    from certkeeper.core import mtasts_state
+    from certkeeper.core.mtasts import parse_policy, render_txt
+
+    mx1 = policy_host("mx1", ["mx1.example.test"])
+    mx2 = policy_host("mx2", ["mx2.example.test", "smtp.example.test"])
+    assert mx1.config.mta_sts[0].fleet_mx and mx1.config.mta_sts[0].mx == ()
+    assert mx_lines(mx1.served()) == ["mx1.example.test"]  # before etcd was read: this host's own names
+    # Round one: mx1 sees nobody yet; mx2 sees mx1, serves both and holds its id back (mx1 serves another).
+    assert mx1.agree(T0) == ("example.test",)
+    lines: list[str] = []
+    assert mx2.agree(T0, lines) == ()
+    assert mx_lines(mx2.served()) == ["mx1.example.test", "mx2.example.test", "smtp.example.test"]
+    assert "fleet: the MTA-STS policies without mx now list the fleet's MX names mx1.example.test, " \
+           "mx2.example.test, smtp.example.test" in lines, lines
+    # Round two: mx1 sees mx2; its listener is rebuilt before anything is checked; both agree.
+    assert mx1.agree(T0) == ("example.test",) and mx2.agree(T0) == ("example.test",)
+    assert mx1.served() == mx2.served()
+    union = parse_policy(mx1.served())
+    assert union.mx == ("mx1.example.test", "mx2.example.test", "smtp.example.test")
+    # The id is sent to BIND once: the second host finds it published and served by itself too.
+    first, second = mx1.publish(("example.test",), T0), mx2.publish(("example.test",), T0)
+    assert [(o.record, o.status, o.changed) for o in first] == [("_mta-sts.example.test", "published", True)]
+    assert [(o.record, o.status, o.changed) for o in second] == [("_mta-sts.example.test", "unchanged", False)]
+    assert "published by the fleet" in second[0].detail
+    assert bind.query("_mta-sts.example.test", "TXT") == [render_txt(union.policy_id())]
+    for h in (mx1, mx2):
+        assert mtasts_state.load_state(h.config, "example.test").current.policy_id == union.policy_id()  # type: ignore[union-attr]
+    # certkeeper status shows the names the policy takes from the fleet.
+    doc = status.collect(mx2.config, now=T0)
+    (row,) = doc["mta_sts"]
+    assert row["fleet_mx"] == list(union.mx) and row["status"] == "published"
+    assert "mx from the fleet: mx1.example.test, mx2.example.test, smtp.example.test" in status.render_text(doc)
+
+    # A third host joins: every host follows the new union, and its id replaces the old one, once.
+    later = T0 + HOUR
+    mx3 = policy_host("mx3", ["mx3.example.test"])
+    for _ in range(3):  # mx3 reports; each host follows the new union; each sees the others serve it
+        agreed = [h.agree(later) for h in (mx1, mx2, mx3)]
+    assert agreed == [("example.test",)] * 3
+    assert mx1.served() == mx2.served() == mx3.served()
+    grown = parse_policy(mx3.served())
+    assert grown.mx == ("mx1.example.test", "mx2.example.test", "mx3.example.test", "smtp.example.test")
+    outcomes = [h.publish(("example.test",), later) for h in (mx3, mx1, mx2)]
+    assert [o[0].changed for o in outcomes] == [True, False, False]
+    assert bind.query("_mta-sts.example.test", "TXT") == [render_txt(grown.policy_id())]
+
+    # A host with an explicit list keeps it, and never writes the fleet's names (seen alone, two days on).
+    mx4 = policy_host("mx4", ["mx4.example.test"], mta_sts_mx=["*.example.test"])
+    assert mx4.agree(later + 2 * DAY) == ("example.test",)
+    assert mx_lines(mx4.served()) == ["*.example.test"]
+    assert not mtasts_state.fleet_mx_path(mx4.config).exists()
+    with pytest.raises(Refusal, match="no \\[\\[mta_sts\\]\\] table takes its mx from the fleet"):
+        LocalKeeper(mx4.config).refresh_policies()
+
+
+def test_the_fleets_mx_names_are_checked_where_they_are_read(policy_host) -> None:
+    from certkeeper.core import mtasts_state
+
+    mx1 = policy_host("mx1", ["mx1.example.test"])
+    path = mtasts_state.fleet_mx_path(mx1.config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for bad in (b'{"mx": ["mx2.example.test", "not a name"]}', b"[]", b'{"mx": ["a.example.test"]}' + b" " * 70000,
+                json.dumps({"mx": [f"mx{i}.example.test" for i in range(300)]}).encode()):
+        path.write_bytes(bad)
+        with pytest.raises(Refusal, match="fleet-mx"):  # the keeper refuses to have the listener serve it
+            LocalKeeper(mx1.config).refresh_policies()
+        mx1.rebuild()  # the listener serves this host's own names instead
+        assert mx_lines(mx1.served()) == ["mx1.example.test"]
+    path.write_bytes(b'{"mx": ["MX2.example.test.", "mx1.example.test"]}')
+    LocalKeeper(mx1.config).refresh_policies()
+    mx1.rebuild()
+    assert mx_lines(mx1.served()) == ["mx1.example.test", "mx2.example.test"]
+    # A name another host reported that is no mx pattern is left out of the union, with one line.
+    with fleet.Etcd(mx1.config.fleet) as etcd:
+        etcd.put(etcd.key("mta-sts", "bad.example.test"), json.dumps(
+            {"host": "bad.example.test", "at": T0.isoformat(), "ids": {}, "mx": ["a b", "mx9.example.test"]}).encode())
+    lines: list[str] = []
+    mx1.agree(T0, lines)
+    assert any("left out of the MTA-STS policies: 'a b'" in x for x in lines), lines
+    assert mx_lines(mx1.served()) == ["mx1.example.test", "mx9.example.test"]
+    without_fleet = dataclasses.replace(mx1.config, fleet=FleetConfig())
+    with pytest.raises(Refusal, match="no \\[fleet\\] table"):
+        LocalKeeper(without_fleet).refresh_policies()
+    assert protocol.parse(protocol.render(protocol.RefreshPolicies())[protocol.HEADER.size:]) == \
+        protocol.RefreshPolicies()
+
+
+def test_an_mta_sts_table_without_mx_needs_a_fleet() -> None:
+    table = '[[certificate]]\nname = "mta-sts.example.test"\n[[mta_sts]]\ndomain = "example.test"\n'
+    with pytest.raises(ConfigError) as err:
+        parse(table)
+    assert any("mta_sts[1].mx: is required when mode is 'testing'" in line for line in err.value.lines)
+    fleet_toml = ('[fleet]\nbackend = "etcd"\nendpoints = ["http://127.0.0.1:2379"]\nhost = "mx1.example.test"\n'
+                  'secret_file = "/k"\n')
+    (m,) = parse(table + fleet_toml).mta_sts
+    assert m.fleet_mx and m.mx == ()
+    (m,) = parse(table + 'mx = ["mail.example.test"]\n' + fleet_toml).mta_sts
+    assert not m.fleet_mx and m.mx == ("mail.example.test",)
+    (m,) = parse(table + 'mode = "none"\n' + fleet_toml).mta_sts
+    assert not m.fleet_mx and m.mx == ()
 
 
 def test_fleet_mx_is_this_hosts_list_of_mx_names() -> None:

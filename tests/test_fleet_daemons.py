@@ -14,6 +14,8 @@ import io
 import json
 import os
 import signal
+import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -79,11 +81,12 @@ def site(pebble, etcd_cluster: EtcdCluster, tmp_path: Path):  # noqa: F811 - the
     started: list[FleetDaemon] = []
 
     def start(host: str, http_port: int, names: tuple[str, ...] = (), dkim: bool = False, dns: str = "",
-              env: dict[str, str] | None = None) -> FleetDaemon:
+              env: dict[str, str] | None = None, tls_port: int | None = None) -> FleetDaemon:
         home = tmp_path / host
         home.mkdir()
         extra = (dkim_toml(home / "dkim", algorithms='["ed25519"]') if dkim else "") + dns
-        text = pebble.config_text(home, names, http_listen=[f"127.0.0.1:{http_port}"], extra=(
+        tls_listen = [f"127.0.0.1:{tls_port}"] if tls_port is not None else []
+        text = pebble.config_text(home, names, http_listen=[f"127.0.0.1:{http_port}"], tls_listen=tls_listen, extra=(
             f'{extra}\n[fleet]\n{etcd_cluster.toml(prefix)}host = "{host}.example.test"\nsecret_file = "{secret}"\n'
             f"lease_ttl = {LEASE_TTL}\n"))
         daemon = FleetDaemon(home, f"{host}.example.test", text, env)
@@ -157,3 +160,46 @@ def test_a_rotator_daemon_killed_mid_rotation_is_finished_by_the_other_within_th
     key = domain_state(b.config).key(pending.selector)
     assert bind.query(f"{key.selector}._domainkey.example.test", "TXT") == [key.record]
     assert {k.selector for k in domain_state(b.config).keys} == {first.selector, pending.selector}  # none more
+
+
+def test_two_daemons_without_mx_serve_the_union_of_their_mx_names_and_publish_its_id(pebble, bind, site,
+                                                                                   tmp_path: Path) -> None:
+    """[[mta_sts]] without mx on two real daemons: after a reload each listener process serves the same policy,
+    listing both hosts' MX names, and its id is in BIND."""
+    from certkeeper.core.mtasts import parse_policy, render_txt
+
+    roots = tmp_path / "pebble-roots.pem"
+    roots.write_bytes(b"".join(pebble.issuer_roots()))
+    table = '[[mta_sts]]\ndomain = "example.test"\nmode = "enforce"\n'
+    ports = {"b": free_port(), "a": free_port()}
+
+    def dns(host: str) -> str:
+        return bind.dns_toml(mta_sts_fetch_address=f"127.0.0.1:{ports[host]}", mta_sts_fetch_ca=str(roots)) + table
+
+    b = site("b", pebble.http01_port, names=(NAME,), dns=dns("b"), tls_port=ports["b"])
+    wait_until(lambda: etcd_get(b.config, fleet.WATCHERS, b.host), 30, "b's fleet-watch worker", b)
+    a = site("a", free_port(), names=(NAME,), dns=dns("a"), tls_port=ports["a"])
+    for d in (a, b):
+        wait_until(lambda d=d: "mta-sts.example.test: serving the new certificate" in d.output(), 60,
+                   f"{d.host}'s certificate served", a, b)
+
+    def served(host: str) -> str:
+        context = ssl.create_default_context(cafile=str(roots))
+        with socket.create_connection(("127.0.0.1", ports[host]), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname=NAME) as tls:
+            tls.sendall(f"GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n"
+                        .encode())
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+        return answer.partition(b"\r\n\r\n")[2].decode()
+
+    union = ("a.example.test", "b.example.test")
+    for d in (b, a):  # a reload runs the publish job: each host reports, follows the union, publishes once agreed
+        os.kill(d.proc.popen.pid, signal.SIGHUP)
+        wait_until(lambda d=d: parse_policy(served(d.host[0])).mx == union, 30, f"{d.host} serving the union", a, b)
+    policy = parse_policy(served("a"))
+    assert served("a") == served("b")
+    wait_until(lambda: bind.query("_mta-sts.example.test", "TXT") == [render_txt(policy.policy_id())], 30,
+               "the union's id in BIND", a, b)
+    assert "refused a request" not in a.output() + b.output()

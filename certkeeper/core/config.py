@@ -158,6 +158,9 @@ class MtaStsConfig:
     mx: tuple[str, ...]
     max_age: int
     certificate: str
+    # [fleet] and no mx: the policy's mx lines are the fleet's live hosts' MX names ([fleet] mx), their union as
+    # last seen in etcd (core.mtasts_state.configured_policy); mx is () here then.
+    fleet_mx: bool = False
 
     @property
     def host(self) -> str:
@@ -831,7 +834,9 @@ class _Reader:
                 clean = self.domain(f"{w}.mx[{i + 1}]", pattern, wildcard=True)
                 if clean:
                     mx.append(clean)
-            if not patterns and mode in ("enforce", "testing"):
+            # With [fleet] and no mx, the policy lists every live host's MX names (their union, from etcd).
+            fleet_mx = "mx" not in item and "fleet" in data and mode in ("enforce", "testing")
+            if not patterns and mode in ("enforce", "testing") and not fleet_mx:
                 self.error(f"{w}.mx", f"is required when mode is {mode!r} (RFC 8461 3.2)")
             max_age = self.integer(item, w, "max_age", 604800, 0, RFC8461_MAX_AGE)
             cert_name = self.string(item, w, "certificate", f"mta-sts.{domain}" if domain else "")
@@ -841,7 +846,8 @@ class _Reader:
             elif cert is not None and domain and f"mta-sts.{domain}" not in cert.domains:
                 self.error(f"{w}.certificate", f"{cert_name!r} does not cover mta-sts.{domain}")
             if domain is not None and mode in MTA_STS_MODES:
-                yield MtaStsConfig(domain=domain, mode=mode, mx=tuple(mx), max_age=max_age, certificate=cert_name)
+                yield MtaStsConfig(domain=domain, mode=mode, mx=tuple(mx), max_age=max_age, certificate=cert_name,
+                                   fleet_mx=fleet_mx)
 
     def dns(self, data: dict[str, Any]) -> DnsConfig:
         w = "dns"

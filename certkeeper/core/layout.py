@@ -14,6 +14,7 @@ path under state_dir        owner     mode   what
 ``acme/account.json``       network   0700   ACME account URLs; ``acme/ca-bundle[.NAME].pem`` per authority
 ``dkim/DOMAIN.json``        network   0700   DKIM rotation state (no key: keys are in key_dir)
 ``mta-sts/DOMAIN.json``     network   0700   MTA-STS publication history (the listener reads it)
+``mta-sts/fleet-mx``        network   0700   [fleet]: the fleet's MX names, the mx of a policy without one
 ``alerts/alerts.json``      network   0700   alert episodes
 ``dns/manual.json``         network   0700   records asked of the operator (manual backend)
 ``fleet/status.json``       network   0700   [fleet]: the fleet as last seen in etcd; this host's signing selectors

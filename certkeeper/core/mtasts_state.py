@@ -8,6 +8,10 @@ policy, and when a withdrawal may finish. ``mtasts_publish`` changes DNS and
 writes the history; the daemon's web listener only reads it, so the daemon
 process never loads the DNS libraries.
 
+With ``[fleet]``, ``STATE/mta-sts/fleet-mx`` holds the fleet's MX names as the
+network worker last saw them in etcd (``network.fleet.agreed_policies``); an
+``[[mta_sts]]`` table without ``mx`` serves their union (``configured_policy``).
+
 A state file that cannot be read or holds another shape is moved aside as
 ``DOMAIN.json.corrupt-TIMESTAMP`` (``files.set_aside``, one log line) and that
 domain starts with no history: a configured domain has its id published again;
@@ -18,14 +22,17 @@ not affected.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from certkeeper.core.config import Config
+from certkeeper.core.config import Config, MtaStsConfig, domain_problem
 from certkeeper.core.errors import LocalError
 from certkeeper.core.files import set_aside, set_aside_copies, write_json_atomic
 from certkeeper.core.mtasts import Policy, parse_policy
+
+log = logging.getLogger(__name__)
 
 # RFC 8461 8.3: withdraw with "mode: none" and a short max_age; one day.
 DRAIN_MAX_AGE = 86400
@@ -179,6 +186,79 @@ def drain_policy(st: DomainState) -> Policy:
     return Policy(mode="none", mx=(), max_age=min(DRAIN_MAX_AGE, longest))
 
 
+# ---------------------------------------------------------------------------
+# [fleet]: the union of the fleet's MX names, for [[mta_sts]] tables without mx.
+
+FLEET_MX_FILE = "fleet-mx"  # STATE/mta-sts/fleet-mx (not *.json: no domain's history); the listener reads it
+MAX_FLEET_MX = 256  # names: a policy stays far below RFC 8461 3.3's 64 KiB
+MAX_FLEET_MX_BYTES = 64 * 1024
+
+
+def fleet_mx_path(config: Config) -> Path:
+    return config.state_dir / "mta-sts" / FLEET_MX_FILE
+
+
+def fleet_mx_names(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Sorted, without duplicates; ``ValueError`` naming the first entry that is no mx pattern (RFC 8461 3.2)
+    or when there are more than ``MAX_FLEET_MX``."""
+    clean = sorted({str(n).lower().rstrip(".") for n in names})
+    if len(clean) > MAX_FLEET_MX:
+        raise ValueError(f"{len(clean)} MX names, more than {MAX_FLEET_MX}")
+    for name in clean:
+        problem = domain_problem(name, wildcard=True)
+        if problem:
+            raise ValueError(f"{name[:80]!r} {problem}")
+    return tuple(clean)
+
+
+def save_fleet_mx(config: Config, names: tuple[str, ...]) -> bool:
+    """Write the fleet's MX names (the network worker, after reading etcd); True when they changed."""
+    names = fleet_mx_names(names)
+    if load_fleet_mx(config) == names:
+        return False
+    try:
+        write_json_atomic(fleet_mx_path(config), {"mx": list(names)})
+    except OSError as exc:
+        raise LocalError(f"{fleet_mx_path(config)}: cannot write: {exc.strerror}") from None
+    return True
+
+
+def read_fleet_mx(config: Config) -> tuple[str, ...]:
+    """The fleet's MX names as last seen in etcd; () when there is no file; ``ValueError`` (or ``OSError``)
+    when it is not ``{"mx": [NAME, ...]}`` of at most ``MAX_FLEET_MX`` mx patterns in ``MAX_FLEET_MX_BYTES``."""
+    try:
+        with fleet_mx_path(config).open("rb") as f:
+            raw = f.read(MAX_FLEET_MX_BYTES + 1)
+    except FileNotFoundError:
+        return ()
+    if len(raw) > MAX_FLEET_MX_BYTES:
+        raise ValueError(f"larger than {MAX_FLEET_MX_BYTES} bytes")
+    data = json.loads(raw)
+    if not isinstance(data, dict) or not isinstance(data.get("mx"), list) \
+            or not all(isinstance(n, str) for n in data["mx"]):
+        raise ValueError('not {"mx": [NAME, ...]}')
+    return fleet_mx_names(data["mx"])
+
+
+def load_fleet_mx(config: Config) -> tuple[str, ...]:
+    """``read_fleet_mx``, with () for a file that is unusable (one log line)."""
+    try:
+        return read_fleet_mx(config)
+    except (OSError, ValueError) as exc:
+        log.warning("%s: %s; serving this host's own [fleet] mx", fleet_mx_path(config),
+                    getattr(exc, "strerror", None) or exc)
+        return ()
+
+
+def configured_policy(config: Config, m: MtaStsConfig) -> Policy:
+    """The policy of an ``[[mta_sts]]`` table: its mx, or with [fleet] and no mx, the fleet's MX names (this
+    host's own ``[fleet] mx`` and those last seen in etcd) — the same text on every host of the fleet."""
+    if not m.fleet_mx:
+        return Policy.from_config(m)
+    names = (*config.fleet.mx, *load_fleet_mx(config)) or (config.fleet.host,)
+    return Policy(mode=m.mode, mx=fleet_mx_names(names), max_age=m.max_age)
+
+
 def domains_to_serve(config: Config, now: datetime | None = None) -> dict[str, Policy]:
     """Domain → the policy the daemon must serve at ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt``.
 
@@ -187,7 +267,7 @@ def domains_to_serve(config: Config, now: datetime | None = None) -> dict[str, P
     Depends only on the configuration and the state files (``now`` is accepted for symmetry and
     future use), so the daemon can serve the drain policy before ``publish_all`` publishes its id.
     """
-    serve = {m.domain: Policy.from_config(m) for m in config.mta_sts}
+    serve = {m.domain: configured_policy(config, m) for m in config.mta_sts}
     for domain in known_domains(config):
         if domain in serve:
             continue
@@ -210,10 +290,12 @@ def status_rows(config: Config, now: datetime | None = None) -> list[dict[str, o
 
     Keys: domain, mode, max_age, policy_id (of the policy that must be served), published_id (last
     id certkeeper published; None), published_at (ISO 8601; None), status (published | pending |
-    draining | removed), drain_until (ISO 8601; None), tlsrpt (the TLSRPT value published; "").
+    draining | removed), drain_until (ISO 8601; None), tlsrpt (the TLSRPT value published; ""), fleet_mx
+    (the MX names a policy without mx takes from the fleet; None).
     """
     now = now or datetime.now(UTC)
     serve = domains_to_serve(config, now)
+    from_fleet = {m.domain for m in config.mta_sts if m.fleet_mx}
     rows: list[dict[str, object]] = []
     for domain in sorted(set(serve) | set(known_domains(config))):
         st = load_state(config, domain)
@@ -240,6 +322,8 @@ def status_rows(config: Config, now: datetime | None = None) -> list[dict[str, o
             "tlsrpt": st.tlsrpt,
             "error": error or None,  # the last failed publication, and when the daemon tries again
             "retry_at": retry_at.isoformat(timespec="seconds") if retry_at else None,
+            # [fleet], a table without mx: the MX names the policy lists (the fleet's, as last seen)
+            "fleet_mx": list(policy.mx) if policy and domain in from_fleet else None,
         })
     return rows
 

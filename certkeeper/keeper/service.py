@@ -81,7 +81,8 @@ class LocalKeeper:
     def __init__(self, config: Config, challenges: ChallengeTable | None = None,
                  on_installed: Callable[[CertificateConfig], None] | None = None,
                  store: CertificateStore | None = None, dry_run: bool = False,
-                 on_takeover: Callable[[str], None] | None = None) -> None:
+                 on_takeover: Callable[[str], None] | None = None,
+                 on_policies: Callable[[], None] | None = None) -> None:
         """``dry_run``: ``renew --dry-run``: an issued chain is checked and never installed; no set is
         written or rolled back, no hook, signer or alert program runs, no DKIM key is made or deleted
         (each such request is a ``Refusal``); challenge records may still be published."""
@@ -90,6 +91,7 @@ class LocalKeeper:
         self.challenges = challenges if challenges is not None else ChallengeTable()
         self.on_installed = on_installed
         self.on_takeover = on_takeover  # [fleet]: the daemon runs its DKIM job when a rotator died
+        self.on_policies = on_policies  # [fleet]: the daemon's listener rebuilds its MTA-STS policies
         self.store = store if store is not None else CertificateStore(config.state_dir)
         self._pending: dict[str, bytes] = {}  # certificate name → the key its last CSR was made for
         self._reinstalled: set[str] = set()  # names whose kept set was installed again in this run
@@ -631,6 +633,27 @@ class LocalKeeper:
         if self.on_takeover is not None:
             self.on_takeover(leader[:200])
 
+    def refresh_policies(self) -> None:
+        """The publish worker saved the fleet's MX names (``STATE/mta-sts/fleet-mx``): the listener
+        rebuilds its policies from the configuration and the state files, so an [[mta_sts]] table without mx
+        serves the fleet's union before its id is checked and published. Refused without [fleet], without
+        such a table, or when the file is not a list of MX names; nothing to do without a listener (the CLI:
+        the daemon rebuilds them at its next publish run)."""
+        from certkeeper.core import mtasts_state
+
+        if not self.config.fleet.enabled:
+            raise Refusal("no [fleet] table: the policies do not follow the fleet's MX names")
+        if not any(m.fleet_mx for m in self.config.mta_sts):
+            raise Refusal("no [[mta_sts]] table takes its mx from the fleet")
+        try:
+            names = mtasts_state.read_fleet_mx(self.config)
+        except (OSError, ValueError) as exc:
+            raise Refusal(f"{mtasts_state.fleet_mx_path(self.config)}: {getattr(exc, 'strerror', None) or exc}") \
+                from None
+        log.debug("fleet: the MTA-STS policies list the fleet's MX names %s", ", ".join(names) or "(none yet)")
+        if self.on_policies is not None:
+            self.on_policies()
+
     def _zonefile(self) -> ZonefileBackend:
         if self.config.dns.backend != "zonefile":
             raise Refusal("[dns] backend is not zonefile")
@@ -861,5 +884,8 @@ def answer(keeper: LocalKeeper, request: object, emit: Callable[[str], None],
             return p.Ok()
         case p.Takeover(leader=leader):
             keeper.takeover(leader)
+            return p.Ok()
+        case p.RefreshPolicies():
+            keeper.refresh_policies()
             return p.Ok()
     raise Refusal(f"{type(request).__name__} is not a request the keeper answers")

@@ -401,6 +401,7 @@ def _generic_lines(title: str, columns: tuple[tuple[str, str], ...], rows: list[
         fresh = [path for path in row.get("set_aside") or [] if path not in seen]
         seen.update(fresh)
         details.append(([f"error: {row['error']}"] if row.get("error") else [])
+                       + ([f"mx from the fleet: {', '.join(row['fleet_mx'])}"] if row.get("fleet_mx") else [])
                        + ([f"signer switch failed, rolled back: {row['switch_error']}"]
                           if row.get("switch_error") else [])
                        + [f"set aside as unreadable (read, then remove): {path}" for path in fresh])

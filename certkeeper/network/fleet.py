@@ -32,6 +32,12 @@ coordination; certkeeper adds no lock of its own:
   is a transaction on the state's revision, and a request that finds a pending
   key joins it.
 
+- **one MTA-STS policy** (``agreed_policies``, in the publish job, every hour): each host reports the ids
+  of the policies it serves and its MX names in ``PREFIX/mta-sts/HOST``; an ``[[mta_sts]]`` table without
+  ``mx`` lists the union of the live hosts' MX names (``STATE/mta-sts/fleet-mx``; the keeper has the listener
+  rebuild its policies before the id is checked), so every host serves the same text; an id is published only while
+  every live host serves that policy, and a host that finds it published already does not send it again.
+
 - **HTTP-01 for a name several hosts serve** (``mta-sts.DOMAIN`` behind
   round-robin DNS): the renew worker's ``SharedChallenges`` puts each token in
   ``PREFIX/http01/TOKEN`` on a lease of the order's timeout; every other
@@ -730,23 +736,21 @@ def rotate_now(config: Config, item: DkimConfig, now: datetime, emergency: bool,
 # One MTA-STS policy: an id is published only when every live host serves that policy.
 
 
-def agreed_policies(config: Config, progress: Progress, now: datetime) -> tuple[str, ...]:
+def agreed_policies(config: Config, progress: Progress, now: datetime, keeper: Keeper | None = None) -> tuple[str, ...]:
     """The MTA-STS and TLSRPT domains this host may publish for: each host writes the ids of the policies it
     serves and its MX names (``[fleet] mx``) to ``PREFIX/mta-sts/HOST``; a domain whose policy another live host
     serves differently (a config rolled out to some hosts only) is held back, so senders never see an id flip
     between hosts' policies, and so is a policy whose mx does not cover every live host's MX names (senders in
-    enforce mode would refuse that host). None while etcd cannot be reached: the records stay as they are."""
+    enforce mode would refuse that host). An [[mta_sts]] table without mx lists the union of the live hosts' MX
+    names (``STATE/mta-sts/fleet-mx``, ``mtasts_state.configured_policy``): ``keeper`` has the listener serve
+    that policy before its id is checked, so every host serves the same text and one id is published. None
+    while etcd cannot be reached: the records stay as they are."""
     from certkeeper.core import mtasts_state
-    from certkeeper.core.mtasts import Policy
     from certkeeper.network.mtasts_publish import tlsrpt_domains
 
     host = config.fleet.host
-    ids: dict[str, str | None] = {d: None for d in mtasts_state.known_domains(config)}  # withdrawn here
-    ids.update({m.domain: Policy.from_config(m).policy_id() for m in config.mta_sts})
     try:
         with Etcd(config.fleet) as etcd:
-            mine = {"host": host, "at": now.isoformat(), "ids": ids, "mx": list(config.fleet.mx)}
-            etcd.put(etcd.key("mta-sts", host), json.dumps(mine, sort_keys=True).encode())
             others = []
             for _, value in etcd.get_prefix(etcd.key("mta-sts")):
                 try:
@@ -756,17 +760,24 @@ def agreed_policies(config: Config, progress: Progress, now: datetime) -> tuple[
                         others.append(other)
                 except (ValueError, KeyError, TypeError):
                     continue
+            fleet_mx = {host: list(config.fleet.mx)}  # every live host's MX names: each policy's mx must cover them
+            fleet_mx.update({str(o["host"]): [str(n) for n in o.get("mx") or []] for o in others})
+            if any(m.fleet_mx for m in config.mta_sts):
+                _follow_fleet_mx(config, fleet_mx, keeper, progress)
+            policies = {m.domain: mtasts_state.configured_policy(config, m) for m in config.mta_sts}
+            ids: dict[str, str | None] = {d: None for d in mtasts_state.known_domains(config)}  # withdrawn here
+            ids.update({d: p.policy_id() for d, p in policies.items()})
+            mine = {"host": host, "at": now.isoformat(), "ids": ids, "mx": list(config.fleet.mx)}
+            etcd.put(etcd.key("mta-sts", host), json.dumps(mine, sort_keys=True).encode())
     except FleetError as exc:
         progress(f"fleet: {exc}; MTA-STS and TLSRPT records are left as they are until etcd is back")
         return ()
     held: set[str] = set()
-    fleet_mx = {host: list(config.fleet.mx)}  # every live host's MX names: each policy's mx must cover them
-    fleet_mx.update({str(o["host"]): [str(n) for n in o.get("mx") or []] for o in others})
     for m in config.mta_sts:
         if m.mode == "none":
             continue
         outside = sorted(f"{n} ({h})" for h, names in fleet_mx.items() for n in names
-                         if not any(_covers(pattern, n) for pattern in m.mx))
+                         if not any(_covers(pattern, n) for pattern in policies[m.domain].mx))
         if outside:  # senders in enforce mode would refuse to deliver to that host: keep the id as it is
             progress(f"_mta-sts.{m.domain}: not published: its mx does not cover {', '.join(outside)}, an MX host "
                      "of the fleet; list every host's MX name in [[mta_sts]] mx on every host")
@@ -779,6 +790,33 @@ def agreed_policies(config: Config, progress: Progress, now: datetime) -> tuple[
                      f"{'; '.join(differ)}; make [[mta_sts]] the same on every host")
             held.add(domain)
     return tuple(d for d in sorted(set(ids) | set(tlsrpt_domains(config))) if d not in held)
+
+
+def _follow_fleet_mx(config: Config, fleet_mx: dict[str, list[str]], keeper: Keeper | None,
+                     progress: Progress) -> None:
+    """Save the union of the live hosts' MX names for the policies without mx, and have the keeper make the
+    listener serve them (every run: a listener that missed a change, say after ``mta-sts publish`` from the
+    command line, catches up). A name that is no mx pattern (RFC 8461 3.2) is left out, with one line."""
+    from certkeeper.core import mtasts_state
+
+    union: list[str] = []
+    for name in sorted({n for names in fleet_mx.values() for n in names}):
+        try:
+            union += mtasts_state.fleet_mx_names([name])
+        except ValueError as exc:
+            progress(f"fleet: an MX name reported to the fleet is left out of the MTA-STS policies: {exc}")
+    try:
+        changed = mtasts_state.save_fleet_mx(config, tuple(union))
+    except (ValueError, LocalError) as exc:
+        progress(f"fleet: the fleet's MX names: {exc}; the MTA-STS policies keep the names they list")
+        return
+    if changed:
+        progress(f"fleet: the MTA-STS policies without mx now list the fleet's MX names {', '.join(union)}")
+    if keeper is not None:
+        try:
+            keeper.refresh_policies()
+        except CertkeeperError as exc:
+            progress(f"fleet: the listener did not take the new MTA-STS policies: {exc}")
 
 
 def _covers(pattern: str, name: str) -> bool:

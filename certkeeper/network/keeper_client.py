@@ -58,6 +58,7 @@ class Keeper(Protocol):
     def zone_remove(self, name: str, rtype: str) -> None: ...
     def shared_challenge(self, token: str, key_authorization: str, name: str) -> None: ...
     def takeover(self, leader: str) -> None: ...
+    def refresh_policies(self) -> None: ...
 
 
 class PipeKeeper:
@@ -159,6 +160,9 @@ class PipeKeeper:
 
     def takeover(self, leader: str) -> None:
         self.call(protocol.Takeover(leader), protocol.Ok)
+
+    def refresh_policies(self) -> None:
+        self.call(protocol.RefreshPolicies(), protocol.Ok)
 
 
 class RelayedChallenges(ChallengeTable):

@@ -176,7 +176,7 @@ def publish_all(config: Config, progress: Progress, now: datetime | None = None,
         record = f"_mta-sts.{domain}"
         try:
             if domain in wanted:
-                _publish_policy(run, domain, Policy.from_config(wanted[domain]), "published")
+                _publish_policy(run, domain, mtasts_state.configured_policy(config, wanted[domain]), "published")
             else:
                 _drain(run, domain)
         except CertkeeperError as exc:
@@ -215,6 +215,12 @@ def _publish_policy(run: _Run, domain: str, policy: Policy, status: str) -> None
         return
     run.progress(f"{rrset.name}: checking that https://mta-sts.{domain}{WELL_KNOWN_PATH} serves the new policy")
     check_served(run.config, domain, policy, run.fetch)
+    if run.config.fleet.enabled and visible_everywhere(run.config, rrset):
+        # Another host of the fleet published this id (every live host serves this policy): not sent again.
+        save_state(run.config, st.with_published(policy, run.now))
+        run.outcomes.append(Outcome(domain, rrset.name, "unchanged" if status == "published" else status,
+                                    f"id={policy.policy_id()} mode {policy.mode} (published by the fleet)"))
+        return
     run.progress(f"{rrset.name}: publishing {rrset.values[0]!r}")
     run.backend.publish(rrset)
     save_state(run.config, st.with_published(policy, run.now))
