@@ -35,11 +35,6 @@ GUARD_LOG.chmod(0o666)
 
 import tests.loopback_only.sitecustomize  # noqa: E402, F401 - installs the guard in this process
 
-# In-process fleet tests run a keeper (which forks to check a key is readable as the signer's user) beside
-# an etcd watch thread; gRPC's fork handlers then crash the child now and then (SIGSEGV). In the product the
-# keeper never loads gRPC (only the network worker does, and it does not fork), so they are off here.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-
 IN_CI = os.environ.get("CI", "").lower() == "true"
 ALLOWED_SKIP = "openbsd"  # a skip reason naming OpenBSD may skip in CI; nothing else may
 
