@@ -27,7 +27,7 @@ from certkeeper.core import certs
 from certkeeper.core.config import parse
 from certkeeper.core.errors import LocalError
 from tests.fixtures.bind import new_bind
-from tests.fixtures.peers import Process, free_port, wait_for_port
+from tests.fixtures.peers import Process, free_port, process_tree, wait_for_port
 from tests.fixtures.site import MTA_STS, NAMES, POLICY, TLSRPT
 
 # ---------------------------------------------------------------------------
@@ -606,26 +606,11 @@ def _inet_inodes() -> set[str]:
     return inodes
 
 
-def _process_tree(root: int) -> list[int]:
-    """``root`` and its descendants, through /proc/PID/task/TID/children (fast enough to sample often)."""
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/children") as f:
-                    todo.extend(int(child) for child in f.read().split())
-        except OSError:
-            continue
-    return tree
-
-
 def _sample(root: int) -> list[tuple[int, int, str, bool]]:
     """(pid, uid, NoNewPrivs, holds an INET socket) for the daemon and every process below it."""
     inet = _inet_inodes()
     seen = []
-    for pid in _process_tree(root):
+    for pid in process_tree(root):
         try:
             with open(f"/proc/{pid}/status") as f:
                 status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
@@ -668,7 +653,7 @@ def test_only_unprivileged_processes_hold_inet_sockets_during_a_forced_renewal(d
 
 def test_a_killed_listener_is_started_again_before_the_next_job(daemon):
     daemon.wait_for_log("mta-sts.example.com: serving the new certificate", timeout=60)
-    [listener] = [pid for pid in _process_tree(daemon.proc.popen.pid)
+    [listener] = [pid for pid in process_tree(daemon.proc.popen.pid)
                   if b"certkeeper.listener" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     os.kill(listener, signal.SIGKILL)
     result = daemon.cli("renew", "--force", "mta-sts.example.com")
@@ -790,7 +775,7 @@ def test_a_sigterm_while_starting_stops_it_cleanly(pebble, tmp_path):
         if proc.stderr:
             proc.stderr.close()
         assert not config.pid_file.exists() and not control.daemon_listening(config.control_socket)
-        assert not [pid for pid in _process_tree(os.getpid())
+        assert not [pid for pid in process_tree(os.getpid())
                     if b"certkeeper.listener" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 

@@ -37,7 +37,7 @@ from certkeeper.keeper.store import CertificateStore
 from tests.certfactory import make_set
 from tests.fixtures.bind import new_bind
 from tests.fixtures.mailservices import MailServices
-from tests.fixtures.peers import Process, free_port, require_binary, wait_for_port
+from tests.fixtures.peers import Process, free_port, process_tree, require_binary, wait_for_port
 from tests.fixtures.site import MTA_STS, NAMES, POLICY, TLSRPT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,20 +113,6 @@ STEPS = [
     Step("removing-journal", "os.remove", "/journal/{name}.json", True, True),
     Step("starting-hooks", "subprocess.Popen", "{hook} $CERTKEEPER_CERTIFICATES", True, True),  # installed
 ]
-
-
-def _process_tree(root: int) -> list[int]:
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/children") as f:
-                    todo.extend(int(child) for child in f.read().split())
-        except OSError:
-            continue
-    return tree
 
 
 def _cmdline(pid: int) -> bytes:
@@ -223,7 +209,7 @@ verify_timeout = 5
 
     def workers(self) -> list[int]:
         assert self.proc is not None
-        return [pid for pid in _process_tree(self.proc.popen.pid) if b"certkeeper.worker" in _cmdline(pid)]
+        return [pid for pid in process_tree(self.proc.popen.pid) if b"certkeeper.worker" in _cmdline(pid)]
 
     # -- pausing the keeper ----------------------------------------------------------------------
 
@@ -360,7 +346,7 @@ def test_the_keeper_killed_at_a_step_of_an_install_and_started_again(site, step)
     hooks_before = len(site.hook_lines())
     renew = _renew_and_stop_at(site, step, name)
     assert site.proc is not None
-    pids = _process_tree(site.proc.popen.pid)
+    pids = process_tree(site.proc.popen.pid)
     os.kill(site.proc.popen.pid, signal.SIGKILL)
     site.proc.popen.wait(10)
     _gone(pids)  # the listener and the worker end with the keeper that started them

@@ -195,14 +195,7 @@ def _activate(run: _Run, state: DomainState, action: Action) -> DomainState:
                 "it is retired and a new key takes its place")
         return state
     _ensure_visible(run, key)
-    new_state = activated(state, action.selector, run.now)
-    try:
-        _switch_signer(run, new_state, state)
-    except SignerSwitchFailed as exc:
-        # Not advanced: the key stays pending, the old one active; the switch waits for the backoff.
-        save_state(run.config, state.switch_failed(str(exc), run.now))
-        raise
-    new_state = new_state.switch_worked()
+    new_state = _switched(run, activated(state, action.selector, run.now), state)
     _crash_point("activate")
     save_state(run.config, new_state)
     run.say(f"selector {action.selector} is active: the signer uses it now")
@@ -216,15 +209,21 @@ def _retire(run: _Run, state: DomainState, action: Action) -> DomainState:
     key = state.key(action.selector)
     new_state = state.with_key(replace(key, state="retiring", retired=run.now))
     if key.state == "active":
-        try:
-            _switch_signer(run, new_state, state)
-        except SignerSwitchFailed as exc:
-            save_state(run.config, state.switch_failed(str(exc), run.now))
-            raise
-        new_state = new_state.switch_worked()
+        new_state = _switched(run, new_state, state)
     save_state(run.config, new_state)
     run.say(f"selector {key.selector} is retiring: {key.algorithm} is no longer in algorithms")
     return new_state
+
+
+def _switched(run: _Run, new_state: DomainState, state: DomainState) -> DomainState:
+    """``new_state`` once the signer uses its keys (verified); on failure nothing is advanced: the state
+    stays ``state`` (the new key pending, the old one active), with the failure and its backoff saved."""
+    try:
+        _switch_signer(run, new_state, state)
+    except SignerSwitchFailed as exc:
+        save_state(run.config, state.switch_failed(str(exc), run.now))
+        raise
+    return new_state.switch_worked()
 
 
 def _revoke(run: _Run, state: DomainState, action: Action) -> DomainState:
