@@ -42,17 +42,9 @@ import tests.loopback_only.sitecustomize  # noqa: E402, F401
 from tests.fixtures.bind import BindServer, new_bind  # noqa: E402
 from tests.fixtures.pebble import Pebble, start_pebble  # noqa: E402
 from tests.fixtures.peers import Process, free_port, wait_for_port  # noqa: E402
+from tests.fixtures.site import MTA_STS, POLICY  # noqa: E402 - the guide's two hosts, as the tests have them
 
 NAMES = ("mta-sts.example.com", "mail.example.com")
-MTA_STS = """
-[[mta_sts]]
-domain = "example.com"
-mode = "enforce"
-mx = ["mail.example.com"]
-max_age = 604800
-certificate = "mta-sts.example.com"
-"""
-POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmax_age: 604800\r\n"
 IDLE_SETTLE = 3.0  # seconds after start-up before RSS is read
 WRK_SECONDS = 5
 WRK_ROUNDS = 5  # interleaved with nginx; the median of each (the machine is shared, single runs are noisy)
@@ -160,7 +152,7 @@ def bench_caddy_start(pebble: Pebble, workdir: Path) -> tuple[float, float]:
             disable_tlsalpn_challenge
         }}
     }}
-    respond /.well-known/mta-sts.txt `{POLICY}` 200
+    respond /.well-known/mta-sts.txt `{POLICY.decode()}` 200
 }}
 """)
     env = {"HOME": str(workdir), "XDG_DATA_HOME": str(workdir / "data"), "XDG_CONFIG_HOME": str(workdir / "cfg")}
@@ -200,7 +192,7 @@ def fetch_policy(port: int) -> bytes:
 def wrk_rps(port: int) -> tuple[float, str]:
     """Requests/s for mta-sts.txt at 127.0.0.1:port with Host mta-sts.example.com; and the error summary."""
     answer = fetch_policy(port)
-    if not answer.startswith(b"HTTP/1.1 200") or not answer.endswith(POLICY.encode()):
+    if not answer.startswith(b"HTTP/1.1 200") or not answer.endswith(POLICY):
         raise RuntimeError(f"127.0.0.1:{port} does not serve the policy: {answer[:300]!r}")
     out = subprocess.run(
         ["wrk", "-t2", "-c32", f"-d{WRK_SECONDS}s", "-H", "Host: mta-sts.example.com",
@@ -218,7 +210,7 @@ def start_nginx(workdir: Path, cert_dir: Path) -> tuple[Process, int]:
     docroot.mkdir(parents=True)
     for directory in (workdir, workdir / "www", docroot):
         directory.chmod(0o755)
-    (docroot / "mta-sts.txt").write_bytes(POLICY.encode())
+    (docroot / "mta-sts.txt").write_bytes(POLICY)
     conf = workdir / "nginx.conf"
     conf.write_text(f"""worker_processes 1;
 pid {workdir}/nginx.pid;

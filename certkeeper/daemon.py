@@ -682,10 +682,7 @@ class Daemon:
 
 def read_config(path: Path) -> tuple[str, Config]:
     """The text and the parsed configuration (workers get the text the daemon runs with)."""
-    try:
-        text = path.read_bytes().decode("utf-8", errors="replace")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    text = config_module.read_text(path)
     return text, config_module.parse(text, path)
 
 

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -56,9 +56,7 @@ LISTENER_TIMEOUT = 30.0  # seconds the listener gets to answer one request (bind
 
 def identity(config: Config) -> sandbox.Identity | None:
     """The ids the unprivileged roles run as: ``user``/``group`` when we are root, else None (our own)."""
-    if not sandbox.privileged():
-        return None
-    return sandbox.lookup_user(config.user, config.group or None)
+    return sandbox.role_identity(config.user, config.group or None)
 
 
 def child_env() -> dict[str, str]:
@@ -110,26 +108,7 @@ class WorkerProcess:
         self.cancelled = False  # stopped on purpose (SIGTERM): what it had in flight is no failure
 
     def start(self) -> None:
-        ident = identity(self.config)
-        problem = reachable(ident)
-        if problem:
-            raise LocalError(problem)
-        parent, child = socket.socketpair()
-        ids: dict[str, Any] = {}
-        if ident is not None:
-            ids = {"user": ident.uid, "group": ident.gid, "extra_groups": []}
-        try:
-            if self.fork and threading.active_count() == 1:
-                self.proc = Forked.start("worker", child, ident)
-            else:
-                self.proc = subprocess.Popen(
-                    [*self.command, str(child.fileno())], pass_fds=[child.fileno()],
-                    stdin=subprocess.DEVNULL, cwd="/", env=child_env(), **ids)
-        except OSError as exc:
-            parent.close()
-            raise LocalError(f"cannot start the network worker: {exc.strerror or exc}") from None
-        finally:
-            child.close()
+        self.proc, parent = _launch("worker", self.command, self.fork, identity(self.config), drop=True)
         self.sock = parent
         protocol.send(parent, protocol.Start(
             job=self.job, args=json.dumps(self.args, sort_keys=True), config_path=str(self.config.path),
@@ -170,6 +149,35 @@ class WorkerProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             self.proc.wait()
+
+
+def _launch(role: str, command: Sequence[str], fork: bool, ident: sandbox.Identity | None,
+            drop: bool) -> tuple[subprocess.Popen[bytes] | Forked, socket.socket]:
+    """Start ``role`` ("worker" or "listener") with one end of a socketpair; return it and the other end.
+
+    Forked without exec when ``fork`` is asked and this process has one thread, else ``command`` with
+    the socket's descriptor. ``drop``: the child runs as ``ident`` from the start (the worker); else
+    as this process (the listener, which drops once it has bound)."""
+    problem = reachable(ident)
+    if problem:
+        raise LocalError(problem)
+    parent, child = socket.socketpair()
+    ids: dict[str, Any] = {}
+    if drop and ident is not None:
+        ids = {"user": ident.uid, "group": ident.gid, "extra_groups": []}
+    try:
+        if fork and threading.active_count() == 1:
+            proc: subprocess.Popen[bytes] | Forked = Forked.start(role, child, ident if drop else None)
+        else:
+            proc = subprocess.Popen([*command, str(child.fileno())], pass_fds=[child.fileno()],
+                                    stdin=subprocess.DEVNULL, cwd="/", env=child_env(), **ids)
+    except OSError as exc:
+        parent.close()
+        what = "network worker" if role == "worker" else role
+        raise LocalError(f"cannot start the {what}: {exc.strerror or exc}") from None
+    finally:
+        child.close()
+    return proc, parent
 
 
 class Forked:
@@ -263,19 +271,6 @@ def _keep_only_fds(keep: tuple[int, ...]) -> None:
         os.closerange(low, top)
 
 
-def run_job(config: Config, config_text: str, job: str, args: dict[str, Any], keeper: LocalKeeper,
-            emit: Callable[[str], None], timeout: float, foreground: bool = True,
-            verbosity: int = 1) -> WorkerResult:
-    """Start a worker for ``job``, answer it until it ends; blocking."""
-    worker = WorkerProcess(config, config_text, job, args, foreground, verbosity)
-    worker.start()
-    try:
-        return worker.serve(keeper, emit, timeout)
-    except BaseException:
-        worker.kill()
-        raise
-
-
 def account_key(config: Config, authority: str = "") -> bytes:
     """An authority's ACME account key (the default one's without ``authority``), created (root's,
     0600) at its first use."""
@@ -351,22 +346,9 @@ class ListenerLink:
         meanwhile, and ``start`` then binds at once. A spawned listener never started just exits."""
         if self.proc is not None:
             return
-        problem = reachable(identity(self.config))
-        if problem:
-            raise LocalError(problem)
-        parent, child = socket.socketpair()
-        try:
-            if self.fork and threading.active_count() == 1:
-                self.proc = Forked.start("listener", child, None)  # as root: it drops once it has bound
-            else:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "certkeeper.listener", str(child.fileno())], pass_fds=[child.fileno()],
-                    stdin=subprocess.DEVNULL, cwd="/", env=child_env())
-        except OSError as exc:
-            parent.close()
-            raise LocalError(f"cannot start the listener: {exc.strerror or exc}") from None
-        finally:
-            child.close()
+        # As root: the listener drops its ids itself, once it has bound.
+        self.proc, parent = _launch("listener", (sys.executable, "-m", "certkeeper.listener"), self.fork,
+                                    identity(self.config), drop=False)
         parent.settimeout(LISTENER_TIMEOUT)  # a hung listener must not hang the keeper's threads
         self.sock = parent
 
@@ -482,11 +464,9 @@ def run_cli_job(config: Config, job: str, args: dict[str, Any], emit: Callable[[
     """One job without a daemon: this process is the keeper, a worker does the network work, and
     a listener answers HTTP-01 on ``[http] listen`` from the first challenge to the end of the job."""
     from certkeeper.core import layout
+    from certkeeper.core.config import read_text
 
-    try:
-        text = config.path.read_text()
-    except OSError as exc:
-        raise LocalError(f"{config.path}: cannot read: {exc.strerror or exc}") from None
+    text = read_text(config.path)  # as the CLI read it: the worker parses the same text
     layout.prepare(config, identity(config))
     link = ListenerLink(config, text, foreground=True, verbosity=verbosity, http_only=True, fork=True)
     challenges = ListenerChallenges(link, start=lambda: _start_http01(link))

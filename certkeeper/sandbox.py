@@ -72,6 +72,11 @@ def lookup_user(user: str, group: str | None) -> Identity:
     return Identity(uid=entry.pw_uid, gid=gid, name=entry.pw_name, home=entry.pw_dir)
 
 
+def role_identity(user: str, group: str | None) -> Identity | None:
+    """The ids the unprivileged roles run as: ``user``/``group`` when we are root, else None (our own)."""
+    return lookup_user(user, group) if privileged() else None
+
+
 def privileged() -> bool:
     """True when this process may change users (effective uid 0)."""
     return os.geteuid() == 0
@@ -429,6 +434,16 @@ ROLE_PROMISES: dict[str, str] = {
     "network": NETWORK_PROMISES,
     "listener": LISTENER_PROMISES,
 }
+
+
+# What shared libraries, a resolver, TLS and the time zone read (besides the interpreter's own files):
+# the network worker's read paths; the listener's are the same less the resolver's.
+RESOLVER_FILES = ("/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf")
+SYSTEM_READ = ("/etc/ld.so.cache", "/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib",
+               *RESOLVER_FILES,
+               "/etc/services", "/etc/protocols", "/etc/localtime", "/usr/share/zoneinfo", "/etc/ssl",
+               "/usr/lib/ssl", "/usr/share/ca-certificates", "/etc/ca-certificates", "/etc/pki",
+               "/etc/passwd", "/etc/group", "/dev/null", "/dev/urandom")
 
 
 def python_paths(executable: bool = False) -> list[str]:

@@ -42,13 +42,6 @@ from certkeeper.network.keeper_client import PipeKeeper
 log = logging.getLogger(__name__)
 
 
-# What shared libraries, a resolver, TLS and the time zone read (besides the interpreter's own files).
-SYSTEM_READ = ("/etc/ld.so.cache", "/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib",
-               "/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf",
-               "/etc/services", "/etc/protocols", "/etc/localtime", "/usr/share/zoneinfo", "/etc/ssl",
-               "/usr/lib/ssl", "/usr/share/ca-certificates", "/etc/ca-certificates", "/etc/pki",
-               "/etc/passwd", "/etc/group", "/dev/null", "/dev/urandom")
-
 FLEET_PUBLISH_EVERY = timedelta(hours=1)  # [fleet]: the publish job runs again then (well within live_within)
 
 Job = Callable[[Config, dict[str, Any], PipeKeeper], tuple[int, datetime | None]]
@@ -278,7 +271,7 @@ def confine(config: Config) -> None:
     import ssl  # noqa: F401 - loaded now, with its libraries, rather than found later
 
     state_dir = config.state_dir
-    read = [*SYSTEM_READ, str(config.path.parent)]
+    read = [*sandbox.SYSTEM_READ, str(config.path.parent)]
     bundles = [config.authority(name).ca_bundle for name in config.authorities]
     read += [str(p) for p in (*bundles, config.dns.mta_sts_fetch_ca) if p is not None]
     sandbox.confine("network", read, [str(state_dir)])

@@ -119,3 +119,18 @@ pytest_plugins = [
     "tests.fixtures.rspamd",
     "tests.fixtures.dnssec",
 ]
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A 0755 directory under /tmp: another user (a signer's, smtpd's filter) must be able to enter it
+    to read a key (pytest's tmp_path is 0700)."""
+    import shutil
+
+    root = Path(tempfile.mkdtemp(prefix="certkeeper-open-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+

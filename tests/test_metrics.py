@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from certkeeper.core import config, state
 from certkeeper.core.errors import LocalError
-from certkeeper.keeper.metrics import start_metrics_server
 from certkeeper.keeper.store import CertificateStore
+from tests.fixtures.metrics_server import start_metrics_server
 from tests.fixtures.peers import free_port
 from tests.fixtures.throwaway_ca import ThrowawayCA
 

@@ -609,22 +609,8 @@ def send_and_receive(port: int, received: list[bytes], message: bytes = MESSAGE)
     return found[0].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-@pytest.fixture
-def open_tmp() -> Iterator[Path]:
-    """A 0755 temp directory: smtpd's filter user must traverse it to read the key (pytest's is 0700)."""
-    import shutil
-    import tempfile
-
-    root = Path(tempfile.mkdtemp(prefix="certkeeper-dkimsign-", dir="/tmp"))
-    root.chmod(0o755)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def test_filter_dkimsign_in_smtpd_signs_with_the_active_key(bind, open_tmp):
-    tmp_path = open_tmp
+def test_filter_dkimsign_in_smtpd_signs_with_the_active_key(bind, open_dir):
+    tmp_path = open_dir
     # Defaults: the fragment runs the filter as _dkimsign:_dkimsign and key_group follows signer_group.
     config = bind.config(dkim_toml(tmp_path, signer="filter-dkimsign").replace('key_group = ""\n', ""))
     assert run(config, T0).errors == ()

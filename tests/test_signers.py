@@ -7,10 +7,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import shutil
 import stat
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -205,17 +202,6 @@ def test_defaults():
 
 
 # -- key files and the checks before a switch (real users, real smtpd -n and rspamadm) -------------
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A 0755 directory under /tmp: other users must be able to enter it (pytest's tmp_path is 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="certkeeper-signers-", dir="/tmp"))
-    root.chmod(0o755)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _dkimsign_item(tmp: Path, **overrides: object) -> ck_config.DkimConfig:

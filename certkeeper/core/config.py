@@ -365,6 +365,12 @@ class Config:
 def load(path: Path | str) -> Config:
     """Read and validate the file; raise ConfigError listing every problem."""
     path = Path(path)
+    return parse(read_text(path), path)
+
+
+def read_text(path: Path) -> str:
+    """The configuration file's text, read the one way every reader of it uses (the CLI, the daemon at
+    start and SIGHUP, a job's worker): at most ``MAX_SIZE``, bytes that are not UTF-8 replaced."""
     try:
         with path.open("rb") as file:
             raw = file.read(MAX_SIZE + 1)  # never more: /dev/zero or a huge file is refused, not read
@@ -372,7 +378,7 @@ def load(path: Path | str) -> Config:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     if len(raw) > MAX_SIZE:
         raise ConfigError([f"{path}: is larger than {MAX_SIZE // 1024} KiB; not a certkeeper configuration"])
-    return parse(raw.decode("utf-8", errors="replace"), path)
+    return raw.decode("utf-8", errors="replace")
 
 
 def parse(text: str, path: Path | str = "<config>") -> Config:

@@ -1,6 +1,6 @@
 """``[metrics] listen``: Prometheus text exposition of certkeeper's state (off by default).
 
-This module owns the metric names and the small HTTP server that serves them.
+This module owns the metric names and renders the text; the listener serves it.
 Nothing is counted in memory: a custom collector reads the same sources as
 ``certkeeper status`` at scrape time (files on disk, ``STATE/certificates``,
 the last verify results, the DKIM module's rows), so a scrape is always
@@ -29,13 +29,9 @@ timestamps, snake_case, ``certkeeper_`` prefix)::
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from socketserver import ThreadingMixIn
-from threading import Thread
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from certkeeper.core import state
 from certkeeper.core.config import Config
@@ -162,66 +158,6 @@ _CERT_METRICS = {
     "last_renewal_success_seconds": "Unix time of the last successful renewal.",
     "renewal_consecutive_failures": "Renewal attempts that failed in a row (0 after a success).",
 }
-
-
-# ---------------------------------------------------------------------------
-# The HTTP server (a thread; independent of the daemon's event loop).
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        log.debug("metrics: %s", format % args)
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def start_metrics_server(config: Config, started_at: datetime,
-                         clock: Callable[[], datetime] | None = None) -> Callable[[], None]:
-    """Serve ``/metrics`` on ``[metrics] listen``; returns a function that stops the server.
-
-    Raises LocalError when prometheus-client is missing or the address cannot be bound.
-    """
-    if not config.metrics.listen:
-        return lambda: None
-    prometheus = _prometheus()
-    registry = prometheus.CollectorRegistry(auto_describe=False)
-    registry.register(StateCollector(config, started_at, clock))
-    app = prometheus.make_wsgi_app(registry)
-    host, port = split_listen(config.metrics.listen)
-    server_class = _Server6 if ":" in host else _Server
-    try:
-        server = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
-    except OSError as exc:
-        raise LocalError(f"[metrics] listen {config.metrics.listen}: cannot listen: {exc.strerror or exc}") \
-            from None
-    # stop() waits for serve_forever to notice: poll often, not every 0.5 s (the default)
-    thread = Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="certkeeper-metrics",
-                    daemon=True)
-    thread.start()
-    log.info("metrics on http://%s/metrics", config.metrics.listen)
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-    return stop
-
-
-def serve(config: Config, started_at: datetime | None = None) -> Callable[[], None]:
-    """Shorthand for the daemon: ``start_metrics_server`` with the start time defaulting to now."""
-    return start_metrics_server(config, started_at or datetime.now(UTC))
 
 
 def render(config: Config, started_at: datetime, clock: Callable[[], datetime] | None = None) -> bytes:

@@ -192,10 +192,6 @@ class CertificateStore:
             temp_path(Path(f"{path}{PREV_SUFFIX}")).unlink(missing_ok=True)
         return False
 
-    def recover_all(self, certificates: tuple[CertificateConfig, ...]) -> None:
-        for cert in certificates:
-            self.recover(cert)
-
     def pending_reload(self, cert: CertificateConfig) -> tuple[str, ...]:
         """The hooks of ``cert`` that have not run since a set was installed (see the module comment).
 
@@ -203,9 +199,7 @@ class CertificateStore:
         is removed; one that cannot be read counts as owing every hook."""
         marker = self._reload_marker(cert)
         try:
-            fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as file:
-                owed = json.loads(file.read(65536))
+            owed = json.loads(_read_nofollow(marker, 65536))
             if not isinstance(owed, list):
                 raise ValueError("not a list")
         except FileNotFoundError:
@@ -273,9 +267,7 @@ def _journal_problem(cert: CertificateConfig, journal: Path) -> str:
     """Why ``journal`` is not this certificate's install journal (unreadable, not JSON, another shape,
     other files), or "". Only a journal naming exactly the four files and their temp files is followed."""
     try:
-        fd = os.open(journal, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as file:
-            entries = json.loads(file.read(65536))
+        entries = json.loads(_read_nofollow(journal, 65536))
     except OSError as exc:
         return f"cannot be read: {exc.strerror or exc}"
     except ValueError as exc:
@@ -307,10 +299,11 @@ def _read_set(cert: CertificateConfig, suffix: str) -> CertificateSet | None:
     return CertificateSet(key=key, cert=leaf, chain=chain or rest)
 
 
-def _read_nofollow(path: Path) -> bytes:
+def _read_nofollow(path: Path, limit: int = -1) -> bytes:
+    """The file's bytes (at most ``limit``), never through a symbolic link (ELOOP)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as file:
-        return file.read()
+        return file.read(limit)
 
 
 def _best_chain(cert: CertificateConfig, leaf: bytes) -> bytes | None:

@@ -39,7 +39,6 @@ from certkeeper.listener.web import WebServer, listen_socket
 log = logging.getLogger(__name__)
 
 METRICS_TYPE = "text/plain; version=1.0.0; charset=utf-8"  # Prometheus exposition format
-RESOLVER_FILES = ("/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/host.conf")
 SCRATCH = "listener"  # under state_dir: where a handed-over key passes on its way into ssl (0700)
 
 
@@ -138,9 +137,7 @@ class Listener:
 
 
 def confine(config: Config) -> None:
-    from certkeeper.worker import SYSTEM_READ  # the same system files, less the resolver's
-
-    read = [str(config.state_dir / "mta-sts"), *(p for p in SYSTEM_READ if p not in RESOLVER_FILES)]
+    read = [str(config.state_dir / "mta-sts"), *(p for p in sandbox.SYSTEM_READ if p not in sandbox.RESOLVER_FILES)]
     sandbox.confine("listener", read, [str(config.state_dir / SCRATCH)])
 
 
@@ -161,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                                          metrics=dataclasses.replace(config.metrics, listen=""))
         listener = Listener(config, sock)
         addresses = listener.bind()  # as root: ports below 1024
-        identity = None if not sandbox.privileged() else sandbox.lookup_user(config.user, config.group or None)
+        identity = sandbox.role_identity(config.user, config.group or None)
         _scratch(config.state_dir / SCRATCH, identity)
         if identity is not None:
             sandbox.drop_privileges(identity)

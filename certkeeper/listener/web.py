@@ -64,6 +64,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import hashlib
 import ipaddress
 import logging
 import os
@@ -75,8 +76,9 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -467,6 +469,7 @@ class TlsContexts:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_cert: dict[str, ssl.SSLContext] = {}
+        self._pem: dict[str, bytes] = {}  # name -> digest of the set load_pem made its context from
         self._certificates: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, domains), first = default
         self._snapshot = _Contexts(by_host={}, default=None)
         self.front = _new_context()
@@ -478,41 +481,44 @@ class TlsContexts:
         A certificate already served whose files cannot be loaded now (say, read
         half-way through an install by another process) keeps being served.
         """
-        certificates = tuple(certificates)
-        problems: list[str] = []
-        loaded: dict[str, ssl.SSLContext] = {}
-        for cert in certificates:
-            try:
-                loaded[cert.name] = certificate_context(cert)
-            except LocalError as exc:
-                previous = self._by_cert.get(cert.name)
-                if previous is not None:
-                    loaded[cert.name] = previous
-                problems.append(f"{exc}{'; still serving the certificate loaded before' if previous else ''}")
-        with self._lock:
-            self._certificates = tuple((c.name, c.domains) for c in certificates)
-            self._by_cert = loaded
-            self._publish()
-        return problems
+        return self._replace([(c.name, c.domains, partial(certificate_context, c)) for c in certificates])
 
     def load_pem(self, sets: Iterable[tuple[str, tuple[str, ...], bytes, bytes]], scratch: Path) -> list[str]:
         """Serve exactly these (name, domains, full chain, key) sets, handed over by the keeper.
 
         The listener cannot read the key files; ``ssl`` loads keys only from a file, so each
-        one passes through a private 0600 file in ``scratch`` that is removed at once."""
+        one passes through a private 0600 file in ``scratch`` that is removed at once. A set
+        handed over again unchanged (the keeper's reconcile, every minute) keeps its context."""
         sets = tuple(sets)
+        digests = {name: hashlib.sha256(fullchain + b"\0" + key).digest() for name, _, fullchain, key in sets}
+
+        def context(name: str, fullchain: bytes, key: bytes) -> ssl.SSLContext:
+            previous = self._by_cert.get(name)
+            if previous is not None and self._pem.get(name) == digests[name]:
+                return previous
+            return pem_context(name, fullchain, key, scratch)
+
+        problems = self._replace([(name, domains, partial(context, name, fullchain, key))
+                                  for name, domains, fullchain, key in sets])
+        self._pem = {name: digest for name, digest in digests.items()
+                     if not any(p.startswith(f"{name}:") for p in problems)}
+        return problems
+
+    def _replace(self, entries: list[tuple[str, tuple[str, ...], Callable[[], ssl.SSLContext]]]) -> list[str]:
+        """Serve exactly these certificates, each context made by its function; one that cannot be made
+        keeps the context served before, if any. One line per certificate that could not be loaded."""
         problems: list[str] = []
         loaded: dict[str, ssl.SSLContext] = {}
-        for name, _, fullchain, key in sets:
+        for name, _, make in entries:
             try:
-                loaded[name] = pem_context(name, fullchain, key, scratch)
+                loaded[name] = make()
             except LocalError as exc:
                 previous = self._by_cert.get(name)
                 if previous is not None:
                     loaded[name] = previous
                 problems.append(f"{exc}{'; still serving the certificate loaded before' if previous else ''}")
         with self._lock:
-            self._certificates = tuple((name, domains) for name, domains, _, _ in sets)
+            self._certificates = tuple((name, domains) for name, domains, _ in entries)
             self._by_cert = loaded
             self._publish()
         return problems

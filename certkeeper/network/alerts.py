@@ -324,7 +324,7 @@ class Alerter:
             "",
             f"What failed:   {episode['what']}",
             f"Error:         {episode['error']}",
-            f"First failure: {_show(datetime.fromisoformat(episode['since']), now)}",
+            f"First failure: {_show(parse_iso(episode['since']), now)}",
         ]
         if detail:
             body.append(detail)
@@ -341,8 +341,8 @@ class Alerter:
         body = [
             f"certkeeper on {host}: {what} works again.",
             "",
-            f"Failing since: {_show(datetime.fromisoformat(episode['since']), now)}",
-            f"Working since: {_show(datetime.fromisoformat(episode['recovered_at']), now)}",
+            f"Failing since: {_show(parse_iso(episode['since']), now)}",
+            f"Working since: {_show(parse_iso(episode['recovered_at']), now)}",
             f"Attempts:      {episode['attempts']} failed",
             f"Last error:    {episode.get('error', '')}",
         ]

@@ -73,7 +73,7 @@ from certkeeper.core import dkim, secrets
 from certkeeper.core.challenges import ChallengeTable, served_names
 from certkeeper.core.config import Config, DkimConfig, FleetConfig
 from certkeeper.core.errors import CertkeeperError, LocalError
-from certkeeper.core.files import write_atomic
+from certkeeper.core.files import write_atomic, write_json_atomic
 from certkeeper.keeper import signers
 from certkeeper.network import rotation
 from certkeeper.network.dns import RecordSet
@@ -1067,9 +1067,7 @@ def write_status(config: Config, etcd: Etcd, leader: str, now: datetime) -> None
         "at": now.astimezone(UTC).isoformat(), "host": config.fleet.host, "leader": leader,
         "hosts": [seen[h].to_json() for h in sorted(seen)],
     }
-    path = config.state_dir / STATUS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomic(path, (json.dumps(snapshot, indent=1, sort_keys=True) + "\n").encode(), 0o600)
+    write_json_atomic(config.state_dir / STATUS_FILE, snapshot)
 
 
 def read_status(config: Config) -> dict[str, Any] | None:

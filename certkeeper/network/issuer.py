@@ -42,6 +42,7 @@ from certkeeper.core.challenges import ChallengeTable
 from certkeeper.core.config import DEFAULT_AUTHORITY, AcmeConfig
 from certkeeper.core.errors import AcmeError, LocalError
 from certkeeper.core.files import write_atomic, write_json_atomic
+from certkeeper.core.times import parse_iso
 
 if TYPE_CHECKING:
     from certkeeper.network.dns.challenge import Dns01Records
@@ -434,11 +435,9 @@ class Issuer:
             response = client.net.get(url, content_type="application/json")
         data = response.json()
         window = data.get("suggestedWindow") or {}
-        try:
-            start = dt.datetime.fromisoformat(window["start"].replace("Z", "+00:00"))
-            end = dt.datetime.fromisoformat(window["end"].replace("Z", "+00:00"))
-        except (KeyError, AttributeError, ValueError):
-            raise AcmeError(f"{url}: malformed renewalInfo (no suggestedWindow start/end)") from None
+        start, end = parse_iso(window.get("start")), parse_iso(window.get("end"))
+        if start is None or end is None:
+            raise AcmeError(f"{url}: malformed renewalInfo (no suggestedWindow start/end)")
         if end < start:
             raise AcmeError(f"{url}: renewalInfo window ends before it starts")
         retry = _retry_after_seconds(response)
@@ -523,15 +522,10 @@ def _backoff(deadline: float) -> Iterator[float]:
 
 
 def _pause_for(response: requests.Response, pause: float, deadline: float) -> float:
-    retry = _retry_after(response)
+    retry = _retry_after_seconds(response)
     if retry is not None:
-        pause = max(pause, (retry - dt.datetime.now(dt.UTC)).total_seconds())
+        pause = max(pause, retry)
     return max(0.0, min(pause, deadline - time.monotonic()))
-
-
-def _retry_after(response: requests.Response) -> dt.datetime | None:
-    seconds = _retry_after_seconds(response)
-    return None if seconds is None else dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
 
 
 def _retry_after_seconds(response: requests.Response) -> float | None:

@@ -220,11 +220,16 @@ def _rspamd_signed(item: DkimConfig, host: str, port: int, message: bytes, timeo
 
 def authoritative_txt(config: Config) -> Callable[..., bytes | None]:
     """A dkimpy ``dnsfunc``: the TXT record as the zone's authoritative servers answer it."""
-    from certkeeper.network.dns.propagation import authoritative_servers, query, query_timeout, zone_of
+    from certkeeper.network.dns.propagation import Server, authoritative_servers, query, query_timeout, zone_of
+
+    servers: dict[str, list[Server]] = {}  # zone -> its servers, found once per lookup function
 
     def lookup(name: bytes | str, timeout: float = 5) -> bytes | None:
         qname = (name.decode() if isinstance(name, bytes) else name).rstrip(".")
-        for server in authoritative_servers(config, zone_of(config, qname)):
+        zone = zone_of(config, qname)
+        if zone not in servers:
+            servers[zone] = authoritative_servers(config, zone)
+        for server in servers[zone]:
             answer = query(server, qname, "TXT", timeout=min(timeout, query_timeout(config)))
             if answer.values:
                 return answer.values[0].encode()
