@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from certkeeper.core import certs, layout, state
 from certkeeper.core.config import AlertsConfig, Config
-from certkeeper.core.errors import CertkeeperError
+from certkeeper.core.errors import CertkeeperError, LocalError
 from certkeeper.core.files import set_aside, write_atomic, write_json_atomic
 from certkeeper.core.times import parse_iso
 from certkeeper.keeper.hooks import run_command
@@ -228,8 +228,8 @@ class Alerter:
         path = self.spool_path(key)
         try:
             write_atomic(path, alert.text().encode(), 0o600)
-        except OSError as exc:
-            log.critical("cannot keep the undelivered alert in %s: %s", path, exc.strerror or exc)
+        except (OSError, LocalError) as exc:  # write_atomic says LocalError; making the directory, OSError
+            log.critical("cannot keep the undelivered alert in %s: %s", path, getattr(exc, "strerror", None) or exc)
         log.critical("alert not delivered, kept in %s until it is: %s", path, _one_line(alert))
 
     def _unspool(self, *keys: str) -> None:

@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 
 from certkeeper.core import mtasts_state
 from certkeeper.core.config import Config
-from certkeeper.core.errors import CertkeeperError, ServiceError
+from certkeeper.core.errors import CertkeeperError, LocalError, ServiceError
 from certkeeper.core.files import write_json_atomic
 from certkeeper.core.mtasts import MEDIA_TYPE, WELL_KNOWN_PATH, MtaStsError, Policy, parse_policy, render_txt
 from certkeeper.core.mtasts_state import (  # noqa: F401 - status_rows: certkeeper status reads it from here too
@@ -196,8 +196,8 @@ def _record_failure(config: Config, domain: str, error: str, retry_at: datetime 
             write_json_atomic(path, {"error": error, "retry_at": retry_at.isoformat(timespec="seconds")})
         else:
             path.unlink(missing_ok=True)
-    except OSError as exc:
-        log.error("%s: %s", path, exc.strerror or exc)
+    except (OSError, LocalError) as exc:  # write_json_atomic says LocalError; unlink and mkdir, OSError
+        log.error("%s: %s", path, getattr(exc, "strerror", None) or exc)
 
 
 def _rrset(config: Config, domain: str, policy: Policy) -> RecordSet:
